@@ -1,0 +1,58 @@
+# Everything a new user types. `make demo` and `make test` set up a fresh machine themselves.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+SEQSHARE := $(VENV)/bin/seqshare
+STAMP := $(VENV)/.installed
+NATIVE := $(wildcard native/*.cpp native/*.h native/*.pyi) CMakeLists.txt pyproject.toml
+PYTEST_ARGS ?=
+
+.PHONY: setup sysdeps install model demo test test-slow test-all lint bench clean
+
+setup: model
+
+sysdeps:
+	@scripts/sysdeps.sh
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+
+# torch is pinned to the CPU build (only a test reference); build deps are installed first so that
+# the editable install can skip build isolation and rebuild in seconds.
+$(STAMP): $(NATIVE) | $(PY)
+	@$(MAKE) --no-print-directory sysdeps
+	$(PIP) install "scikit-build-core>=0.10" "pybind11>=2.13" torch==2.13.0
+	$(PIP) install --no-build-isolation -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+model: install
+	$(SEQSHARE) model fetch-default --quiet
+
+demo: model
+	$(PY) scripts/demo.py
+
+# pytest exits 5 when it collects nothing; that is a failure of the suite, not a pass.
+test: model
+	@$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+test-slow: model
+	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)
+
+test-all: model
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(VENV)/bin/ruff check daemon worker tests bench scripts
+	$(VENV)/bin/mypy daemon worker
+
+bench: model
+	$(PY) -m bench
+
+clean:
+	rm -rf build $(VENV) .pytest_cache .mypy_cache .ruff_cache

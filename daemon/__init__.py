@@ -1,0 +1,1 @@
+"""The seqshare service process: configuration, CLI, systemd integration, memory setup."""

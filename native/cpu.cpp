@@ -1,0 +1,79 @@
+#include "cpu.h"
+
+#include <cstdlib>
+#include <stdexcept>
+
+namespace seqshare {
+
+const CpuFeatures& cpu_features() {
+  static const CpuFeatures f = [] {
+    CpuFeatures c;
+#if defined(SEQSHARE_X86) && (defined(__GNUC__) || defined(__clang__))
+    __builtin_cpu_init();
+    c.avx2 = __builtin_cpu_supports("avx2");
+    c.fma = __builtin_cpu_supports("fma");
+    c.f16c = true;  // every AVX2-capable x86 CPU also has F16C; gcc 12 has no probe name for it
+    c.avx512f = __builtin_cpu_supports("avx512f");
+    c.avx512bw = __builtin_cpu_supports("avx512bw");
+    c.avx512vl = __builtin_cpu_supports("avx512vl");
+    c.avx512dq = __builtin_cpu_supports("avx512dq");
+    c.avx512vnni = __builtin_cpu_supports("avx512vnni");
+    c.avx512bf16 = __builtin_cpu_supports("avx512bf16");
+    c.avxvnni = __builtin_cpu_supports("avxvnni");
+#endif
+    return c;
+  }();
+  return f;
+}
+
+static Isa detect() {
+  const CpuFeatures& c = cpu_features();
+  Isa best = Isa::Scalar;
+  if (c.avx2 && c.fma) best = Isa::Avx2;
+  // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
+  if (best == Isa::Avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni &&
+      c.avx512bf16)
+    best = Isa::Avx512;
+  if (const char* cap = std::getenv("SEQSHARE_ISA")) {
+    Isa want = isa_from_name(cap);
+    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+  }
+  return best;
+}
+
+Isa best_isa() {
+  static const Isa b = detect();
+  return b;
+}
+
+static Isa& active_ref() {
+  static Isa a = best_isa();
+  return a;
+}
+
+Isa active_isa() { return active_ref(); }
+
+void set_isa(Isa isa) {
+  if (static_cast<int>(isa) > static_cast<int>(best_isa()))
+    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) +
+                                " kernels (best: " + isa_name(best_isa()) + ")");
+  active_ref() = isa;
+}
+
+const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::Scalar: return "scalar";
+    case Isa::Avx2: return "avx2";
+    case Isa::Avx512: return "avx512";
+  }
+  return "?";
+}
+
+Isa isa_from_name(const std::string& name) {
+  if (name == "scalar") return Isa::Scalar;
+  if (name == "avx2") return Isa::Avx2;
+  if (name == "avx512") return Isa::Avx512;
+  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+}
+
+}  // namespace seqshare

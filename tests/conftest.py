@@ -1,0 +1,53 @@
+"""Shared fixtures. Every test that touches Redis gets a real server on an empty database."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from seqshare.daemon.redis_server import ENV_URL, EmbeddedRedis
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One private redis-server for the session (or $SEQSHARE_REDIS_URL); yields its URL."""
+    if url := os.environ.get(ENV_URL):
+        yield url
+        return
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: str) -> Iterator[str]:
+    """The server's URL with its database flushed before and after the test."""
+    conn = redis.Redis.from_url(redis_server)
+    conn.flushdb()
+    yield redis_server
+    conn.flushdb()
+    conn.close()
+
+
+@pytest.fixture
+def seqshare_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private $SEQSHARE_HOME for the test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("SEQSHARE_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def default_gguf() -> Path:
+    """The verified default model (make test fetches it before pytest runs)."""
+    from seqshare.daemon.fetch import default_model_path, fetch_default
+
+    path = default_model_path()
+    if not path.exists():
+        fetch_default(quiet=True)
+    return path

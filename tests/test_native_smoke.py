@@ -1,0 +1,44 @@
+"""The compiled module imports, reports its CPU, and a trivial kernel agrees with numpy in every
+variant this CPU can run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seqshare import _native
+
+ISAS = ["scalar", "avx2", "avx512"]
+RANK = {name: i for i, name in enumerate(ISAS)}
+DOT_RTOL = 1e-5  # float32 accumulation order differs between variants
+
+
+def runnable() -> list[str]:
+    return [i for i in ISAS if RANK[i] <= RANK[_native.best_isa()]]
+
+
+def test_module_reports_version_and_isa() -> None:
+    from importlib.metadata import version
+
+    assert _native.__version__ == version("seqshare")
+    assert _native.active_isa() in ISAS
+    assert isinstance(_native.cpu_features()["avx2"], bool)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 33, 1000, 4099])
+def test_dot_f32_matches_numpy_in_every_variant(n: int) -> None:
+    rng = np.random.default_rng(n)
+    a = rng.standard_normal(n, dtype=np.float32)
+    b = rng.standard_normal(n, dtype=np.float32)
+    want = float(np.dot(a.astype(np.float64), b.astype(np.float64)))
+    for isa in runnable():
+        got = _native.dot_f32(a, b, isa)
+        assert got == pytest.approx(want, rel=DOT_RTOL, abs=1e-4), isa
+
+
+def test_unknown_isa_and_bad_shapes_are_value_errors() -> None:
+    a = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="unknown ISA"):
+        _native.dot_f32(a, a, "sse9")
+    with pytest.raises(ValueError, match="equal length"):
+        _native.dot_f32(a, np.ones(5, np.float32))

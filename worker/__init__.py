@@ -1,0 +1,1 @@
+"""The seqshare engine: bundles, model, KV and prefix cache, scheduler, sampling, job execution."""
