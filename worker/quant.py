@@ -41,7 +41,7 @@ class QTensor:
     """One weight in runtime layout: its format, logical shape, group size and planes."""
 
     fmt: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]  # (rows, cols); 1-D vectors (norms, biases) are f32 with shape (n,)
     group_size: int  # 0 for the float formats
     planes: dict[str, np.ndarray]
 
