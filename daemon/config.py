@@ -11,7 +11,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from ..worker.errors import ConfigError
 from .paths import seqshare_home
@@ -123,7 +128,8 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
         )
-        raise ConfigError(f"invalid configuration{f' in {config_file}' if config_file else ''}: {problems}") from e
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}: {problems}") from e
     except Exception as e:  # a TOML syntax error arrives as tomllib.TOMLDecodeError
         raise ConfigError(f"cannot read configuration {config_file}: {e}") from e
     finally:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from seqshare.daemon.redis_server import ENV_URL, EmbeddedRedis
 
 

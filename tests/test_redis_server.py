@@ -4,7 +4,6 @@ from pathlib import Path
 
 import pytest
 import redis
-
 from seqshare.daemon.redis_server import EmbeddedRedis, RedisServerError, find_redis_server
 
 

@@ -104,7 +104,7 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
 
 def pack_q4(q: np.ndarray, group: int) -> np.ndarray:
     """[rows, ngroups, G] values 0..15 -> [rows, cols/2] bytes in the documented nibble order."""
-    rows, ng, g = q.shape
+    rows, ng, _ = q.shape
     half = group // 2
     packed = q[..., :half] | (q[..., half:] << 4)
     return np.ascontiguousarray(packed.reshape(rows, ng * half), dtype=np.uint8)
