@@ -7,7 +7,10 @@ from importlib.metadata import version
 
 import click
 
+from .cli_generate import debug, generate
 from .cli_model import model
+from .cli_queue import qa, status, submit, worker
+from .cli_service import memory_setup
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,6 +23,11 @@ def cli() -> None:
 
 
 cli.add_command(model)
+cli.add_command(generate)
+cli.add_command(debug)
+cli.add_command(memory_setup)
+for _cmd in (worker, submit, qa, status):
+    cli.add_command(_cmd)
 
 
 def main() -> None:

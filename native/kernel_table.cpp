@@ -4,15 +4,40 @@
 
 namespace seqshare {
 
+static void fill_ref(KernelTable& t) {
+  t.dot_f32 = dot_f32_ref;
+  t.gemm[0] = gemm_f32_ref;
+  t.gemm[1] = gemm_f16_ref;
+  t.gemm[2] = gemm_bf16_ref;
+  t.qacts_row_bytes = qacts_row_bytes_ref;
+  t.quantize_acts = quantize_acts_ref;
+  t.qgemm[0] = qgemm_q8_ref;
+  t.qgemm[1] = qgemm_q4_ref;
+  t.attention = attention_ref;
+  t.rmsnorm = rmsnorm_ref;
+  t.silu_mul = silu_mul_ref;
+  t.add = add_ref;
+  t.f32_to_f16 = f32_to_f16_ref;
+  t.f16_to_f32 = f16_to_f32_ref;
+}
+
 static KernelTable make_table(Isa isa) {
   KernelTable t{};
-  t.dot_f32 = dot_f32_ref;
+  fill_ref(t);
 #if defined(SEQSHARE_X86)
   if (isa >= Isa::Avx2) {
     t.dot_f32 = dot_f32_avx2;
   }
   if (isa >= Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
+    t.gemm[0] = gemm_f32_avx512;
+    t.gemm[1] = gemm_f16_avx512;
+    t.gemm[2] = gemm_bf16_avx512;
+    t.attention = attention_avx512;
+    t.qacts_row_bytes = qacts_row_bytes_avx512;
+    t.quantize_acts = quantize_acts_avx512;
+    t.qgemm[0] = qgemm_q8_avx512;
+    t.qgemm[1] = qgemm_q4_avx512;
   }
 #endif
   return t;

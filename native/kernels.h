@@ -1,26 +1,93 @@
 // Kernel table. Each kernel has a scalar reference (`*_ref`, the spec) and SIMD variants with the
 // same signature; `kernels()` returns the table for the active ISA, falling back to the reference
-// wherever a variant does not exist. Kernels are single-threaded: threading lives in threadpool.h.
+// wherever a variant does not exist. Kernels are single-threaded: threading lives in ops.cpp.
 #pragma once
 #include <cstddef>
 #include <cstdint>
 
 #include "cpu.h"
+#include "ops.h"
 
 namespace seqshare {
+
+// ---- linear ---------------------------------------------------------------------------------
+// Float weights (f32/f16/bf16): Y[n, r] = X[n, :] . W[r, :] for rows r in [r0, r1), all N tokens.
+// X is (N, w.cols), Y is (N, ldy). fp32 FMA, no quantisation of X.
+using GemmFn = void (*)(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+
+// Quantised weights (q8/q4) multiply int8 activations: each token's row is cut into blocks of
+// w.group values, block b stored as d_b * q_b (q in -127..127) with s_b = d_b * sum(q_b), as
+// llama.cpp does. The byte layout of one quantised row is private to the ISA that wrote it
+// (`qacts_row_bytes` tells its size); only the same ISA's qgemm reads it.
+using QActsRowBytesFn = std::size_t (*)(int cols, int group);
+using QuantizeActsFn = void (*)(const float* x, int cols, int group, bool for_q8, void* out);
+// Y[n, r] for rows [r0, r1): xq holds N quantised rows of `qacts_row_bytes` bytes each.
+using QGemmFn = void (*)(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+
+// ---- attention ------------------------------------------------------------------------------
+struct AttnArgs {
+  const float* q;           // (N, n_heads, head_dim)
+  int N, n_heads, n_kv_heads, head_dim;
+  const std::int32_t* q_pos;  // (N)
+  KVSpan span;
+  float scale;
+  float* out;               // (N, n_heads, head_dim)
+  float* lse;               // (N, n_heads)
+};
+// Queries [n0, n1) of every query head sharing kv head `kvh`, over span rows [j0, j1). Writes
+// normalised out and lse for those (query, head) pairs (-inf lse and zero out where none seen).
+using AttnFn = void (*)(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+
+// ---- elementwise ----------------------------------------------------------------------------
+using RmsNormFn = void (*)(const float* x, const float* weight, float eps, int dim, float* y);
+using SiluMulFn = void (*)(float* gate, const float* up, std::size_t n);
+using AddFn = void (*)(float* y, const float* x, std::size_t n);
+using F32ToF16Fn = void (*)(const float* src, std::uint16_t* dst, std::size_t n);
+using F16ToF32Fn = void (*)(const std::uint16_t* src, float* dst, std::size_t n);
 
 using DotF32Fn = float (*)(const float* a, const float* b, std::size_t n);
 
 struct KernelTable {
   DotF32Fn dot_f32;
+  GemmFn gemm[3];  // indexed by WFmt F32, F16, BF16
+  QActsRowBytesFn qacts_row_bytes;
+  QuantizeActsFn quantize_acts;
+  QGemmFn qgemm[2];  // [0] = q8, [1] = q4
+  AttnFn attention;
+  RmsNormFn rmsnorm;
+  SiluMulFn silu_mul;
+  AddFn add;
+  F32ToF16Fn f32_to_f16;
+  F16ToF32Fn f16_to_f32;
 };
 
 // Scalar references (the spec).
 float dot_f32_ref(const float* a, const float* b, std::size_t n);
+void gemm_f32_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_f16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_bf16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+std::size_t qacts_row_bytes_ref(int cols, int group);
+void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
+void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+void rmsnorm_ref(const float* x, const float* weight, float eps, int dim, float* y);
+void silu_mul_ref(float* gate, const float* up, std::size_t n);
+void add_ref(float* y, const float* x, std::size_t n);
+void f32_to_f16_ref(const float* src, std::uint16_t* dst, std::size_t n);
+void f16_to_f32_ref(const std::uint16_t* src, float* dst, std::size_t n);
 
 // SIMD variants (declared everywhere, defined only in x86 builds).
 float dot_f32_avx2(const float* a, const float* b, std::size_t n);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
+void gemm_f32_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_f16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_bf16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void attention_avx512(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+std::size_t qacts_row_bytes_avx512(int cols, int group);
+void quantize_acts_avx512(const float* x, int cols, int group, bool for_q8, void* out);
+void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }

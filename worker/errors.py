@@ -63,5 +63,61 @@ class UnknownModelError(SeqshareError):
     """A job names a model this worker has not loaded."""
 
 
+class PromptSplitError(SeqshareError):
+    """A request cannot be split into a shared context and its questions (an empty context, or a chat
+    template that does not render the document exactly once before the question)."""
+
+
 class ConfigError(SeqshareError):
     """The configuration is invalid; the service exits 78 (EX_CONFIG) and is not restarted."""
+
+
+# --- jobs and queues ----------------------------------------------------------------------------
+class InvalidJobError(SeqshareError):
+    """A job payload violates the schema; `problems` lists `field: reason`, never the payload itself."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid job payload: " + "; ".join(problems))
+
+
+class JobNotAllowedError(SeqshareError):
+    """A job names a callable other than the worker's own job function; it is refused unimported."""
+
+
+class EngineNotReadyError(SeqshareError):
+    """A job function ran in a process where no seqshare worker loaded the engine."""
+
+
+class JobFailedError(SeqshareError):
+    """A waited-for job failed; the message is the worker's reason."""
+
+
+class QueueTimeoutError(SeqshareError):
+    """A job did not finish within the time the caller waited."""
+
+
+# --- service: memory plan, memory locking, device partition ----------------------------------
+class MemoryBudgetError(ConfigError):
+    """The configured models, KV arena and caches need more memory than the machine or cgroup allows."""
+
+
+class MemoryLockError(ConfigError):
+    """lock_memory is on but the memory cannot be locked (RLIMIT_MEMLOCK / the unit's LimitMEMLOCK=)."""
+
+
+class DeviceToolError(SeqshareError):
+    """The device's memory-partition tool is missing, failed, or printed something unreadable."""
+
+
+# --- engine: forward pass, KV, generation, debug dumps ---------------------------------------
+class KVCapacityError(SeqshareError):
+    """A KV cache has no room for the tokens a call would append to it."""
+
+
+class DumpDirError(SeqshareError):
+    """A debug-dump directory is not empty (dumps of two runs are never mixed) or not a directory."""
+
+
+class NoChatTemplateError(SeqshareError):
+    """The model has no chat template, so a chat prompt cannot be built."""

@@ -1,0 +1,98 @@
+"""Kernel throughput on SmolLM2-135M shapes: GFLOP/s and GB/s per op, format and ISA.
+
+    .venv/bin/python bench/kernels.py [--isa avx512] [--threads 2] [--formats q4,f32] [--quick]
+
+Decode GEMV (N=1) is judged by GB/s of packed weights streamed; prefill GEMM (N=512) by GFLOP/s.
+Whole-layer figures sum the 7 linears of one layer. Nothing here asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import numpy as np
+from seqshare import _native
+from seqshare.worker.quant import QTensor, quantize
+
+HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
+LAYER = {  # name: (rows, cols)
+    "wq": (HEADS * HEAD_DIM, HIDDEN), "wk": (KV_HEADS * HEAD_DIM, HIDDEN), "wv": (KV_HEADS * HEAD_DIM, HIDDEN),
+    "wo": (HIDDEN, HEADS * HEAD_DIM), "w_gate": (INTER, HIDDEN), "w_up": (INTER, HIDDEN),
+    "w_down": (HIDDEN, INTER),
+}
+
+
+def best_time(fn: Callable[[], object], min_time: float) -> float:
+    fn()
+    best, total, runs = float("inf"), 0.0, 0
+    while total < min_time or runs < 3:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        best, total, runs = min(best, dt), total + dt, runs + 1
+    return best
+
+
+def planes(t: QTensor) -> dict[str, object]:
+    p = t.planes
+    if t.fmt in ("f32", "f16", "bf16"):
+        return {"fmt": t.fmt, "data": p["data"]}
+    kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
+    if t.fmt == "q4":
+        kw["mins"] = p["mins"]
+    return kw
+
+
+def bench_linear(fmt: str, isa: str, n: int, min_time: float) -> None:
+    rng = np.random.default_rng(0)
+    total_t, flops, nbytes = 0.0, 0.0, 0
+    for rows, cols in LAYER.values():
+        t = quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.05, fmt, 32)
+        x = rng.standard_normal((n, cols), dtype=np.float32)
+        kw = planes(t)
+        dt = best_time(lambda x=x, kw=kw: _native.linear(x, isa=isa, **kw), min_time)
+        total_t += dt
+        flops += 2.0 * n * rows * cols
+        nbytes += t.nbytes
+    print(f"linear {fmt:5s} {isa:7s} N={n:4d}  layer {total_t * 1e3:8.3f} ms  "
+          f"{flops / total_t / 1e9:8.1f} GFLOP/s  {nbytes / total_t / 1e9:7.2f} GB/s weights")
+
+
+def bench_attention(isa: str, n: int, length: int, min_time: float) -> None:
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((n, HEADS, HEAD_DIM), dtype=np.float32)
+    k = rng.standard_normal((length, KV_HEADS, HEAD_DIM), dtype=np.float32).astype(np.float16)
+    v = rng.standard_normal((length, KV_HEADS, HEAD_DIM), dtype=np.float32).astype(np.float16)
+    q_pos = np.arange(length - n, length, dtype=np.int32)
+    dt = best_time(lambda: _native.attention(q, k, v, q_pos, 0, HEAD_DIM**-0.5, isa), min_time)
+    # visible (query, key) pairs under the causal mask, 4 flops per head_dim element (QK and PV)
+    pairs = sum(length - n + i + 1 for i in range(n))
+    flops = 4.0 * pairs * HEADS * HEAD_DIM
+    kv_bytes = k.nbytes + v.nbytes
+    print(f"attention  {isa:7s} N={n:4d} len={length:5d}  {dt * 1e3:8.3f} ms  "
+          f"{flops / dt / 1e9:8.1f} GFLOP/s  {kv_bytes / dt / 1e9:7.2f} GB/s K/V")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--isa", default=_native.best_isa())
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--formats", default="q4,q8,f16,bf16,f32")
+    ap.add_argument("--tokens", default="1,512")
+    ap.add_argument("--min-time", type=float, default=0.3)
+    ap.add_argument("--no-attention", action="store_true")
+    args = ap.parse_args()
+    _native.set_threads(args.threads)
+    print(f"isa={args.isa} threads={_native.get_threads()}")
+    for n in (int(s) for s in args.tokens.split(",")):
+        for fmt in args.formats.split(","):
+            bench_linear(fmt, args.isa, n, args.min_time)
+    if not args.no_attention:
+        bench_attention(args.isa, 512, 512, args.min_time)
+        bench_attention(args.isa, 1, 6000, args.min_time)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`seqshare generate` (answer one prompt in this process) and `seqshare debug compare` (a dump
+against transformers). Thin: parse, load, call worker.generate, print."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..worker.errors import SeqshareError
+
+
+def _fail(e: Exception) -> click.ClickException:
+    return click.ClickException(f"{type(e).__name__}: {e}" if isinstance(e, SeqshareError) else str(e))
+
+
+def open_source(path: Path, key_file: Path | None) -> Any:
+    """A bundle file; or, for convenience, a GGUF file or HF directory converted in memory (quant keep)."""
+    if path.is_dir() or path.suffix.lower() == ".gguf":
+        from ..worker.convert import load_checkpoint
+
+        return load_checkpoint(path, quant="keep")
+    from ..worker.loader import load_bundle
+
+    return load_bundle(path, key_file=key_file)
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+@click.command("generate")
+@click.argument("bundle", type=click.Path(exists=True, path_type=Path))
+@click.option("--prompt", help="The prompt text.")
+@click.option("--chat", is_flag=True, help="Wrap the prompt as one user turn with the bundle's chat template.")
+@click.option("--system", help="With --chat: a system message before the user turn.")
+@click.option("--max-new-tokens", type=click.IntRange(1), default=256, show_default=True)
+@click.option("--mode", type=click.Choice(["greedy", "sample", "penalty_sample"]), default="greedy", show_default=True)
+@click.option("--temperature", type=float, default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--repeat-penalty", type=float, default=1.2, show_default=True)
+@click.option("--repeat-last-n", type=click.IntRange(0), default=32, show_default=True)
+@click.option("--seed", type=click.IntRange(0), help="Seed of the sampled modes (reproducible runs).")
+@click.option("--stop", multiple=True, help="Stop string (repeatable).")
+@click.option("--threads", type=click.IntRange(0), default=0, help="Compute threads (0 = all cores).")
+@click.option("--kv-dtype", type=click.Choice(["f16", "f32"]), default="f16", show_default=True)
+@click.option("--dump-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Write per-layer output_{layer}.npz of the prompt's prefill here (must be new or empty).")
+@click.option("--key-file", type=click.Path(dir_okay=False, path_type=Path), help="Key of an encrypted bundle.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the text.")
+def generate(bundle: Path, prompt: str | None, chat: bool, system: str | None, as_json: bool, threads: int,
+             kv_dtype: str, dump_dir: Path | None, key_file: Path | None, **sampling: Any) -> None:
+    """Answer PROMPT with the model in BUNDLE (a bundle file, or a GGUF file converted in memory)."""
+    from ..worker.chat import chat_ids
+    from ..worker.debug_dump import DumpWriter
+    from ..worker.generate import generate as run
+    from ..worker.model import Model
+    from ..worker.params import SamplingParams
+
+    if prompt is None:
+        raise click.UsageError("--prompt is required")
+    sampling["stop"] = list(sampling["stop"])
+    try:
+        params = SamplingParams(**sampling)
+        dump = DumpWriter(dump_dir) if dump_dir is not None else None
+        model = Model.from_checkpoint(open_source(bundle, key_file), threads=threads, kv_dtype=kv_dtype)
+        ids = chat_ids(model, prompt, system) if chat else model.encode(prompt)
+        if dump is not None:
+            dump.input_ids = ids
+        result = run(model, ids, params, dump=dump)
+    except (SeqshareError, ValueError) as e:
+        raise _fail(e) from e
+    if as_json:
+        click.echo(json.dumps({**result.to_dict(), "peak_rss_bytes": peak_rss_bytes()}))
+    else:
+        click.echo(result.text)
+
+
+@click.group()
+def debug() -> None:
+    """Developer tools: compare engine dumps with the transformers reference."""
+
+
+@debug.command("compare")
+@click.argument("dump_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--reference", required=True, type=click.Path(exists=True, path_type=Path),
+              help="The source transformers can load: a GGUF file or a Hugging Face checkpoint directory.")
+def compare(dump_dir: Path, reference: Path) -> None:
+    """Per-layer max abs and relative error of a --dump-dir dump against transformers (float32)."""
+    from ..worker.debug_dump import compare_dump, format_errors
+
+    try:
+        errors = compare_dump(dump_dir, load_reference(reference))
+    except (SeqshareError, ValueError) as e:
+        raise _fail(e) from e
+    click.echo(format_errors(errors))
+    worst = max(errors, key=lambda e: e.rel)
+    print(f"worst: layer {worst.layer} {worst.name} rel {worst.rel:.3e}", file=sys.stderr)
+
+
+def load_reference(src: Path) -> Any:
+    """The float32 transformers model of a local GGUF file or checkpoint directory (never the hub)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    if src.is_dir():
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            src.parent, gguf_file=src.name, dtype=torch.float32, local_files_only=True
+        )
+    return model.eval()

@@ -1,0 +1,280 @@
+"""The memory plan: what a worker will need, computed from the config and the bundle headers, and
+whether the machine and the cgroup allow it. Derived sizes live here, never in the Settings.
+
+Per worker process:
+  weights       weight_bytes of each distinct weight digest (bundles sharing weights count once)
+  KV arena      per model: share_length + max_batch * (seq_length - share_length) token rows, i.e. one
+                shared prefix region plus a private tail per batched sequence (the seed's three
+                segments, batched), times ModelSpec.kv_bytes_per_token(kv_dtype)
+  prefix cache  cache.memory_bytes (cached documents' KV)
+  scratch       memory.scratch_bytes (activations, logits, sampler buffers)
+  runtime       the interpreter and its libraries (RUNTIME_BYTES, measured)
+The budget is the smaller of MemAvailable and the tightest cgroup memory limit.
+
+`check_plan_or_exit(settings)` is what the worker calls at start: it computes and writes the plan,
+refuses an over-budget config with exit 78 (EX_CONFIG, which the unit does not restart), and locks
+memory when memory.lock_memory is on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..worker.errors import ConfigError, MemoryBudgetError
+from ..worker.spec import ModelSpec
+from .config import ModelConfig, Settings
+from .memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
+from .paths import seqshare_home
+
+log = logging.getLogger(__name__)
+
+EX_CONFIG = 78
+MIB = 1 << 20
+PLAN_FILE = "memory-plan.json"
+PLAN_VERSION = 1
+# An idle worker with numpy, tokenizers, transformers, redis/rq and the native module imported
+# measured 77 MiB RSS; the rest covers the loaded tokenizer, thread stacks and allocator slack.
+RUNTIME_BYTES = 192 * MIB
+
+
+@dataclass(frozen=True)
+class BundleFacts:
+    """What the plan needs from one bundle's header (no weights are read)."""
+
+    name: str
+    path: Path
+    spec: ModelSpec
+    share_length: int
+    unshare_length: int
+    seq_length: int
+    weight_bytes: int
+    weight_digest: str
+
+    def kv_arena_tokens(self, max_batch: int) -> int:
+        return self.share_length + max_batch * max(self.seq_length - self.share_length, 0)
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    kind: str  # weights | kv_arena | prefix_cache | scratch | runtime
+    label: str
+    bytes: int
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Budget:
+    mem_available: int
+    cgroup_limit: int | None
+    cgroup_source: str | None
+
+    @property
+    def bytes(self) -> int:
+        return self.mem_available if self.cgroup_limit is None else min(self.mem_available, self.cgroup_limit)
+
+    @property
+    def binding(self) -> str:
+        if self.cgroup_limit is not None and self.cgroup_limit < self.mem_available:
+            return f"the cgroup limit ({self.cgroup_source})"
+        return "MemAvailable (/proc/meminfo)"
+
+    @classmethod
+    def measure(cls) -> Budget:
+        cg: CgroupLimit = cgroup_memory_limit()
+        return cls(mem_available(), cg.limit_bytes, str(cg.source) if cg.source else None)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    items: list[PlanItem]
+    workers: int
+    budget: Budget
+    kv_dtype: str
+    max_batch: int
+    models: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def per_worker_bytes(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.per_worker_bytes * self.workers
+
+    @property
+    def device_bytes(self) -> int:
+        """What an accelerator must hold: everything but the host-side runtime."""
+        return sum(i.bytes for i in self.items if i.kind != "runtime") * self.workers
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= self.budget.bytes
+
+    @property
+    def shortfall_bytes(self) -> int:
+        return max(self.total_bytes - self.budget.bytes, 0)
+
+    def verdict(self) -> str:
+        if self.fits:
+            return (f"fits: needs {_fmt(self.total_bytes)} of {_fmt(self.budget.bytes)} allowed by "
+                    f"{self.budget.binding}; headroom {_fmt(self.budget.bytes - self.total_bytes)}")
+        top = sorted(self.items, key=lambda i: i.bytes, reverse=True)[:2]
+        parts = ", ".join(f"{i.label} {_fmt(i.bytes)}" for i in top)
+        return (f"does not fit: needs {_fmt(self.total_bytes)} but {self.budget.binding} allows "
+                f"{_fmt(self.budget.bytes)}; short by {_fmt(self.shortfall_bytes)} (largest: {parts}); "
+                f"lower cache.memory_bytes, max_batch or the models' seq_length, or raise the limit")
+
+    def table(self) -> str:
+        rows = [(i.label, i.detail, _fmt(i.bytes)) for i in self.items]
+        rows.append(("per worker", "", _fmt(self.per_worker_bytes)))
+        if self.workers > 1:
+            rows.append((f"total ({self.workers} workers)", "", _fmt(self.total_bytes)))
+        cg = "unlimited" if self.budget.cgroup_limit is None else _fmt(self.budget.cgroup_limit)
+        rows.append(("MemAvailable", "/proc/meminfo", _fmt(self.budget.mem_available)))
+        rows.append(("cgroup memory limit", self.budget.cgroup_source or "no memory cgroup", cg))
+        w0 = max(len(r[0]) for r in rows)
+        w1 = max(len(r[1]) for r in rows)
+        lines = [f"{a:<{w0}}  {b:<{w1}}  {c:>10}" for a, b, c in rows]
+        return "\n".join([*lines, self.verdict()])
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": PLAN_VERSION,
+            "fits": self.fits,
+            "workers": self.workers,
+            "kv_dtype": self.kv_dtype,
+            "max_batch": self.max_batch,
+            "items": [asdict(i) for i in self.items],
+            "models": self.models,
+            "per_worker_bytes": self.per_worker_bytes,
+            "total_bytes": self.total_bytes,
+            "device_bytes": self.device_bytes,
+            "budget": {**asdict(self.budget), "bytes": self.budget.bytes, "binding": self.budget.binding},
+            "shortfall_bytes": self.shortfall_bytes,
+            "verdict": self.verdict(),
+        }
+
+
+def _fmt(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB" if n >= 1 << 30 else f"{n / MIB:.1f} MiB"
+
+
+def compute_plan(settings: Settings, bundles: Sequence[BundleFacts], budget: Budget,
+                 workers: int = 1) -> MemoryPlan:
+    items: list[PlanItem] = []
+    by_digest: dict[str, list[BundleFacts]] = {}
+    for b in bundles:
+        by_digest.setdefault(b.weight_digest, []).append(b)
+    for digest, group in by_digest.items():
+        names = ", ".join(b.name for b in group)
+        shared = f"shared by {len(group)} bundles" if len(group) > 1 else "1 bundle"
+        items.append(PlanItem("weights", f"weights {names}", group[0].weight_bytes,
+                              f"digest {digest[:12]}, {shared}"))
+    for b in bundles:
+        tokens = b.kv_arena_tokens(settings.max_batch)
+        per_token = b.spec.kv_bytes_per_token(settings.kv_dtype)
+        items.append(PlanItem("kv_arena", f"KV arena {b.name}", tokens * per_token,
+                              f"{b.share_length}+{settings.max_batch}x({b.seq_length}-{b.share_length}) "
+                              f"tokens x {per_token} B ({settings.kv_dtype})"))
+    items.append(PlanItem("prefix_cache", "prefix cache", settings.cache.memory_bytes, "cache.memory_bytes"))
+    items.append(PlanItem("scratch", "scratch", settings.memory.scratch_bytes, "memory.scratch_bytes"))
+    items.append(PlanItem("runtime", "runtime", RUNTIME_BYTES, "interpreter and libraries"))
+    models = [{"name": b.name, "path": str(b.path), "weight_digest": b.weight_digest,
+               "weight_bytes": b.weight_bytes, "share_length": b.share_length,
+               "unshare_length": b.unshare_length, "seq_length": b.seq_length,
+               "kv_arena_tokens": b.kv_arena_tokens(settings.max_batch)} for b in bundles]
+    return MemoryPlan(items, workers, budget, settings.kv_dtype, settings.max_batch, models)
+
+
+# --- bundle headers ---------------------------------------------------------------------------------
+HeaderReader = Callable[[Path], Any]
+
+
+def _default_header_reader(path: Path) -> Any:
+    from ..worker.bundle import read_info  # the bundle format's header reader: no weights are read
+
+    return read_info(path)
+
+
+def _limit(info: Any, name: str) -> int:
+    limits = info.limits
+    return int(limits[name] if isinstance(limits, dict) else getattr(limits, name))
+
+
+def bundle_facts(model: ModelConfig, read_header: HeaderReader | None = None) -> BundleFacts:
+    """Facts of one configured model: its bundle's header, limits lowered by the config's overrides."""
+    if not model.path.is_file():
+        raise ConfigError(f"model {model.name!r}: bundle {model.path} does not exist")
+    info = (read_header or _default_header_reader)(model.path)
+
+    def lowered(name: str) -> int:
+        own = _limit(info, name)
+        override = getattr(model, name)
+        return own if override is None else min(own, override)
+
+    return BundleFacts(model.name, model.path, info.spec, lowered("share_length"),
+                       lowered("unshare_length"), lowered("seq_length"), int(info.weight_bytes),
+                       str(info.weight_digest))
+
+
+# --- where the plan lives ---------------------------------------------------------------------------
+def plan_path(settings: Settings) -> Path:
+    if settings.memory.plan_path is not None:
+        return settings.memory.plan_path
+    if state := os.environ.get("STATE_DIRECTORY"):
+        return Path(state.split(":")[0]) / PLAN_FILE
+    return seqshare_home() / PLAN_FILE
+
+
+def write_plan(plan: MemoryPlan, path: Path) -> None:
+    """Atomically (temp file + rename), so a reader never sees half a plan."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".memory-plan.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(plan.to_json(), f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_plan(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def check_plan(settings: Settings, read_header: HeaderReader | None = None, workers: int = 1,
+               budget: Budget | None = None) -> MemoryPlan:
+    """Compute and write the plan; raise MemoryBudgetError (a ConfigError) if it does not fit."""
+    facts = [bundle_facts(m, read_header) for m in settings.models]
+    plan = compute_plan(settings, facts, budget or Budget.measure(), workers)
+    where = plan_path(settings)
+    try:
+        write_plan(plan, where)
+    except OSError as e:
+        log.warning("cannot write the memory plan to %s: %s", where, e)
+    if not plan.fits:
+        raise MemoryBudgetError(f"memory plan {plan.verdict()}")
+    return plan
+
+
+def check_plan_or_exit(settings: Settings, read_header: HeaderReader | None = None) -> MemoryPlan:
+    """At worker start: refuse an over-budget config (exit 78) instead of dying later; lock if asked."""
+    try:
+        plan = check_plan(settings, read_header)
+        if settings.memory.lock_memory:
+            lock_memory(plan.per_worker_bytes)
+    except ConfigError as e:
+        log.error("%s", e)
+        raise SystemExit(EX_CONFIG) from e
+    log.info("memory plan %s", plan.verdict())
+    return plan

@@ -1,0 +1,213 @@
+// The forward pass, top to bottom: embed -> per layer (attention block, MLP block) -> final norm ->
+// logits for the requested rows only. Every op comes from ops.h; this file only orders them and
+// keeps the row bookkeeping of a batch of sequences.
+#include "model.h"
+
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "kernels.h"
+
+namespace seqshare {
+
+struct Model::Plan {
+  const SeqRef* seqs = nullptr;
+  int n_seqs = 0, N = 0;
+  std::vector<int> row0;  // (n_seqs) first row of each sequence
+  std::vector<int> past;  // (n_seqs) own KV length before this call
+  std::vector<int> pre;   // (n_seqs) prefix length (0 without one)
+  std::vector<const KVCache*> prefixes;     // distinct prefixes, in first-seen order
+  std::vector<std::vector<int>> members;    // (prefixes) sequence indices of each group
+};
+
+namespace {
+std::vector<float> scratch(int rows, int cols) {
+  return std::vector<float>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols));
+}
+std::string str(int v) { return std::to_string(v); }
+}  // namespace
+
+Model::Model(const ModelDims& dims, ModelWeights weights, int max_tokens)
+    : d_(dims), w_(std::move(weights)), max_tokens_(max_tokens) {
+  if (max_tokens <= 0) throw std::invalid_argument("model: max_tokens must be positive");
+  if (d_.n_kv_heads <= 0 || d_.n_heads % d_.n_kv_heads)
+    throw std::invalid_argument("model: n_heads must be a multiple of n_kv_heads");
+  if (static_cast<int>(w_.layers.size()) != d_.n_layers) throw std::invalid_argument("model: layer count mismatch");
+  const int T = max_tokens;
+  x_ = scratch(T, d_.hidden);
+  xn_ = scratch(T, d_.hidden);
+  q_ = scratch(T, d_.q_dim());
+  k_ = scratch(T, d_.kv_dim());
+  v_ = scratch(T, d_.kv_dim());
+  att_ = scratch(T, d_.q_dim());
+  lse_ = scratch(T, d_.n_heads);
+  gq_ = scratch(T, d_.q_dim());
+  gatt_ = scratch(T, d_.q_dim());
+  glse_ = scratch(T, d_.n_heads);
+  gate_ = scratch(T, d_.intermediate);
+  up_ = scratch(T, d_.intermediate);
+  pos_.resize(T);
+  gpos_.resize(T);
+}
+
+void Model::check(const SeqRef* seqs, int n_seqs, int N, const std::int32_t* logit_rows, int n_logit_rows) const {
+  if (n_seqs <= 0) throw std::invalid_argument("forward: no sequences");
+  if (N > max_tokens_)
+    throw std::invalid_argument("forward: " + str(N) + " rows exceed the scratch size of " + str(max_tokens_));
+  if (n_logit_rows > max_tokens_) throw std::invalid_argument("forward: too many logit rows");
+  for (int s = 0; s < n_seqs; ++s) {
+    const SeqRef& q = seqs[s];
+    if (!q.kv || q.n_tokens <= 0) throw std::invalid_argument("forward: sequence " + str(s) + " has no KV or no tokens");
+    for (const KVCache* c : {static_cast<const KVCache*>(q.kv), q.prefix}) {
+      if (c && (c->n_layers() != d_.n_layers || c->kv_dim() != d_.kv_dim()))
+        throw std::invalid_argument("forward: a KV of sequence " + str(s) + " does not match the model's shape");
+    }
+    if (q.prefix == q.kv) throw std::invalid_argument("forward: a sequence's prefix is its own KV");
+    if (q.kv->length() + q.n_tokens > q.kv->capacity())
+      throw std::invalid_argument("forward: sequence " + str(s) + " needs " + str(q.kv->length() + q.n_tokens) +
+                                  " KV rows, capacity is " + str(q.kv->capacity()));
+    for (int t = 0; t < s; ++t)
+      if (seqs[t].kv == q.kv || seqs[t].prefix == q.kv)
+        throw std::invalid_argument("forward: a KV is written by two sequences of one call");
+  }
+  for (int i = 0; i < n_logit_rows; ++i)
+    if (logit_rows[i] < 0 || logit_rows[i] >= N) throw std::invalid_argument("forward: logit row out of range");
+}
+
+void Model::forward(const std::int32_t* tokens, const SeqRef* seqs, int n_seqs, const std::int32_t* logit_rows,
+                    int n_logit_rows, float* logits, float* dump_hidden) {
+  std::lock_guard<std::mutex> lock(mu_);
+  int N = 0;
+  for (int s = 0; s < n_seqs; ++s) N += seqs[s].n_tokens;
+  check(seqs, n_seqs, N, logit_rows, n_logit_rows);
+  ThreadPool& pool = global_pool();
+
+  Plan p;
+  p.seqs = seqs;
+  p.n_seqs = n_seqs;
+  p.N = N;
+  for (int s = 0, r = 0; s < n_seqs; r += seqs[s].n_tokens, ++s) {
+    const KVCache* pre = seqs[s].prefix;
+    p.row0.push_back(r);
+    p.past.push_back(seqs[s].kv->length());
+    p.pre.push_back(pre ? pre->length() : 0);
+    for (int i = 0; i < seqs[s].n_tokens; ++i) pos_[r + i] = p.pre[s] + p.past[s] + i;
+    if (!pre || pre->length() == 0) continue;
+    std::size_t g = 0;
+    while (g < p.prefixes.size() && p.prefixes[g] != pre) ++g;
+    if (g == p.prefixes.size()) {
+      p.prefixes.push_back(pre);
+      p.members.emplace_back();
+    }
+    p.members[g].push_back(s);
+  }
+
+  const std::size_t H = static_cast<std::size_t>(d_.hidden);
+  embedding(w_.tok_embeddings, tokens, N, x_.data(), pool);
+  for (int l = 0; l < d_.n_layers; ++l) {
+    attention_block(l, p, pool);
+    mlp_block(l, N, pool);
+    if (dump_hidden) std::memcpy(dump_hidden + l * N * H, x_.data(), N * H * sizeof(float));
+  }
+  for (int s = 0; s < n_seqs; ++s) seqs[s].kv->advance(seqs[s].n_tokens);
+  if (n_logit_rows == 0) return;
+
+  // Logits only where asked: the final norm and the vocabulary projection of those rows.
+  for (int i = 0; i < n_logit_rows; ++i)
+    std::memcpy(xn_.data() + i * H, x_.data() + logit_rows[i] * H, H * sizeof(float));
+  rmsnorm(xn_.data(), w_.norm, d_.norm_eps, n_logit_rows, d_.hidden, xn_.data());
+  linear(w_.output, xn_.data(), n_logit_rows, logits, pool);
+}
+
+void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
+  const LayerWeights& L = w_.layers[layer];
+  const int N = p.N, qd = d_.q_dim(), kvd = d_.kv_dim();
+  rmsnorm(x_.data(), L.attn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
+  linear(L.wq, xn_.data(), N, q_.data(), pool);
+  linear(L.wk, xn_.data(), N, k_.data(), pool);
+  linear(L.wv, xn_.data(), N, v_.data(), pool);
+  if (d_.qkv_bias) {
+    for (int n = 0; n < N; ++n) {
+      add_inplace(q_.data() + n * qd, L.bq, qd);
+      add_inplace(k_.data() + n * kvd, L.bk, kvd);
+      add_inplace(v_.data() + n * kvd, L.bv, kvd);
+    }
+  }
+  if (d_.qk_norm) {  // Qwen3: RMSNorm of every head's vector before the rotation
+    rmsnorm(q_.data(), L.q_norm, d_.norm_eps, N * d_.n_heads, d_.head_dim, q_.data());
+    rmsnorm(k_.data(), L.k_norm, d_.norm_eps, N * d_.n_kv_heads, d_.head_dim, k_.data());
+  }
+  rope(q_.data(), N, d_.n_heads, d_.head_dim, pos_.data(), d_.rope_theta);
+  rope(k_.data(), N, d_.n_kv_heads, d_.head_dim, pos_.data(), d_.rope_theta);
+  for (int s = 0; s < p.n_seqs; ++s) {
+    KVCache* kv = p.seqs[s].kv;
+    const std::size_t r = static_cast<std::size_t>(p.row0[s]) * kvd;
+    kv_store(kv->k(layer), kv->f16(), p.past[s], k_.data() + r, p.seqs[s].n_tokens, kvd);
+    kv_store(kv->v(layer), kv->f16(), p.past[s], v_.data() + r, p.seqs[s].n_tokens, kvd);
+  }
+  attend(layer, p, pool);
+  linear(L.wo, att_.data(), N, xn_.data(), pool);
+  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);
+}
+
+// Each sequence over its own KV (its new rows included, causal), then each prefix group over its
+// prefix as one batch of query rows, merged into the first result by log-sum-exp.
+void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
+  const int H = d_.n_heads, KVH = d_.n_kv_heads, D = d_.head_dim, qd = d_.q_dim();
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  auto own_args = [&](int s) {
+    const KVCache* kv = p.seqs[s].kv;
+    const int r = p.row0[s], n = p.seqs[s].n_tokens;
+    KVSpan span{kv->k(layer), kv->v(layer), p.past[s] + n, p.pre[s], kv->f16()};
+    return AttnArgs{q_.data() + static_cast<std::size_t>(r) * qd, n, H, KVH, D, pos_.data() + r, span, scale,
+                    att_.data() + static_cast<std::size_t>(r) * qd, lse_.data() + static_cast<std::size_t>(r) * H};
+  };
+  if (p.n_seqs == 1) {
+    const AttnArgs a = own_args(0);
+    attention(a.q, a.N, H, KVH, D, a.q_pos, a.span, scale, a.out, a.lse, pool);
+  } else {
+    // Many short sequences (a decode batch): one work unit per (sequence, kv head).
+    const KernelTable& kt = kernels();
+    pool.parallel_for(p.n_seqs * KVH, 1, [&](int u0, int u1) {
+      for (int u = u0; u < u1; ++u) {
+        const AttnArgs a = own_args(u / KVH);
+        kt.attention(a, u % KVH, 0, a.N, 0, a.span.len);
+      }
+    });
+  }
+  for (std::size_t g = 0; g < p.prefixes.size(); ++g) {
+    const KVCache* pre = p.prefixes[g];
+    int G = 0;
+    for (int s : p.members[g]) {
+      const int r = p.row0[s], n = p.seqs[s].n_tokens;
+      std::memcpy(gq_.data() + static_cast<std::size_t>(G) * qd, q_.data() + static_cast<std::size_t>(r) * qd,
+                  static_cast<std::size_t>(n) * qd * sizeof(float));
+      std::memcpy(gpos_.data() + G, pos_.data() + r, n * sizeof(std::int32_t));
+      G += n;
+    }
+    KVSpan span{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16()};
+    attention(gq_.data(), G, H, KVH, D, gpos_.data(), span, scale, gatt_.data(), glse_.data(), pool);
+    G = 0;
+    for (int s : p.members[g]) {
+      const int r = p.row0[s], n = p.seqs[s].n_tokens;
+      attention_merge(att_.data() + static_cast<std::size_t>(r) * qd, lse_.data() + static_cast<std::size_t>(r) * H,
+                      gatt_.data() + static_cast<std::size_t>(G) * qd, glse_.data() + static_cast<std::size_t>(G) * H,
+                      n, H, D);
+      G += n;
+    }
+  }
+}
+
+void Model::mlp_block(int layer, int N, ThreadPool& pool) {
+  const LayerWeights& L = w_.layers[layer];
+  rmsnorm(x_.data(), L.ffn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
+  linear(L.w_gate, xn_.data(), N, gate_.data(), pool);
+  linear(L.w_up, xn_.data(), N, up_.data(), pool);
+  silu_mul(gate_.data(), up_.data(), static_cast<std::size_t>(N) * d_.intermediate);
+  linear(L.w_down, gate_.data(), N, xn_.data(), pool);
+  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);
+}
+
+}  // namespace seqshare

@@ -1,0 +1,14 @@
+// The ops of ops.h with an explicit kernel table, so tests can run every ISA's variant through
+// the same threaded code the model uses. ops.cpp implements ops.h as these with kernels().
+#pragma once
+#include "kernels.h"
+
+namespace seqshare {
+
+void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool);
+void attention_with(const KernelTable& kt, const AttnArgs& a, ThreadPool& pool);
+void rmsnorm_with(const KernelTable& kt, const float* x, const float* weight, float eps, int N, int dim, float* y);
+// Throws std::invalid_argument when the view is inconsistent (shape, group, missing planes).
+void check_weight(const WeightView& w);
+
+}  // namespace seqshare

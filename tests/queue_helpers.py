@@ -1,0 +1,110 @@
+"""Helpers for the queue tests: a tiny real bundle, and `seqshare worker` in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import redis
+
+SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
+WORKER_ENV = {"SEQSHARE_HEARTBEAT_S": "0.5"}  # liveness TTL 3 s: dead peers are noticed quickly
+# Short documents in the tiny tokenizer's alphabet (it was trained on one English sentence).
+DOCS = [
+    "The quick brown fox jumps over the lazy dog. The dog sleeps.",
+    "def f(x): return x. The lazy fox jumps over 0123456789.",
+    "The brown dog jumps over the quick fox. 42 foxes sleep.",
+]
+
+
+def compile_tiny_bundle(directory: Path) -> Path:
+    """A random tiny Llama (transformers, seeded) compiled to a seqshare bundle (f32 weights)."""
+    from seqshare.worker.bundle import Limits, write_bundle
+    from seqshare.worker.convert import load_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_models import make_model
+
+    src = directory / "tiny-hf"
+    src.mkdir(parents=True, exist_ok=True)
+    make_model("llama", src, max_position_embeddings=512)
+    ck = load_checkpoint(src, "keep", 32)
+    out = directory / "tiny.bundle"
+    write_bundle(ck, out, Limits(share_length=200, unshare_length=48, seq_length=400))
+    return out
+
+
+class WorkerProc:
+    """One `seqshare worker` process with its stderr in a log file."""
+
+    def __init__(self, url: str, bundle: Path, log_dir: Path, name: str, *extra: str,
+                 env: dict[str, str] | None = None):
+        self.url, self.name = url, name
+        self.log_path = log_dir / f"{name}.log"
+        cmd = [SEQSHARE, "worker", "--bundle", str(bundle), "--redis-url", url, "--name", name,
+               "--threads", "1", *extra]
+        full_env = {**os.environ, **WORKER_ENV, "SEQSHARE_HOME": str(log_dir / "home"), **(env or {})}
+        self._log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+
+    def wait_ready(self, timeout: float = 60.0) -> WorkerProc:
+        conn = redis.Redis.from_url(self.url)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker {self.name} exited {self.proc.returncode}:\n{self.log()}")
+            if conn.exists(f"seqshare:worker:{self.name}"):
+                return self
+            time.sleep(0.05)
+        raise AssertionError(f"worker {self.name} not ready after {timeout} s:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def wait(self, timeout: float = 60.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-4000:] if self.log_path.exists() else ""
+
+
+def write_qa_input(path: Path, docs: list[str], per_doc: int, interleave: bool = True,
+                   max_new_tokens: int = 6, prefix: str = "") -> list[str]:
+    """`per_doc` questions per document as qa lines; returns the custom_ids in file order."""
+    rows = []
+    order = [(q, d) for q in range(per_doc) for d in range(len(docs))] if interleave else \
+        [(q, d) for d in range(len(docs)) for q in range(per_doc)]
+    for q, d in order:
+        rows.append({"custom_id": f"{prefix}d{d}-q{q}", "document": docs[d],
+                     "question": f"What jumps over the dog {q}?", "params": {"max_new_tokens": max_new_tokens}})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [r["custom_id"] for r in rows]
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

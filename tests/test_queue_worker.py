@@ -1,0 +1,159 @@
+"""The resident worker on a real embedded Redis and a tiny real bundle: results, refusals, signals."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from queue_helpers import DOCS, WorkerProc, compile_tiny_bundle
+from rq import Queue, Worker
+from rq.job import Job
+from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.serializers import JSONSerializer
+from seqshare.daemon.client import Client
+from seqshare.worker.errors import JobFailedError, LimitExceededError
+from seqshare.worker.executor import JOB_FUNCTION
+from seqshare.worker.jobs import Question
+from seqshare.worker.params import SamplingParams
+
+LONG_TOKENS = 330  # the tiny random model never stops early
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return compile_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def worker(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> Iterator[WorkerProc]:
+    w = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
+    yield w
+    w.stop()
+
+
+def long_job(client: Client, n: int = 24) -> str:
+    """A job that takes a while; its questions finish one after another (staggered answer lengths)."""
+    qs = [Question(custom_id=f"q{i}", text=f"Question {i} about the fox?",
+                   params=SamplingParams(max_new_tokens=LONG_TOKENS - (i % 24) * 10)) for i in range(n)]
+    return client.submit(DOCS[0], qs).id
+
+
+def wait_started(conn: redis.Redis, job_id: str, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while conn.hget(Job.key_for(job_id), "status") != b"started":
+        assert time.monotonic() < deadline, "job never started"
+        time.sleep(0.005)
+
+
+def test_round_trip_cache_hit_progress_and_rq_bookkeeping(redis_url: str, worker: WorkerProc) -> None:
+    client = Client(redis_url)
+    first = client.submit(DOCS[0], [("a", "What jumps?"), ("b", "Who sleeps?"), ("c", "What is brown?")],
+                          params=SamplingParams(max_new_tokens=8))
+    res = first.wait(30)
+    assert [a["custom_id"] for a in res["answers"]] == ["a", "b", "c"]
+    assert res["prefix"] == "miss" and res["worker"] == "w1"
+    for a in res["answers"]:
+        assert a["generated_tokens"] == 8 and a["context_tokens"] > 10 and a["question_tokens"] > 0
+        assert a["total_s"] >= a["first_token_s"] >= 0 and a["cache_hit"] is False and a["answer"]
+    again = client.submit(DOCS[0], [("d", "What jumps?")], params=SamplingParams(max_new_tokens=8)).wait(30)
+    assert again["prefix"] == "hit" and again["answers"][0]["cache_hit"] is True
+    # greedy on the same prefix: the same question gives the same answer
+    assert again["answers"][0]["answer"] == res["answers"][0]["answer"]
+
+    # progress in the job's meta while it runs, final figures when done
+    conn = client.connection
+    jid = long_job(client)
+    wait_started(conn, jid)
+    seen = {}
+    while client.statuses([jid])[0] == "started":
+        seen = Job.fetch(jid, connection=conn, serializer=JSONSerializer).get_meta().get("progress", seen)
+        time.sleep(0.01)
+    assert seen and seen["tokens_generated"] > 0
+    final = Job.fetch(jid, connection=conn, serializer=JSONSerializer).get_meta()["progress"]
+    assert final == {"questions_done": 24, "questions": 24,
+                     "tokens_generated": sum(LONG_TOKENS - i * 10 for i in range(24))}
+
+    # rq's own tools see our jobs and our worker
+    assert first.id in FinishedJobRegistry("seqshare", connection=conn).get_job_ids()
+    assert any(w.name == "w1" for w in Worker.all(connection=conn))
+    assert len(StartedJobRegistry("seqshare", connection=conn)) == 0
+
+
+def test_bad_jobs_fail_with_their_reason_and_the_worker_goes_on(redis_url: str, worker: WorkerProc,
+                                                               tmp_path: Path) -> None:
+    conn = redis.Redis.from_url(redis_url)
+    q = Queue("seqshare", connection=conn, serializer=JSONSerializer)
+    marker = tmp_path / "pwned"
+    foreign = q.enqueue("os.system", f"touch {marker}")
+    malformed = q.enqueue(JOB_FUNCTION, {"context": 7, "questions": [], "extra": "TOPSECRET"})
+    pickled = Queue("seqshare", connection=conn).enqueue(JOB_FUNCTION, {"context": "x"})
+    client = Client(redis_url)
+    too_long = client.submit(DOCS[1], [("ok", "Who?"), ("long", "The quick brown fox? " * 20)],
+                             params=SamplingParams(max_new_tokens=4))
+    unknown = client.submit(DOCS[1], [("m", "Who?")], model="no-such-model")
+    good = client.submit(DOCS[1], [("g", "Who?")], params=SamplingParams(max_new_tokens=4))
+
+    assert good.wait(30)["answers"][0]["custom_id"] == "g"
+    reasons = {}
+    for name, job in [("foreign", foreign), ("malformed", malformed), ("pickled", pickled),
+                      ("unknown", Job(unknown.id, connection=conn, serializer=JSONSerializer))]:
+        job = Job.fetch(job.id, connection=conn, serializer=JSONSerializer) if name != "pickled" else job
+        deadline = time.monotonic() + 10
+        while conn.hget(Job.key_for(job.id), "status") != b"failed":
+            assert time.monotonic() < deadline, f"{name} job did not fail"
+            time.sleep(0.02)
+        reasons[name] = conn.hget(Job.key_for(job.id), "meta") or b""
+        assert job.id in FailedJobRegistry(conn.hget(Job.key_for(job.id), "origin").decode(),
+                                           connection=conn)
+    assert b"JobNotAllowedError" in reasons["foreign"] and not marker.exists()
+    assert b"InvalidJobError" in reasons["malformed"] and b"TOPSECRET" not in reasons["malformed"]
+    assert b"context" in reasons["malformed"] and b"questions" in reasons["malformed"]
+    assert b"UnknownModelError" in reasons["unknown"]
+    with pytest.raises(JobFailedError, match="UnknownModelError"):
+        Client(redis_url).submit(DOCS[1], [("m", "Who?")], model="no-such-model").wait(10)
+    # one question over unshare_length fails alone; its neighbour is answered
+    answers = {a["custom_id"]: a for a in too_long.wait(30)["answers"]}
+    assert answers["long"]["error"]["type"] == "LimitExceededError"
+    assert "unshare_length" in answers["long"]["error"]["message"]
+    assert answers["ok"]["generated_tokens"] == 4
+    # what the producer can know (the answer budget alone exceeds seq_length) fails at submit
+    with pytest.raises(LimitExceededError, match="seq_length"):
+        client.submit(DOCS[1], [("x", "Who?")], params=SamplingParams(max_new_tokens=1000))
+    assert worker.proc.poll() is None
+
+
+def test_first_sigterm_finishes_the_batch_and_exits_0(redis_url: str, worker: WorkerProc) -> None:
+    client = Client(redis_url)
+    jid = long_job(client)
+    wait_started(client.connection, jid)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(60) == 0
+    assert client.statuses([jid]) == ["finished"]
+    assert len(client.outcome(jid)[1]["answers"]) == 24  # type: ignore[arg-type]
+    assert not client.connection.sismember("seqshare:workers", "w1")
+
+
+def test_second_sigterm_stops_early_and_requeues(redis_url: str, tiny_bundle: Path, worker: WorkerProc,
+                                                 tmp_path: Path) -> None:
+    client = Client(redis_url)
+    jid = long_job(client, n=64)
+    wait_started(client.connection, jid)
+    t0 = time.monotonic()
+    worker.signal(signal.SIGTERM)
+    time.sleep(0.05)
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(30) == 0
+    stopped_after = time.monotonic() - t0
+    assert client.statuses([jid]) == ["queued"]
+    assert jid in Queue("seqshare", connection=client.connection, serializer=JSONSerializer).job_ids
+    assert len(StartedJobRegistry("seqshare", connection=client.connection)) == 0
+    # a fresh worker answers it; it takes longer than the stop did, so the stop did cut the batch short
+    t1 = time.monotonic()
+    w2 = WorkerProc(redis_url, tiny_bundle, tmp_path, "w2", "--burst")
+    assert w2.wait(60) == 0
+    assert client.statuses([jid]) == ["finished"]
+    assert stopped_after < time.monotonic() - t1
