@@ -27,6 +27,19 @@ static KernelTable make_table(Isa isa) {
 #if defined(SEQSHARE_X86)
   if (isa >= Isa::Avx2) {
     t.dot_f32 = dot_f32_avx2;
+    t.gemm[0] = gemm_f32_avx2;
+    t.gemm[1] = gemm_f16_avx2;
+    t.gemm[2] = gemm_bf16_avx2;
+    t.qacts_row_bytes = qacts_row_bytes_avx2;
+    t.quantize_acts = quantize_acts_avx2;
+    t.qgemm[0] = qgemm_q8_avx2;
+    t.qgemm[1] = qgemm_q4_avx2;
+    t.attention = attention_avx2;
+    t.rmsnorm = rmsnorm_avx2;
+    t.silu_mul = silu_mul_avx2;
+    t.add = add_avx2;
+    t.f32_to_f16 = f32_to_f16_avx2;
+    t.f16_to_f32 = f16_to_f32_avx2;
   }
   if (isa >= Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;

@@ -74,7 +74,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int) -> None:
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
-    [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (64, 1536, 128, 19), (17, 1536, 32, 70)],
+    [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
 )
 def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n: int) -> None:
     t = weight(fmt, rows, cols, group, rows * cols + group)
