@@ -1,8 +1,8 @@
-// Tiled attention with AVX2: 16 keys per tile, converted from f16 once per tile into L1 (K
-// transposed to (head_dim, 16) so 16 scores are two vectors of FMAs with q broadcast), then for
-// every group of up to 4 query rows -- the query heads sharing this kv head, for each query -- an
+// Tiled attention with AVX2: 32 keys per tile, converted from f16 once per tile into L1 (K
+// transposed to (head_dim, 32) so 32 scores are four vectors of FMAs with q broadcast), then for
+// every pair of query rows -- the query heads sharing this kv head, for each query -- an
 // online-softmax update and P.V into the rows' running outputs. K/V are read once per (kv head,
-// query block) and no score matrix exists beyond one 4 x 16 tile.
+// query block) and no score matrix exists beyond one 2 x 32 tile.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,7 +18,9 @@ namespace seqshare {
 
 namespace {
 
-constexpr int kKeys = 16, kRows = 4;
+// 32 keys x 2 rows: 8 score accumulators + 4 key vectors fit the 16 registers, and the softmax
+// bookkeeping per row (two horizontal reductions, one scalar exp) is paid once per 32 keys.
+constexpr int kKeys = 32, kRows = 2;
 
 inline __m256 load_kv(const void* base, bool f16, std::size_t i) {
   if (f16)
@@ -27,8 +29,8 @@ inline __m256 load_kv(const void* base, bool f16, std::size_t i) {
 }
 
 struct Tile {
-  float* kt;  // (D, 16) transposed keys
-  float* v;   // (16, D) values
+  float* kt;  // (D, kKeys) transposed keys
+  float* v;   // (kKeys, D) values
 };
 
 // Keys/values [j, j + nk) of kv head `kvh` into the tile; missing keys are zero.
@@ -62,53 +64,66 @@ struct RowState {
 // One tile for NR rows: scores, online softmax, P.V.
 template <int D, int NR>
 void tile_rows(const AttnArgs& a, const Tile& t, int j, int nk, RowState* rs) {
-  __m256 s0[NR], s1[NR];
-  #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) s0[r] = s1[r] = _mm256_setzero_ps();
+  constexpr int KV = kKeys / 8;  // score vectors per row
+  __m256 s[NR][KV];
+#pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+    for (int c = 0; c < KV; ++c) s[r][c] = _mm256_setzero_ps();
   for (int d = 0; d < D; ++d) {
-    const __m256 k0 = _mm256_load_ps(t.kt + d * kKeys), k1 = _mm256_load_ps(t.kt + d * kKeys + 8);
-    #pragma GCC unroll 16
+    __m256 k[KV];
+#pragma GCC unroll 16
+    for (int c = 0; c < KV; ++c) k[c] = _mm256_load_ps(t.kt + d * kKeys + 8 * c);
+#pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       const __m256 qb = _mm256_broadcast_ss(rs[r].q + d);
-      s0[r] = _mm256_fmadd_ps(qb, k0, s0[r]);
-      s1[r] = _mm256_fmadd_ps(qb, k1, s1[r]);
+#pragma GCC unroll 16
+      for (int c = 0; c < KV; ++c) s[r][c] = _mm256_fmadd_ps(qb, k[c], s[r][c]);
     }
   }
-  const __m256 idx0 = _mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), idx1 = _mm256_setr_ps(8, 9, 10, 11, 12, 13, 14, 15);
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 scale = _mm256_set1_ps(a.scale);
   alignas(32) float p[kKeys];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
     const int valid = std::min(rs[r].limit - j, nk);
     if (valid <= 0) continue;
     const __m256 vv = _mm256_set1_ps(static_cast<float>(valid));
-    const __m256 m0 = _mm256_cmp_ps(idx0, vv, _CMP_LT_OQ), m1 = _mm256_cmp_ps(idx1, vv, _CMP_LT_OQ);
-    const __m256 a0 = _mm256_blendv_ps(ninf, _mm256_mul_ps(s0[r], scale), m0);
-    const __m256 a1 = _mm256_blendv_ps(ninf, _mm256_mul_ps(s1[r], scale), m1);
-    const float m_new = std::max(rs[r].m, avx2::hmax(_mm256_max_ps(a0, a1)));
+    __m256 mask[KV], x[KV];
+    __m256 mx = ninf;
+#pragma GCC unroll 16
+    for (int c = 0; c < KV; ++c) {
+      const __m256 idx = _mm256_add_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(8.0f * c));
+      mask[c] = _mm256_cmp_ps(idx, vv, _CMP_LT_OQ);
+      x[c] = _mm256_blendv_ps(ninf, _mm256_mul_ps(s[r][c], scale), mask[c]);
+      mx = _mm256_max_ps(mx, x[c]);
+    }
+    const float m_new = std::max(rs[r].m, avx2::hmax(mx));
     const __m256 mv = _mm256_set1_ps(m_new);
-    const __m256 p0 = _mm256_and_ps(avx2::exp(_mm256_sub_ps(a0, mv)), m0);
-    const __m256 p1 = _mm256_and_ps(avx2::exp(_mm256_sub_ps(a1, mv)), m1);
-    _mm256_store_ps(p, p0);
-    _mm256_store_ps(p + 8, p1);
+    __m256 sum = _mm256_setzero_ps();
+#pragma GCC unroll 16
+    for (int c = 0; c < KV; ++c) {
+      const __m256 pc = _mm256_and_ps(avx2::exp(_mm256_sub_ps(x[c], mv)), mask[c]);
+      _mm256_store_ps(p + 8 * c, pc);
+      sum = _mm256_add_ps(sum, pc);
+    }
     const float c = std::exp(rs[r].m - m_new);  // 0 when nothing was seen before
-    rs[r].l = rs[r].l * c + avx2::hsum(_mm256_add_ps(p0, p1));
+    rs[r].l = rs[r].l * c + avx2::hsum(sum);
     rs[r].m = m_new;
     // P.V, 64 output dims (8 registers) at a time.
     const __m256 cv = _mm256_set1_ps(c);
     for (int dc = 0; dc < D; dc += 64) {
       constexpr int W = D < 64 ? D / 8 : 8;
       __m256 o[W];
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int v = 0; v < W; ++v) o[v] = _mm256_mul_ps(_mm256_load_ps(rs[r].o + dc + 8 * v), cv);
       for (int k = 0; k < valid; ++k) {
         const __m256 pb = _mm256_broadcast_ss(p + k);
         const float* vr = t.v + k * D + dc;
-        #pragma GCC unroll 16
+#pragma GCC unroll 16
         for (int v = 0; v < W; ++v) o[v] = _mm256_fmadd_ps(pb, _mm256_load_ps(vr + 8 * v), o[v]);
       }
-      #pragma GCC unroll 16
+#pragma GCC unroll 16
       for (int v = 0; v < W; ++v) _mm256_store_ps(rs[r].o + dc + 8 * v, o[v]);
     }
   }
@@ -144,8 +159,6 @@ void attend(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1) {
       for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > j;
       if (!any) continue;
       switch (nr) {
-        case 4: tile_rows<D, 4>(a, t, j, nk, &rs[r]); break;
-        case 3: tile_rows<D, 3>(a, t, j, nk, &rs[r]); break;
         case 2: tile_rows<D, 2>(a, t, j, nk, &rs[r]); break;
         default: tile_rows<D, 1>(a, t, j, nk, &rs[r]); break;
       }

@@ -82,22 +82,48 @@ class DecodeLoop:
             on_token: Callable[[Sequence], None] | None = None) -> None:
         queue, active = deque(pending), []
         while queue or active:
-            while queue and len(active) < self.max_batch:
-                s = queue.popleft()
-                self._start(s)
-                self._after_token(s, on_done, on_token, active)
+            if queue and len(active) < self.max_batch:
+                admitted = [queue.popleft() for _ in range(min(self.max_batch - len(active), len(queue)))]
+                self._start(admitted)
+                for s in admitted:
+                    self._after_token(s, on_done, on_token, active)
             if active:
                 active = self._step(active, on_done, on_token)
 
     # --- the three phases -----------------------------------------------------------------------
-    def _start(self, s: Sequence) -> None:
-        """Prefill the question into a fresh KV against the prefix; the logits give the first token."""
-        s.t_start = time.perf_counter()
-        s.kv = self.model.new_kv(s.capacity)
-        s.sampler = make_sampler(s.params)
-        logits = self.model.prefill(s.prompt, s.kv, prefix=s.prefix, want_logits=True)
-        self._accept(s, np.asarray(logits).reshape(-1))
-        s.t_first = time.perf_counter()
+    def _start(self, admitted: list[Sequence]) -> None:
+        """Prefill the admitted questions into fresh KVs against their prefixes; the logits give each
+        its first token. Short prompts share native calls (up to the model's row limit), so a prefix
+        is read once per call for all of them; a long prompt is prefilled alone, in chunks."""
+        t0 = time.perf_counter()
+        group: list[Sequence] = []
+        rows = 0
+        for s in admitted:
+            s.t_start = t0
+            s.kv = self.model.new_kv(s.capacity)
+            s.sampler = make_sampler(s.params)
+            if len(s.prompt) > self.model.max_tokens:
+                logits = self.model.prefill(s.prompt, s.kv, prefix=s.prefix, want_logits=True)
+                self._accept(s, np.asarray(logits).reshape(-1))
+                s.t_first = time.perf_counter()
+                continue
+            if rows + len(s.prompt) > self.model.max_tokens:
+                self._prefill_group(group)
+                group, rows = [], 0
+            group.append(s)
+            rows += len(s.prompt)
+        self._prefill_group(group)
+
+    def _prefill_group(self, group: list[Sequence]) -> None:
+        if not group:
+            return
+        tokens = np.concatenate([s.prompt for s in group]).astype(np.int32)
+        last_rows = np.cumsum([len(s.prompt) for s in group]) - 1
+        logits = self.model.forward(tokens, [(s.prefix, s.kv, len(s.prompt)) for s in group], last_rows)
+        t = time.perf_counter()
+        for s, row in zip(group, logits, strict=True):
+            self._accept(s, row)
+            s.t_first = t
 
     def _step(self, active: list[Sequence], on_done: Callable[[Sequence], None],
               on_token: Callable[[Sequence], None] | None) -> list[Sequence]:

@@ -1,0 +1,273 @@
+"""Engine benchmark: seqshare vs llama.cpp (llama-cpp-python) vs transformers f32, same machine, same run.
+
+    .venv/bin/python bench/engine.py [--gguf PATH] [--threads 2] [--lengths 512,2048,6000]
+                                     [--decode-after 512,6000] [--steps 64] [--peers llama,transformers]
+
+Every engine runs in a child process of its own, so its peak RSS is its own. All of them get the same
+token ids (the default model's tokenizer on a fixed synthetic text) and run greedy. Figures:
+prefill tok/s at each length (an empty cache, the whole prompt), decode tok/s for `--steps` tokens
+after a prompt of each `--decode-after` length, RSS after load and peak RSS. llama.cpp runs with flash
+attention off and on and each figure takes its better run ("each peer's best setting"). seqshare runs
+the default GGUF imported losslessly (quant keep) from a compiled, memory-mapped bundle.
+Nothing here asserts a time; the table goes into BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+
+
+def rss_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_rss_bytes() -> int:
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+def prompt_ids(gguf: Path, n: int) -> list[int]:
+    """`n` token ids of a fixed synthetic English text (same for every engine)."""
+    from seqshare.worker.convert import load_checkpoint
+
+    sys.path.insert(0, str(HERE))
+    from textgen import document
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(load_checkpoint(gguf, "keep").tokenizer_json)
+    ids: list[int] = []
+    seed = 0
+    while len(ids) < n:
+        ids += tok.encode(document(seed, 2000), add_special_tokens=False).ids
+        seed += 1
+    return ids[:n]
+
+
+# ---- the engines, one per child process -------------------------------------------------------
+class Seqshare:
+    def __init__(self, bundle: Path, threads: int):
+        from seqshare.worker.loader import load_bundle
+        from seqshare.worker.model import Model
+
+        self.model = Model(load_bundle(bundle), threads=threads, max_batch=1)
+        self.kv: Any = None
+
+    def prefill(self, ids: list[int]) -> int:
+        self.kv = self.model.new_kv(len(ids) + 1024)
+        return int(self.model.prefill(ids, self.kv).argmax())
+
+    def step(self, tok: int) -> int:
+        return int(self.model.decode([tok], [(None, self.kv)])[0].argmax())
+
+
+class LlamaCpp:
+    def __init__(self, gguf: Path, threads: int, n_ctx: int, flash_attn: bool):
+        from llama_cpp import Llama
+
+        self.llm = Llama(str(gguf), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                         n_ubatch=512, flash_attn=flash_attn, verbose=False)
+
+    def _argmax(self) -> int:
+        import numpy as np
+
+        # Without logits_all, llama-cpp-python keeps no scores: read the last row from the context.
+        row = np.ctypeslib.as_array(self.llm._ctx.get_logits_ith(-1), shape=(self.llm.n_vocab(),))
+        return int(np.argmax(row))
+
+    def prefill(self, ids: list[int]) -> int:
+        self.llm.reset()
+        self.llm.eval(ids)
+        return self._argmax()
+
+    def step(self, tok: int) -> int:
+        self.llm.eval([tok])
+        return self._argmax()
+
+
+class Transformers:
+    def __init__(self, gguf: Path, threads: int):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        torch.set_num_threads(threads)
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True).eval()
+        self.past: Any = None
+
+    def _run(self, ids: list[int]) -> int:
+        with self.torch.inference_mode():
+            out = self.model(self.torch.tensor([ids]), past_key_values=self.past, use_cache=True,
+                             logits_to_keep=1)
+        self.past = out.past_key_values
+        return int(out.logits[0, -1].argmax())
+
+    def prefill(self, ids: list[int]) -> int:
+        self.past = None
+        return self._run(ids)
+
+    def step(self, tok: int) -> int:
+        return self._run([tok])
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    after = [int(x) for x in args.decode_after.split(",") if x]
+    ids = json.loads(Path(args.ids).read_text())
+    t0 = time.perf_counter()
+    if args.child == "seqshare":
+        eng: Any = Seqshare(Path(args.bundle), args.threads)
+    elif args.child.startswith("llama"):
+        eng = LlamaCpp(Path(args.gguf), args.threads, max(lengths + after) + args.steps + 64, args.child == "llama-fa")
+    else:
+        eng = Transformers(Path(args.gguf), args.threads)
+    out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes(), "prefill": {},
+                           "decode": {}}
+    eng.prefill(ids[:64])  # warm-up: threads, allocators, first-touch of the weights
+    for n in lengths:
+        best = float("inf")
+        for _ in range(1 if n > 2048 else 2):
+            t = time.perf_counter()
+            eng.prefill(ids[:n])
+            best = min(best, time.perf_counter() - t)
+        out["prefill"][n] = n / best
+    for n in after:
+        tok = eng.prefill(ids[:n])
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            tok = eng.step(tok)
+        out["decode"][n] = args.steps / (time.perf_counter() - t)
+    out["peak_rss"] = peak_rss_bytes()
+    return out
+
+
+# ---- the parent: run the children, print the table ---------------------------------------------
+def machine() -> str:
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor())
+    from seqshare import _native
+
+    return f"{cpu}, {os.cpu_count()} cores, seqshare ISA {_native.best_isa()}, Python {platform.python_version()}"
+
+
+def versions() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = []
+    for pkg in ("seqshare", "llama-cpp-python", "torch", "transformers"):
+        try:
+            parts.append(f"{pkg} {version(pkg)}")
+        except PackageNotFoundError:
+            parts.append(f"{pkg} (not installed)")
+    return ", ".join(parts)
+
+
+def run_child(name: str, args: argparse.Namespace, ids_file: Path, bundle: Path) -> dict[str, Any] | None:
+    cmd = [sys.executable, __file__, "--child", name, "--ids", str(ids_file), "--bundle", str(bundle),
+           "--gguf", str(args.gguf), "--threads", str(args.threads), "--lengths", args.lengths,
+           "--decode-after", args.decode_after, "--steps", str(args.steps)]
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def best_of(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Per figure, the better of two runs (llama.cpp with flash attention off and on)."""
+    if a is None or b is None:
+        return a or b
+    out = dict(a)
+    out["prefill"] = {k: max(a["prefill"][k], b["prefill"][k]) for k in a["prefill"]}
+    out["decode"] = {k: max(a["decode"][k], b["decode"][k]) for k in a["decode"]}
+    out["rss_after_load"] = min(a["rss_after_load"], b["rss_after_load"])
+    out["peak_rss"] = min(a["peak_rss"], b["peak_rss"])
+    return out
+
+
+def table(res: dict[str, dict[str, Any] | None]) -> str:
+    names = [n for n in ("seqshare", "llama.cpp", "transformers") if res.get(n)]
+    ours = res["seqshare"]
+    assert ours is not None
+    peers = [n for n in names if n != "seqshare"]
+    head = "| figure | " + " | ".join(names) + " | " + " | ".join(f"seqshare / {p}" for p in peers) + " |"
+    lines = [head, "|" + "---|" * (1 + len(names) + len(peers))]
+
+    def row(label: str, get: Any, fmt: str, higher_better: bool = True) -> None:
+        vals = {n: get(res[n]) for n in names}
+        ratios = [vals["seqshare"] / vals[p] if higher_better else vals[p] / vals["seqshare"] for p in peers]
+        lines.append(f"| {label} | " + " | ".join(fmt.format(vals[n]) for n in names) + " | "
+                     + " | ".join(f"{r:.2f}x" for r in ratios) + " |")
+
+    for n in ours["prefill"]:
+        row(f"prefill {n} tok/s", lambda r, n=n: r["prefill"][n], "{:.0f}")
+    for n in ours["decode"]:
+        row(f"decode after {n} tok/s", lambda r, n=n: r["decode"][n], "{:.1f}")
+    row("RSS after load MiB", lambda r: r["rss_after_load"] / 2**20, "{:.0f}", higher_better=False)
+    row("peak RSS MiB", lambda r: r["peak_rss"] / 2**20, "{:.0f}", higher_better=False)
+    return "\n".join(lines) + "\n\nRSS ratios are peer / seqshare (above 1 = seqshare uses less)."
+
+
+def parent(args: argparse.Namespace) -> None:
+    from seqshare.daemon.fetch import default_model_path
+    from seqshare.worker.bundle import Limits, write_bundle
+    from seqshare.worker.convert import load_checkpoint
+
+    args.gguf = args.gguf or default_model_path()
+    n_max = max(int(x) for x in (args.lengths + "," + args.decode_after).split(",") if x)
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_file, bundle = Path(tmp) / "ids.json", Path(tmp) / "model.ssb"
+        ids_file.write_text(json.dumps(prompt_ids(args.gguf, n_max)))
+        ck = load_checkpoint(args.gguf, "keep")
+        write_bundle(ck, bundle, Limits.default(max(ck.context_length, n_max + args.steps + 64)))
+        del ck
+        res: dict[str, dict[str, Any] | None] = {"seqshare": run_child("seqshare", args, ids_file, bundle)}
+        if "llama" in args.peers:
+            res["llama.cpp"] = best_of(run_child("llama", args, ids_file, bundle),
+                                       run_child("llama-fa", args, ids_file, bundle))
+        if "transformers" in args.peers:
+            res["transformers"] = run_child("transformers", args, ids_file, bundle)
+    print(f"\nmachine: {machine()}\nversions: {versions()}\nthreads: {args.threads}, greedy, "
+          f"{args.steps} decode steps, model {Path(args.gguf).name}\n")
+    print(table(res))
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gguf", type=Path)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--lengths", default="512,2048,6000")
+    ap.add_argument("--decode-after", default="512,6000")
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--peers", default="llama,transformers")
+    ap.add_argument("--json", help="also write the raw figures here")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--ids", help=argparse.SUPPRESS)
+    ap.add_argument("--bundle", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args)))
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
