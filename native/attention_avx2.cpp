@@ -21,11 +21,12 @@ namespace {
 // 32 keys x 2 rows: 8 score accumulators + 4 key vectors fit the 16 registers, and the softmax
 // bookkeeping per row (two horizontal reductions, one scalar exp) is paid once per 32 keys.
 constexpr int kKeys = 32, kRows = 2;
+static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
 
-inline __m256 load_kv(const void* base, bool f16, std::size_t i) {
+inline __m256 load_kv(const void* row, bool f16, int d0) {
   if (f16)
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(base) + i)));
-  return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(row) + d0)));
+  return _mm256_loadu_ps(static_cast<const float*>(row) + d0);
 }
 
 struct Tile {
@@ -33,37 +34,48 @@ struct Tile {
   float* v;   // (kKeys, D) values
 };
 
-// Keys/values [j, j + nk) of kv head `kvh` into the tile; missing keys are zero.
+// Keys/values at absolute positions [t + lo, t + hi) of kv head `kvh` into the tile (lanes lo..hi);
+// the other lanes of K are zero (their scores are masked).
 template <int D>
-void load_tile(const AttnArgs& a, int kvh, int j, int nk, Tile& t) {
-  const std::size_t stride = static_cast<std::size_t>(a.n_kv_heads) * D;
-  const std::size_t base = (static_cast<std::size_t>(j) * a.n_kv_heads + kvh) * D;
+void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
+  const KeySpans& ks = a.job->keys;
+  const void* kp[kKeys];
+  const void* vp[kKeys];
+  bool f16[kKeys];
+  for (int i = lo; i < hi; ++i) {
+    int row;
+    const KVSpan& sp = key_span(ks, t + i, row);
+    const std::size_t off = (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
+    f16[i] = sp.f16;
+    kp[i] = static_cast<const char*>(sp.k) + off * (sp.f16 ? 2 : 4);
+    vp[i] = static_cast<const char*>(sp.v) + off * (sp.f16 ? 2 : 4);
+  }
   for (int h = 0; h < kKeys / 8; ++h) {
     for (int d0 = 0; d0 < D; d0 += 8) {
       __m256 r[8];
       for (int i = 0; i < 8; ++i) {
         const int key = 8 * h + i;
-        r[i] = key < nk ? load_kv(a.span.k, a.span.f16, base + key * stride + d0) : _mm256_setzero_ps();
+        r[i] = key >= lo && key < hi ? load_kv(kp[key], f16[key], d0) : _mm256_setzero_ps();
       }
       avx2::transpose8(r);
-      for (int i = 0; i < 8; ++i) _mm256_store_ps(t.kt + (d0 + i) * kKeys + 8 * h, r[i]);
+      for (int i = 0; i < 8; ++i) _mm256_store_ps(tile.kt + (d0 + i) * kKeys + 8 * h, r[i]);
     }
   }
-  for (int key = 0; key < nk; ++key)
-    for (int d0 = 0; d0 < D; d0 += 8)
-      _mm256_store_ps(t.v + key * D + d0, load_kv(a.span.v, a.span.f16, base + key * stride + d0));
+  for (int key = lo; key < hi; ++key)
+    for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + key * D + d0, load_kv(vp[key], f16[key], d0));
 }
 
 struct RowState {
   const float* q;
-  float* o;  // running output (D), aligned scratch
-  float m, l;
-  int limit;  // keys before `limit` are visible
+  float* o;    // the state's running output (D), updated in place
+  float m, l;  // copied in and out of the state around the block
+  int limit;   // positions before `limit` are visible to this row
 };
 
-// One tile for NR rows: scores, online softmax, P.V.
+// One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for NR rows: scores,
+// online softmax, P.V.
 template <int D, int NR>
-void tile_rows(const AttnArgs& a, const Tile& t, int j, int nk, RowState* rs) {
+void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowState* rs) {
   constexpr int KV = kKeys / 8;  // score vectors per row
   __m256 s[NR][KV];
 #pragma GCC unroll 16
@@ -73,7 +85,7 @@ void tile_rows(const AttnArgs& a, const Tile& t, int j, int nk, RowState* rs) {
   for (int d = 0; d < D; ++d) {
     __m256 k[KV];
 #pragma GCC unroll 16
-    for (int c = 0; c < KV; ++c) k[c] = _mm256_load_ps(t.kt + d * kKeys + 8 * c);
+    for (int c = 0; c < KV; ++c) k[c] = _mm256_load_ps(tile.kt + d * kKeys + 8 * c);
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
       const __m256 qb = _mm256_broadcast_ss(rs[r].q + d);
@@ -83,18 +95,19 @@ void tile_rows(const AttnArgs& a, const Tile& t, int j, int nk, RowState* rs) {
   }
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   const __m256 scale = _mm256_set1_ps(a.scale);
+  const __m256 lov = _mm256_set1_ps(static_cast<float>(lo));
   alignas(32) float p[kKeys];
 #pragma GCC unroll 16
   for (int r = 0; r < NR; ++r) {
-    const int valid = std::min(rs[r].limit - j, nk);
-    if (valid <= 0) continue;
-    const __m256 vv = _mm256_set1_ps(static_cast<float>(valid));
+    const int rhi = std::min(hi, rs[r].limit - t);
+    if (rhi <= lo) continue;
+    const __m256 hiv = _mm256_set1_ps(static_cast<float>(rhi));
     __m256 mask[KV], x[KV];
     __m256 mx = ninf;
 #pragma GCC unroll 16
     for (int c = 0; c < KV; ++c) {
       const __m256 idx = _mm256_add_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(8.0f * c));
-      mask[c] = _mm256_cmp_ps(idx, vv, _CMP_LT_OQ);
+      mask[c] = _mm256_and_ps(_mm256_cmp_ps(idx, lov, _CMP_GE_OQ), _mm256_cmp_ps(idx, hiv, _CMP_LT_OQ));
       x[c] = _mm256_blendv_ps(ninf, _mm256_mul_ps(s[r][c], scale), mask[c]);
       mx = _mm256_max_ps(mx, x[c]);
     }
@@ -116,77 +129,72 @@ void tile_rows(const AttnArgs& a, const Tile& t, int j, int nk, RowState* rs) {
       constexpr int W = D < 64 ? D / 8 : 8;
       __m256 o[W];
 #pragma GCC unroll 16
-      for (int v = 0; v < W; ++v) o[v] = _mm256_mul_ps(_mm256_load_ps(rs[r].o + dc + 8 * v), cv);
-      for (int k = 0; k < valid; ++k) {
+      for (int v = 0; v < W; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(rs[r].o + dc + 8 * v), cv);
+      for (int k = lo; k < rhi; ++k) {
         const __m256 pb = _mm256_broadcast_ss(p + k);
-        const float* vr = t.v + k * D + dc;
+        const float* vr = tile.v + k * D + dc;
 #pragma GCC unroll 16
         for (int v = 0; v < W; ++v) o[v] = _mm256_fmadd_ps(pb, _mm256_load_ps(vr + 8 * v), o[v]);
       }
 #pragma GCC unroll 16
-      for (int v = 0; v < W; ++v) _mm256_store_ps(rs[r].o + dc + 8 * v, o[v]);
+      for (int v = 0; v < W; ++v) _mm256_storeu_ps(rs[r].o + dc + 8 * v, o[v]);
     }
   }
 }
 
 template <int D>
-void attend(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1) {
+void attend(const AttnArgs& a, int kvh, int n0, int n1, int b) {
+  const AttnJob& job = *a.job;
   const int hpg = a.n_heads / a.n_kv_heads;
   const int nrows = (n1 - n0) * hpg;
+  const BlockKeys bk = block_keys(job, b);
   thread_local std::vector<float> buf;
   thread_local std::vector<RowState> rs;
-  buf.resize(static_cast<std::size_t>(nrows) * D + 2 * kKeys * D + 8);
+  buf.resize(2 * kKeys * D + 8);
   rs.resize(static_cast<std::size_t>(nrows));
   float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
-  Tile t{base, base + kKeys * D};
-  float* obuf = t.v + kKeys * D;
-  int jend = j0;
+  Tile tile{base, base + kKeys * D};
+  int end = bk.lo;  // the last visible position of any row, plus one
   for (int i = 0; i < nrows; ++i) {
     const int n = n0 + i / hpg, h = kvh * hpg + i % hpg;
-    float* o = obuf + static_cast<std::size_t>(i) * D;
-    for (int d = 0; d < D; ++d) o[d] = 0.0f;
-    const int limit = std::min(j1, a.q_pos[n] - a.span.pos0 + 1);
-    rs[i] = RowState{a.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, o,
-                     -std::numeric_limits<float>::infinity(), 0.0f, limit};
-    jend = std::max(jend, limit);
+    float* st = a.st.at(state_row(job, n), h, b);
+    if (!bk.resume) {
+      for (int d = 0; d < D; ++d) st[d] = 0.0f;
+      st[D] = -std::numeric_limits<float>::infinity();
+      st[D + 1] = 0.0f;
+    }
+    const int limit = std::min(bk.hi, job.q_pos[n] + 1);
+    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, st[D], st[D + 1], limit};
+    end = std::max(end, limit);
   }
-  for (int j = j0; j < jend; j += kKeys) {
-    const int nk = std::min(kKeys, jend - j);
-    load_tile<D>(a, kvh, j, nk, t);
+  for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
+    const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
+    load_tile<D>(a, kvh, t, lo, hi, tile);
     for (int r = 0; r < nrows; r += kRows) {
       const int nr = std::min(kRows, nrows - r);
       bool any = false;
-      for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > j;
+      for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > t + lo;
       if (!any) continue;
-      switch (nr) {
-        case 2: tile_rows<D, 2>(a, t, j, nk, &rs[r]); break;
-        default: tile_rows<D, 1>(a, t, j, nk, &rs[r]); break;
-      }
+      if (nr == 2)
+        tile_rows<D, 2>(a, tile, t, lo, hi, &rs[r]);
+      else
+        tile_rows<D, 1>(a, tile, t, lo, hi, &rs[r]);
     }
   }
   for (int i = 0; i < nrows; ++i) {
-    const int n = n0 + i / hpg, h = kvh * hpg + i % hpg;
-    float* out = a.out + (static_cast<std::size_t>(n) * a.n_heads + h) * D;
-    float* lse = a.lse + static_cast<std::size_t>(n) * a.n_heads + h;
-    if (rs[i].l == 0.0f) {
-      *lse = -std::numeric_limits<float>::infinity();
-      for (int d = 0; d < D; ++d) out[d] = 0.0f;
-      continue;
-    }
-    *lse = rs[i].m + std::log(rs[i].l);
-    const __m256 inv = _mm256_set1_ps(1.0f / rs[i].l);
-    for (int d = 0; d < D; d += 8) _mm256_storeu_ps(out + d, _mm256_mul_ps(_mm256_load_ps(rs[i].o + d), inv));
+    rs[i].o[D] = rs[i].m;
+    rs[i].o[D + 1] = rs[i].l;
   }
 }
 
 }  // namespace
 
-void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1) {
+void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int b) {
   switch (a.head_dim) {
-    case 64: return attend<64>(a, kvh, n0, n1, j0, j1);
-    case 128: return attend<128>(a, kvh, n0, n1, j0, j1);
-    case 32: return attend<32>(a, kvh, n0, n1, j0, j1);
-    default: return attention_ref(a, kvh, n0, n1, j0, j1);  // other head sizes: the reference
+    case 64: return attend<64>(a, kvh, n0, n1, b);
+    case 128: return attend<128>(a, kvh, n0, n1, b);
+    case 32: return attend<32>(a, kvh, n0, n1, b);
+    default: return attention_ref(a, kvh, n0, n1, b);  // other head sizes: the reference
   }
 }
 

@@ -1,5 +1,7 @@
-// Scalar reference attention (the spec): one query at a time, online softmax over the keys it may
-// see, so no score matrix exists even here. Also the exact merge of two partial results.
+// Scalar reference attention (the spec): one key at a time, in position order, an online-softmax
+// update of each (query, head) state, so no score matrix exists even here. Each update is done in
+// double and its result stored as float, so a state resumed from memory continues exactly as one
+// that was never stored. Also the exact merge of two partial results.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -14,39 +16,35 @@ static inline float kv_at(const void* base, bool f16, std::size_t i) {
   return f16 ? f16_to_f32(static_cast<const std::uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
 }
 
-void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1) {
+void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int b) {
+  const AttnJob& job = *a.job;
   const int D = a.head_dim, hpg = a.n_heads / a.n_kv_heads;
-  const KVSpan& sp = a.span;
-  std::vector<double> acc(static_cast<std::size_t>(D));
+  const BlockKeys bk = block_keys(job, b);
   for (int n = n0; n < n1; ++n) {
-    const int jmax = std::min(j1, a.q_pos[n] - sp.pos0 + 1);  // causal: rows [j0, jmax)
+    const int limit = std::min(bk.hi, job.q_pos[n] + 1);  // causal: positions [lo, limit)
     for (int h = kvh * hpg; h < (kvh + 1) * hpg; ++h) {
-      const float* q = a.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D;
-      float* o = a.out + (static_cast<std::size_t>(n) * a.n_heads + h) * D;
-      double m = -std::numeric_limits<double>::infinity(), l = 0.0;
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int j = j0; j < jmax; ++j) {
-        const std::size_t row = (static_cast<std::size_t>(j) * a.n_kv_heads + kvh) * D;
-        double sc = 0.0;
-        for (int i = 0; i < D; ++i) sc += static_cast<double>(q[i]) * kv_at(sp.k, sp.f16, row + i);
-        sc *= a.scale;
-        if (sc > m) {  // rescale what was accumulated under the old maximum
-          const double c = std::exp(m - sc);
-          l *= c;
-          for (double& v : acc) v *= c;
-          m = sc;
-        }
-        const double p = std::exp(sc - m);
-        l += p;
-        for (int i = 0; i < D; ++i) acc[i] += p * kv_at(sp.v, sp.f16, row + i);
+      const float* q = job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D;
+      float* s = a.st.at(state_row(job, n), h, b);
+      float& m = s[D];
+      float& l = s[D + 1];
+      if (!bk.resume) {
+        std::fill(s, s + D, 0.0f);
+        m = -std::numeric_limits<float>::infinity();
+        l = 0.0f;
       }
-      float* lse = a.lse + static_cast<std::size_t>(n) * a.n_heads + h;
-      if (l == 0.0) {
-        *lse = -std::numeric_limits<float>::infinity();
-        for (int i = 0; i < D; ++i) o[i] = 0.0f;
-      } else {
-        *lse = static_cast<float>(m + std::log(l));
-        for (int i = 0; i < D; ++i) o[i] = static_cast<float>(acc[i] / l);
+      for (int p = bk.lo; p < limit; ++p) {
+        int row;
+        const KVSpan& sp = key_span(job.keys, p, row);
+        const std::size_t base = (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
+        double sc = 0.0;
+        for (int i = 0; i < D; ++i) sc += static_cast<double>(q[i]) * kv_at(sp.k, sp.f16, base + i);
+        sc *= a.scale;
+        const double m_new = std::max(static_cast<double>(m), sc);
+        const double c = std::exp(static_cast<double>(m) - m_new);  // 0 while nothing was seen
+        const double pk = std::exp(sc - m_new);
+        for (int i = 0; i < D; ++i) s[i] = static_cast<float>(s[i] * c + pk * kv_at(sp.v, sp.f16, base + i));
+        l = static_cast<float>(l * c + pk);
+        m = static_cast<float>(m_new);
       }
     }
   }

@@ -139,11 +139,13 @@ static void bind_kernels(py::module_& m) {
     const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
     py::array_t<float> out({N, H, D});
     py::array_t<float> lse({N, H});
-    AttnArgs a{q.data(), N, H, static_cast<int>(k.shape(1)), D, q_pos.data(), span, scale,
-               out.mutable_data(), lse.mutable_data()};
+    const int KVH = static_cast<int>(k.shape(1));
+    if (KVH <= 0 || H % KVH) throw std::invalid_argument("attention: n_heads must be a multiple of kv heads");
+    float* po = out.mutable_data();
+    float* pl = lse.mutable_data();
     {
       py::gil_scoped_release nogil;
-      attention_with(kt, a, global_pool());
+      attention_with(kt, q.data(), N, H, KVH, D, q_pos.data(), span, scale, po, pl, global_pool());
     }
     return py::make_tuple(out, lse);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_pos"), py::arg("pos0"), py::arg("scale"),

@@ -26,17 +26,39 @@ using QGemmFn = void (*)(const WeightView& w, const void* xq, int N, float* Y, i
 
 // ---- attention ------------------------------------------------------------------------------
 struct AttnArgs {
-  const float* q;           // (N, n_heads, head_dim)
-  int N, n_heads, n_kv_heads, head_dim;
-  const std::int32_t* q_pos;  // (N)
-  KVSpan span;
+  const AttnJob* job;
+  int n_heads, n_kv_heads, head_dim;
   float scale;
-  float* out;               // (N, n_heads, head_dim)
-  float* lse;               // (N, n_heads)
+  AttnStates st;
 };
-// Queries [n0, n1) of every query head sharing kv head `kvh`, over span rows [j0, j1). Writes
-// normalised out and lse for those (query, head) pairs (-inf lse and zero out where none seen).
-using AttnFn = void (*)(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+// Queries [n0, n1) of the job, every query head sharing kv head `kvh`: advance their states of
+// block `b` over the job's keys in that block (see AttnJob). Tiles start at absolute positions that
+// are multiples of kAttnTile; keys outside the job's range or the spans are masked.
+using AttnFn = void (*)(const AttnArgs& a, int kvh, int n0, int n1, int b);
+
+// The keys of block `b` a job covers: positions [lo, hi) (none when lo >= hi), clipped to what its
+// spans hold, and whether the block's states are resumed rather than started empty.
+struct BlockKeys {
+  int lo, hi;
+  bool resume;
+};
+inline BlockKeys block_keys(const AttnJob& j, int b) {
+  const int start = b * kAttnBlock;
+  const KVSpan& first = j.keys.span[0];
+  const KVSpan& last = j.keys.span[j.keys.n - 1];
+  int lo = j.p_begin > start ? j.p_begin : start;
+  int hi = j.p_end < start + kAttnBlock ? j.p_end : start + kAttnBlock;
+  if (lo < first.pos0) lo = first.pos0;
+  if (hi > last.pos0 + last.len) hi = last.pos0 + last.len;
+  return BlockKeys{lo, hi, j.continues && j.p_begin > start};
+}
+// Where the key at absolute position p lives: its span and row (p must be covered).
+inline const KVSpan& key_span(const KeySpans& ks, int p, int& row) {
+  const KVSpan& s = (ks.n == 2 && p >= ks.span[1].pos0) ? ks.span[1] : ks.span[0];
+  row = p - s.pos0;
+  return s;
+}
+inline int state_row(const AttnJob& j, int n) { return j.state_row ? j.state_row[n] : n; }
 
 // ---- elementwise ----------------------------------------------------------------------------
 using RmsNormFn = void (*)(const float* x, const float* weight, float eps, int dim, float* y);
@@ -70,7 +92,7 @@ std::size_t qacts_row_bytes_ref(int cols, int group);
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int b);
 void rmsnorm_ref(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_ref(float* gate, const float* up, std::size_t n);
 void add_ref(float* y, const float* x, std::size_t n);
@@ -86,7 +108,7 @@ std::size_t qacts_row_bytes_avx2(int cols, int group);
 void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
+void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int b);
 void rmsnorm_avx2(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_avx2(float* gate, const float* up, std::size_t n);
 void add_avx2(float* y, const float* x, std::size_t n);
@@ -96,7 +118,6 @@ float dot_f32_avx512(const float* a, const float* b, std::size_t n);
 void gemm_f32_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_f16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_bf16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-void attention_avx512(const AttnArgs& a, int kvh, int n0, int n1, int j0, int j1);
 std::size_t qacts_row_bytes_avx512(int cols, int group);
 void quantize_acts_avx512(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

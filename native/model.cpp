@@ -3,7 +3,9 @@
 // keeps the row bookkeeping of a batch of sequences.
 #include "model.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -44,12 +46,13 @@ Model::Model(const ModelDims& dims, ModelWeights weights, int max_tokens)
   att_ = scratch(T, d_.q_dim());
   lse_ = scratch(T, d_.n_heads);
   gq_ = scratch(T, d_.q_dim());
-  gatt_ = scratch(T, d_.q_dim());
-  glse_ = scratch(T, d_.n_heads);
   gate_ = scratch(T, d_.intermediate);
   up_ = scratch(T, d_.intermediate);
   pos_.resize(T);
   gpos_.resize(T);
+  grow_.resize(T);
+  rows_.resize(T);
+  for (int r = 0; r < T; ++r) rows_[r] = r;
 }
 
 void Model::check(const SeqRef* seqs, int n_seqs, int N, const std::int32_t* logit_rows, int n_logit_rows) const {
@@ -152,52 +155,76 @@ void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);
 }
 
-// Each sequence over its own KV (its new rows included, causal), then each prefix group over its
-// prefix as one batch of query rows, merged into the first result by log-sum-exp.
+// Attention of every row, in two phases over the canonical blocks (ops.h):
+//   group phase     the rows of all sequences sharing a prefix, gathered, over the prefix's keys up
+//                   to its last whole tile: the prefix is read once per layer for all of them
+//   sequence phase  each sequence over the rest: the prefix's last partial tile, then its own rows,
+//                   resuming the block the group phase left half done
+// then one fold per row. The result is bit for bit the one of a single KV holding prefix and rows.
 void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
-  const int H = d_.n_heads, KVH = d_.n_kv_heads, D = d_.head_dim, qd = d_.q_dim();
+  const int H = d_.n_heads, D = d_.head_dim, qd = d_.q_dim();
   const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  auto own_args = [&](int s) {
+  int max_pos = 0;
+  for (int r = 0; r < p.N; ++r) max_pos = std::max(max_pos, pos_[r]);
+  AttnStates st{nullptr, H, D, max_pos / kAttnBlock + 1};
+  states_.resize(st.floats(p.N) + 8);
+  st.data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(states_.data()) + 31) & ~std::uintptr_t(31));
+  auto own_span = [&](int s) {
     const KVCache* kv = p.seqs[s].kv;
-    const int r = p.row0[s], n = p.seqs[s].n_tokens;
-    KVSpan span{kv->k(layer), kv->v(layer), p.past[s] + n, p.pre[s], kv->f16()};
-    return AttnArgs{q_.data() + static_cast<std::size_t>(r) * qd, n, H, KVH, D, pos_.data() + r, span, scale,
-                    att_.data() + static_cast<std::size_t>(r) * qd, lse_.data() + static_cast<std::size_t>(r) * H};
+    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16()};
   };
-  if (p.n_seqs == 1) {
-    const AttnArgs a = own_args(0);
-    attention(a.q, a.N, H, KVH, D, a.q_pos, a.span, scale, a.out, a.lse, pool);
-  } else {
-    // Many short sequences (a decode batch): one work unit per (sequence, kv head).
-    const KernelTable& kt = kernels();
-    pool.parallel_for(p.n_seqs * KVH, 1, [&](int u0, int u1) {
-      for (int u = u0; u < u1; ++u) {
-        const AttnArgs a = own_args(u / KVH);
-        kt.attention(a, u % KVH, 0, a.N, 0, a.span.len);
-      }
-    });
-  }
+  auto prefix_span = [&](const KVCache* pre) { return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16()}; };
+  auto split_of = [](int prefix_len) { return prefix_len - prefix_len % kAttnTile; };
+
+  std::vector<AttnJob>& jobs = jobs_;
+  jobs.clear();
+  int G = 0;  // gathered rows so far
   for (std::size_t g = 0; g < p.prefixes.size(); ++g) {
     const KVCache* pre = p.prefixes[g];
-    int G = 0;
+    AttnJob job;
+    job.q = gq_.data() + static_cast<std::size_t>(G) * qd;
+    job.q_pos = gpos_.data() + G;
+    job.state_row = grow_.data() + G;
     for (int s : p.members[g]) {
       const int r = p.row0[s], n = p.seqs[s].n_tokens;
       std::memcpy(gq_.data() + static_cast<std::size_t>(G) * qd, q_.data() + static_cast<std::size_t>(r) * qd,
                   static_cast<std::size_t>(n) * qd * sizeof(float));
-      std::memcpy(gpos_.data() + G, pos_.data() + r, n * sizeof(std::int32_t));
+      for (int i = 0; i < n; ++i) {
+        gpos_[G + i] = pos_[r + i];
+        grow_[G + i] = r + i;
+      }
       G += n;
+      job.N += n;
     }
-    KVSpan span{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16()};
-    attention(gq_.data(), G, H, KVH, D, gpos_.data(), span, scale, gatt_.data(), glse_.data(), pool);
-    G = 0;
-    for (int s : p.members[g]) {
-      const int r = p.row0[s], n = p.seqs[s].n_tokens;
-      attention_merge(att_.data() + static_cast<std::size_t>(r) * qd, lse_.data() + static_cast<std::size_t>(r) * H,
-                      gatt_.data() + static_cast<std::size_t>(G) * qd, glse_.data() + static_cast<std::size_t>(G) * H,
-                      n, H, D);
-      G += n;
-    }
+    job.keys.span[0] = prefix_span(pre);
+    job.p_end = split_of(pre->length());
+    if (job.p_end > 0) jobs.push_back(job);
   }
+  if (!jobs.empty()) attention_states(jobs.data(), static_cast<int>(jobs.size()), d_.n_kv_heads, scale, st, pool);
+
+  jobs.clear();
+  for (int s = 0; s < p.n_seqs; ++s) {
+    const int r = p.row0[s];
+    AttnJob job;
+    job.q = q_.data() + static_cast<std::size_t>(r) * qd;
+    job.q_pos = pos_.data() + r;
+    job.state_row = rows_.data() + r;
+    job.N = p.seqs[s].n_tokens;
+    const KVCache* pre = p.seqs[s].prefix;
+    if (pre && pre->length() > 0) {
+      job.keys.span[0] = prefix_span(pre);
+      job.keys.span[1] = own_span(s);
+      job.keys.n = 2;
+      job.p_begin = split_of(pre->length());
+      job.continues = true;  // block_keys() resumes only a block the range enters after its start
+    } else {
+      job.keys.span[0] = own_span(s);
+    }
+    job.p_end = p.pre[s] + p.past[s] + p.seqs[s].n_tokens;
+    jobs.push_back(job);
+  }
+  attention_states(jobs.data(), static_cast<int>(jobs.size()), d_.n_kv_heads, scale, st, pool);
+  attention_fold(st, pos_.data(), p.N, 0, att_.data(), lse_.data(), pool);
 }
 
 void Model::mlp_block(int layer, int N, ThreadPool& pool) {

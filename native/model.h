@@ -3,8 +3,8 @@
 // One call runs a batch of token rows that belong to one or more sequences. Sequence s owns a
 // contiguous run of rows, attends to an optional shared prefix KV (read-only) and then to its own
 // KV, into which its new rows are appended. Sequences that name the same prefix are grouped: per
-// layer that prefix is read once for all their query rows, and the partial results are merged
-// with the own-KV attention through their log-sum-exp.
+// layer that prefix is read once for all their query rows; the canonical blocking of ops.h makes
+// the result the same, bit for bit, as one KV holding the prefix and the sequence's rows.
 #pragma once
 #include <cstdint>
 #include <mutex>
@@ -81,13 +81,15 @@ class Model {
   std::vector<float> v_;      // (T, kv_dim)
   std::vector<float> att_;    // (T, q_dim) attention output
   std::vector<float> lse_;    // (T, n_heads)
-  std::vector<float> gq_;     // (T, q_dim) query rows of one prefix group, gathered
-  std::vector<float> gatt_;   // (T, q_dim) their attention over the prefix
-  std::vector<float> glse_;   // (T, n_heads)
+  std::vector<float> gq_;     // (T, q_dim) query rows of the prefix groups, gathered
   std::vector<float> gate_;   // (T, intermediate)
   std::vector<float> up_;     // (T, intermediate)
   std::vector<std::int32_t> pos_;   // (T) absolute positions
   std::vector<std::int32_t> gpos_;  // (T) positions of the gathered rows
+  std::vector<std::int32_t> grow_;  // (T) row of each gathered row
+  std::vector<std::int32_t> rows_;  // (T) 0, 1, ..., T-1
+  std::vector<float> states_;       // attention states, (T, n_heads, blocks, head_dim + 8), grown with the context
+  std::vector<AttnJob> jobs_;
 };
 
 }  // namespace seqshare

@@ -1,6 +1,7 @@
 // ops.h on top of the kernel table: argument checks, scratch buffers and the split of work over
 // the pool. Kernels stay single-threaded; this file decides who computes what.
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -34,7 +35,6 @@ struct Scratch {
 };
 
 thread_local Scratch qacts_scratch;
-thread_local Scratch attn_scratch;
 
 constexpr int kRowGrain = 16;    // rows per GEMM/GEMV work unit (the kernels' row tile)
 constexpr int kQueryBlock = 16;  // queries per attention work unit
@@ -160,58 +160,112 @@ void silu_mul(float* gate, const float* up, std::size_t n) { kernels().silu_mul(
 
 void add_inplace(float* y, const float* x, std::size_t n) { kernels().add(y, x, n); }
 
-// Work units: (kv head, query block) for prefill, in an order that interleaves cheap early
-// blocks with expensive late ones so contiguous per-thread ranges balance under causality. When
-// there are fewer units than threads (decode), the span is also cut into key ranges whose partial
-// results are merged through their log-sum-exp.
-void attention_with(const KernelTable& kt, const AttnArgs& a, ThreadPool& pool) {
-  if (a.n_kv_heads <= 0 || a.n_heads % a.n_kv_heads) throw std::invalid_argument("attention: n_heads % n_kv_heads != 0");
-  if (a.N <= 0) return;
-  const int nqb = (a.N + kQueryBlock - 1) / kQueryBlock;
-  const int units = a.n_kv_heads * nqb;
-  const int T = pool.size();
-  const int min_keys_per_split = 256;
-  int splits = 1;
-  if (units < 2 * T && a.span.len >= 2 * min_keys_per_split)
-    splits = std::min((2 * T + units - 1) / units, a.span.len / min_keys_per_split);
-  if (splits <= 1) {
-    pool.parallel_for(units, 1, [&](int u0, int u1) {
-      for (int u = u0; u < u1; ++u) {
-        const int kvh = u % a.n_kv_heads, i = u / a.n_kv_heads;
-        const int qb = (i % 2 == 0) ? i / 2 : nqb - 1 - i / 2;
-        kt.attention(a, kvh, qb * kQueryBlock, std::min(a.N, (qb + 1) * kQueryBlock), 0, a.span.len);
+// Blocks a query at position `pos` folds: those holding positions 0..pos (none for pos < 0).
+static int folded_blocks(int pos) { return pos < 0 ? 0 : pos / kAttnBlock + 1; }
+
+// Work units are (job, kv head, block of kQueryBlock queries, key block), claimed dynamically so
+// that the costly ones (late queries, long prefixes) do not pile up on one thread. Each unit owns
+// the states it writes: a (state row, head, block) belongs to one query of one job.
+void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale,
+                           const AttnStates& st, ThreadPool& pool) {
+  if (n_kv_heads <= 0 || st.n_heads % n_kv_heads) throw std::invalid_argument("attention: n_heads % n_kv_heads != 0");
+  struct Unit {
+    int job, kvh, n0, n1, b;
+  };
+  thread_local std::vector<Unit> unit_list;
+  std::vector<Unit>& units = unit_list;  // the pool's threads must see this thread's list
+  units.clear();
+  for (int j = 0; j < n_jobs; ++j) {
+    const AttnJob& job = jobs[j];
+    for (int n0 = 0; n0 < job.N; n0 += kQueryBlock) {
+      const int n1 = std::min(job.N, n0 + kQueryBlock);
+      // Every block a query of this unit will fold gets a state, empty where it sees no key.
+      int last_block = -1;
+      for (int n = n0; n < n1; ++n) last_block = std::max(last_block, folded_blocks(job.q_pos[n]) - 1);
+      for (int b = job.p_begin / kAttnBlock; b <= last_block; ++b) {
+        if (b >= st.n_blocks) throw std::invalid_argument("attention: a query position beyond the state blocks");
+        for (int kvh = 0; kvh < n_kv_heads; ++kvh) units.push_back(Unit{j, kvh, n0, n1, b});
       }
-    });
-    return;
+    }
   }
-  // Split-K: split s writes its partial (out, lse) into scratch, merged afterwards.
-  const std::size_t out_n = static_cast<std::size_t>(a.N) * a.n_heads * a.head_dim;
-  const std::size_t lse_n = static_cast<std::size_t>(a.N) * a.n_heads;
-  auto* buf = static_cast<float*>(attn_scratch.get((out_n + lse_n) * (splits - 1) * sizeof(float)));
-  const int per = (a.span.len + splits - 1) / splits;
-  pool.parallel_for(units * splits, 1, [&](int u0, int u1) {
-    for (int u = u0; u < u1; ++u) {
-      const int s = u / units, rest = u % units;
-      const int kvh = rest % a.n_kv_heads, qb = rest / a.n_kv_heads;
-      AttnArgs part = a;
-      if (s > 0) {
-        part.out = buf + (s - 1) * (out_n + lse_n);
-        part.lse = part.out + out_n;
-      }
-      kt.attention(part, kvh, qb * kQueryBlock, std::min(a.N, (qb + 1) * kQueryBlock), s * per,
-                   std::min(a.span.len, (s + 1) * per));
+  std::atomic<int> next{0};
+  const int n_units = static_cast<int>(units.size());
+  pool.parallel_for(pool.size(), 1, [&](int, int) {
+    for (int u; (u = next.fetch_add(1, std::memory_order_relaxed)) < n_units;) {
+      const Unit& x = units[u];
+      const AttnArgs a{&jobs[x.job], st.n_heads, n_kv_heads, st.head_dim, scale, st};
+      kt.attention(a, x.kvh, x.n0, x.n1, x.b);
     }
   });
-  for (int s = 1; s < splits; ++s) {
-    const float* o = buf + (s - 1) * (out_n + lse_n);
-    attention_merge(a.out, a.lse, o, o + out_n, a.N, a.n_heads, a.head_dim);
-  }
+}
+
+void attention_states(const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale, const AttnStates& st,
+                      ThreadPool& pool) {
+  attention_states_with(kernels(), jobs, n_jobs, n_kv_heads, scale, st, pool);
+}
+
+// A left fold, block by block in position order, with the same arithmetic for every ISA: this is
+// what makes a result independent of how its blocks were computed.
+void attention_fold(const AttnStates& st, const std::int32_t* q_pos, int N, int first_block, float* out, float* lse,
+                    ThreadPool& pool) {
+  const int H = st.n_heads, D = st.head_dim;
+  pool.parallel_for(N * H, 1, [&](int i0, int i1) {
+    for (int i = i0; i < i1; ++i) {
+      const int n = i / H, h = i % H;
+      float* o = out + static_cast<std::size_t>(i) * D;
+      float m = -std::numeric_limits<float>::infinity(), l = 0.0f;
+      const int nb = std::min(st.n_blocks, folded_blocks(q_pos[n]));
+      for (int b = first_block; b < nb; ++b) {
+        const float* s = st.at(n, h, b);
+        const float mb = s[D], lb = s[D + 1];
+        if (lb == 0.0f) continue;
+        if (l == 0.0f) {
+          for (int d = 0; d < D; ++d) o[d] = s[d];
+          m = mb;
+          l = lb;
+          continue;
+        }
+        const float mn = std::max(m, mb), ca = std::exp(m - mn), cb = std::exp(mb - mn);
+        for (int d = 0; d < D; ++d) o[d] = o[d] * ca + s[d] * cb;
+        l = l * ca + lb * cb;
+        m = mn;
+      }
+      if (l == 0.0f) {
+        for (int d = 0; d < D; ++d) o[d] = 0.0f;
+        lse[i] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      const float inv = 1.0f / l;
+      for (int d = 0; d < D; ++d) o[d] *= inv;
+      lse[i] = m + std::log(l);
+    }
+  });
+}
+
+void attention_with(const KernelTable& kt, const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
+                    const std::int32_t* q_pos, const KVSpan& span, float scale, float* out, float* lse,
+                    ThreadPool& pool) {
+  if (N <= 0) return;
+  int max_pos = span.pos0;
+  for (int n = 0; n < N; ++n) max_pos = std::max(max_pos, q_pos[n]);
+  AttnStates st{nullptr, n_heads, head_dim, max_pos / kAttnBlock + 1};
+  thread_local std::vector<float> buf;
+  buf.resize(st.floats(N) + 8);
+  st.data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
+  AttnJob job;
+  job.q = q;
+  job.q_pos = q_pos;
+  job.N = N;
+  job.keys.span[0] = span;
+  job.p_begin = span.pos0;
+  job.p_end = span.pos0 + span.len;
+  attention_states_with(kt, &job, 1, n_kv_heads, scale, st, pool);
+  attention_fold(st, q_pos, N, span.pos0 / kAttnBlock, out, lse, pool);
 }
 
 void attention(const float* q, int N, int n_heads, int n_kv_heads, int head_dim, const std::int32_t* q_pos,
                const KVSpan& span, float scale, float* out, float* lse, ThreadPool& pool) {
-  AttnArgs a{q, N, n_heads, n_kv_heads, head_dim, q_pos, span, scale, out, lse};
-  attention_with(kernels(), a, pool);
+  attention_with(kernels(), q, N, n_heads, n_kv_heads, head_dim, q_pos, span, scale, out, lse, pool);
 }
 
 void kv_store(void* cache, bool f16, int row0, const float* src, int N, int kv_dim) {

@@ -54,11 +54,60 @@ struct KVSpan {
   bool f16 = true;
 };
 
-// Attention of queries q (N, n_heads, head_dim) at absolute positions q_pos[n] over one span.
-// Causal: query n sees span row j only if pos0 + j <= q_pos[n]. Grouped-query: head h reads
-// kv head h / (n_heads / n_kv_heads). Never materialises the (N, len) score matrix (tiled, online
-// softmax). Writes out (N, n_heads, head_dim) normalised, and lse (N, n_heads) = log-sum-exp of the
-// scaled scores it saw (-inf where it saw none), so partial results over spans merge exactly.
+// The keys one query set may attend to, by absolute position: span[0], then (n == 2) span[1],
+// which starts where span[0] ends -- a shared prefix, then a sequence's own rows.
+struct KeySpans {
+  KVSpan span[2];
+  int n = 1;
+};
+
+// Canonical blocking. Attention is computed as a left fold, in position order, over blocks of
+// kAttnBlock keys at absolute positions [b * kAttnBlock, (b + 1) * kAttnBlock); inside a block, an
+// online softmax runs over tiles of kAttnTile keys at absolute positions. Because neither depends
+// on where the keys are stored or how queries are batched, a question attending to a shared
+// prefix and then to its own rows gets bit for bit what it gets from one KV holding both.
+constexpr int kAttnBlock = 512;
+constexpr int kAttnTile = 32;
+
+// Per (state row, head, block): the online-softmax state o[head_dim] (unnormalised), m (running
+// max of the scaled scores), l (sum of exp(score - m)); l == 0 means no key seen.
+struct AttnStates {
+  float* data = nullptr;
+  int n_heads = 0, head_dim = 0, n_blocks = 0;
+  int stride() const { return head_dim + 8; }  // floats per state, 32-byte aligned for head_dim % 8 == 0
+  float* at(int row, int h, int b) const {
+    return data + ((static_cast<std::size_t>(row) * n_heads + h) * n_blocks + b) * stride();
+  }
+  std::size_t floats(int rows) const { return static_cast<std::size_t>(rows) * n_heads * n_blocks * stride(); }
+};
+
+// One query set against one key source, over the key positions [p_begin, p_end): each query n
+// (q (N, n_heads, head_dim) at q_pos[n], causal: it sees positions <= q_pos[n]) advances the
+// states of state row state_row[n] for every block the range touches. A block the range enters
+// after its start is resumed from its state when `continues` (an earlier job did its first part)
+// and started empty otherwise.
+struct AttnJob {
+  const float* q = nullptr;
+  const std::int32_t* q_pos = nullptr;
+  const std::int32_t* state_row = nullptr;
+  int N = 0;
+  KeySpans keys;
+  int p_begin = 0, p_end = 0;
+  bool continues = false;
+};
+
+// Run the jobs (all at once, over the pool). Jobs must not share state rows.
+void attention_states(const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale, const AttnStates& st,
+                      ThreadPool& pool);
+
+// Fold the block states [first_block, q_pos[n] / kAttnBlock] of each row in order: out (N,
+// n_heads, head_dim) normalised and lse (N, n_heads) (-inf and zeros where no key was seen).
+void attention_fold(const AttnStates& st, const std::int32_t* q_pos, int N, int first_block, float* out, float* lse,
+                    ThreadPool& pool);
+
+// The whole attention of queries q (N, n_heads, head_dim) at q_pos over one span (for tests and
+// benchmarks; the model drives attention_states itself). Grouped-query: head h reads kv head
+// h / (n_heads / n_kv_heads). Writes out and lse = log-sum-exp of the scaled scores seen.
 void attention(const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
                const std::int32_t* q_pos, const KVSpan& span, float scale,
                float* out, float* lse, ThreadPool& pool);

@@ -6,7 +6,11 @@
 namespace seqshare {
 
 void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool);
-void attention_with(const KernelTable& kt, const AttnArgs& a, ThreadPool& pool);
+void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale,
+                           const AttnStates& st, ThreadPool& pool);
+void attention_with(const KernelTable& kt, const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
+                    const std::int32_t* q_pos, const KVSpan& span, float scale, float* out, float* lse,
+                    ThreadPool& pool);
 void rmsnorm_with(const KernelTable& kt, const float* x, const float* weight, float eps, int N, int dim, float* y);
 // Throws std::invalid_argument when the view is inconsistent (shape, group, missing planes).
 void check_weight(const WeightView& w);
