@@ -42,6 +42,7 @@ def planes(t: QTensor) -> dict[str, object]:
     kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
     if t.fmt == "q4":
         kw["mins"] = p["mins"]
+        kw["rows"] = t.shape[0]
     return kw
 
 

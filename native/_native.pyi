@@ -24,6 +24,7 @@ def linear(
     scales: npt.NDArray[np.generic] | None = None,
     mins: npt.NDArray[np.generic] | None = None,
     group: int = 0,
+    rows: int = 0,
     isa: str = "",
 ) -> npt.NDArray[np.float32]: ...
 def embedding(
@@ -33,6 +34,7 @@ def embedding(
     scales: npt.NDArray[np.generic] | None = None,
     mins: npt.NDArray[np.generic] | None = None,
     group: int = 0,
+    rows: int = 0,
 ) -> npt.NDArray[np.float32]: ...
 def attention(
     q: npt.NDArray[np.float32],

@@ -3,16 +3,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <cstddef>
-
-#include "ops.h"
-
-namespace seqshare {
-// q4 x int8 through repacked 8-row panels (qgemm_panel_avx2.cpp); qgemm_q4_avx2 calls it for
-// enough tokens to pay for the repack.
-void qgemm_q4_panel_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-}  // namespace seqshare
-
 namespace seqshare::avx2 {
 
 inline float hsum(__m256 v) {

@@ -50,28 +50,39 @@ static const void* raw(const py::array& a, const char* what, const std::string& 
   return a.data();
 }
 
+// `rows` is the logical row count; only q4 needs it (its panels pad the rows to a multiple of 8).
 static WeightView weight_arg(const std::string& fmt, const py::array& data, const py::object& scales,
-                             const py::object& mins, int group) {
+                             const py::object& mins, int group, int rows) {
   WeightView w;
   w.fmt = fmt_arg(fmt);
-  if (data.ndim() != 2) throw std::invalid_argument("weight data must be 2-D");
-  w.rows = static_cast<int>(data.shape(0));
-  w.cols = static_cast<int>(data.shape(1));
-  switch (w.fmt) {
-    case WFmt::F32: w.data = raw(data, "data", "f", 4); break;
-    case WFmt::F16: w.data = raw(data, "data", "fu", 2); break;
-    case WFmt::BF16: w.data = raw(data, "data", "u", 2); break;
-    case WFmt::Q8: w.data = raw(data, "qs", "i", 1); break;
-    case WFmt::Q4: w.data = raw(data, "qs", "u", 1); w.cols *= 2; break;
+  if (w.fmt == WFmt::Q4) {
+    if (data.ndim() != 3 || data.shape(2) != 128) throw std::invalid_argument("q4 data must be (panels, cols/32, 128)");
+    if (rows <= 0 || (rows + 7) / 8 != data.shape(0))
+      throw std::invalid_argument("q4 rows must be given and fill the " + std::to_string(data.shape(0)) + " panels");
+    w.rows = rows;
+    w.cols = static_cast<int>(data.shape(1)) * 32;
+    w.data = raw(data, "qs", "u", 1);
+  } else {
+    if (data.ndim() != 2) throw std::invalid_argument("weight data must be 2-D");
+    w.rows = static_cast<int>(data.shape(0));
+    w.cols = static_cast<int>(data.shape(1));
+    switch (w.fmt) {
+      case WFmt::F32: w.data = raw(data, "data", "f", 4); break;
+      case WFmt::F16: w.data = raw(data, "data", "fu", 2); break;
+      case WFmt::BF16: w.data = raw(data, "data", "u", 2); break;
+      default: w.data = raw(data, "qs", "i", 1); break;
+    }
   }
   if (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q4) {
     w.group = group;
     if (w.group <= 0 || w.cols % w.group) throw std::invalid_argument("group must divide the columns");
-    const auto groups = static_cast<py::ssize_t>(w.rows) * (w.cols / w.group);
+    const auto groups = static_cast<py::ssize_t>(w.fmt == WFmt::Q4 ? w.panels() * 8 : w.rows) * (w.cols / w.group);
     auto plane = [&](const py::object& o, const char* what) {
       if (o.is_none()) throw std::invalid_argument(std::string(what) + " are required for " + fmt);
       auto a = py::cast<py::array>(o);
-      if (a.size() != groups) throw std::invalid_argument(std::string(what) + " must be (rows, cols/group)");
+      if (a.size() != groups)
+        throw std::invalid_argument(std::string(what) + (w.fmt == WFmt::Q4 ? " must be (panels, cols/group, 8)"
+                                                                            : " must be (rows, cols/group)"));
       return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
     };
     w.scales = plane(scales, "scales");
@@ -93,8 +104,8 @@ static void bind_kernels(py::module_& m) {
   m.def("get_threads", [] { return global_pool().size(); }, "Size of the global thread pool.");
 
   m.def("linear", [](Dense<float> x, const std::string& fmt, py::array data, py::object scales,
-                     py::object mins, int group, const std::string& isa) {
-    WeightView w = weight_arg(fmt, data, scales, mins, group);
+                     py::object mins, int group, int rows, const std::string& isa) {
+    WeightView w = weight_arg(fmt, data, scales, mins, group, rows);
     if (x.ndim() != 2 || x.shape(1) != w.cols) throw std::invalid_argument("linear: x must be (N, cols)");
     const KernelTable& kt = table_arg(isa);
     const int N = static_cast<int>(x.shape(0));
@@ -107,12 +118,13 @@ static void bind_kernels(py::module_& m) {
     }
     return y;
   }, py::arg("x"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
-     py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("isa") = "",
+     py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0, py::arg("isa") = "",
      "Y (N, rows) = x (N, cols) @ W^T for a weight in runtime layout (worker/quant.py planes).");
 
   m.def("embedding", [](py::array_t<std::int32_t, py::array::c_style | py::array::forcecast> tokens,
-                        const std::string& fmt, py::array data, py::object scales, py::object mins, int group) {
-    WeightView w = weight_arg(fmt, data, scales, mins, group);
+                        const std::string& fmt, py::array data, py::object scales, py::object mins, int group,
+                        int rows) {
+    WeightView w = weight_arg(fmt, data, scales, mins, group, rows);
     const int N = static_cast<int>(tokens.size());
     py::array_t<float> out({static_cast<py::ssize_t>(N), static_cast<py::ssize_t>(w.cols)});
     const std::int32_t* pt = tokens.data();
@@ -123,7 +135,8 @@ static void bind_kernels(py::module_& m) {
     }
     return out;
   }, py::arg("tokens"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
-     py::arg("mins") = py::none(), py::arg("group") = 0, "Dequantized rows of an embedding matrix.");
+     py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0,
+     "Dequantized rows of an embedding matrix.");
 
   m.def("attention", [](Dense<float> q, py::array k, py::array v, Dense<std::int32_t> q_pos, int pos0,
                         float scale, const std::string& isa) {
@@ -264,7 +277,7 @@ static ModelWeights model_weights(const ModelDims& d, const py::dict& ws, py::li
   auto mat = [&](const std::string& name, int rows, int cols) {
     auto t = py::cast<py::tuple>(entry(name));
     if (t.size() != 5) throw std::invalid_argument("model: weight '" + name + "' must be (fmt, data, scales, mins, group)");
-    WeightView w = weight_arg(py::cast<std::string>(t[0]), py::cast<py::array>(t[1]), t[2], t[3], py::cast<int>(t[4]));
+    WeightView w = weight_arg(py::cast<std::string>(t[0]), py::cast<py::array>(t[1]), t[2], t[3], py::cast<int>(t[4]), rows);
     if (w.rows != rows || w.cols != cols)
       throw std::invalid_argument("model: weight '" + name + "' is (" + std::to_string(w.rows) + ", " +
                                   std::to_string(w.cols) + "), expected (" + std::to_string(rows) + ", " +

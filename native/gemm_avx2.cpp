@@ -1,9 +1,9 @@
 // fp32 FMA GEMM for f32 / f16 / bf16 weights with AVX2 (no quantisation of activations, so f32
-// weights stay exact to float rounding).
-//   N >= kPackMin: each 16-row panel of W is converted and packed k-major into a thread-local
-//     buffer once, then an outer-product micro-kernel (16 rows x 6 tokens = 12 accumulators, x
-//     broadcast from memory) runs over all tokens: no horizontal sums.
-//   N < kPackMin (decode): dot products along K, 4 rows at a time, weights streamed once.
+// weights stay exact to float rounding). Each 16-row panel of W is converted and packed k-major
+// into a thread-local buffer (8x8 transposes), then an outer-product micro-kernel (16 rows x up to
+// 6 tokens = 12 accumulators, x broadcast from memory) runs over all tokens. Every output element
+// is one FMA chain along k, in order, whatever the number of tokens: a row's result does not depend
+// on the batch it was computed in (decode and prefill agree bit for bit).
 #include <immintrin.h>
 
 #include <cstdint>
@@ -17,7 +17,7 @@ namespace seqshare {
 
 namespace {
 
-constexpr int kPanel = 16, kTok = 6, kPackMin = 4;
+constexpr int kPanel = 16, kTok = 6;
 
 template <WFmt F>
 inline __m256 load_w(const void* W, std::size_t i) {
@@ -42,19 +42,20 @@ inline float load_w1(const void* W, std::size_t i) {
 template <WFmt F>
 void pack_panel(const WeightView& w, int r, int nrows, float* packed) {
   const std::size_t K = static_cast<std::size_t>(w.cols);
-  alignas(32) float tmp[8];
-  for (int i = 0; i < kPanel; ++i) {
-    if (i >= nrows) {
-      for (std::size_t k = 0; k < K; ++k) packed[k * kPanel + i] = 0.0f;
-      continue;
-    }
-    const std::size_t base = static_cast<std::size_t>(r + i) * K;
+  for (int half = 0; half < 2; ++half) {
+    const int i0 = 8 * half;
     std::size_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      _mm256_store_ps(tmp, load_w<F>(w.data, base + k));
-      for (int j = 0; j < 8; ++j) packed[(k + j) * kPanel + i] = tmp[j];
+      __m256 v[8];
+      for (int i = 0; i < 8; ++i)
+        v[i] = i0 + i < nrows ? load_w<F>(w.data, static_cast<std::size_t>(r + i0 + i) * K + k) : _mm256_setzero_ps();
+      avx2::transpose8(v);  // v[j] = column k + j of the 8 rows
+      for (int j = 0; j < 8; ++j) _mm256_store_ps(packed + (k + j) * kPanel + i0, v[j]);
     }
-    for (; k < K; ++k) packed[k * kPanel + i] = load_w1<F>(w.data, base + k);
+    for (; k < K; ++k)
+      for (int i = 0; i < 8; ++i)
+        packed[k * kPanel + i0 + i] =
+            i0 + i < nrows ? load_w1<F>(w.data, static_cast<std::size_t>(r + i0 + i) * K + k) : 0.0f;
   }
 }
 
@@ -104,57 +105,12 @@ void gemm_packed(const WeightView& w, const float* X, int N, float* Y, int ldy, 
   }
 }
 
-// R rows x T tokens of dot products along K (T <= 3).
-template <WFmt F, int R, int T>
-void dot_tile(const WeightView& w, const float* X, float* Y, int ldy, int r) {
-  const std::size_t K = static_cast<std::size_t>(w.cols);
-  __m256 acc[R][T];
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) acc[i][t] = _mm256_setzero_ps();
-  std::size_t k = 0;
-  for (; k + 8 <= K; k += 8) {
-    __m256 xv[T];
-    #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) xv[t] = _mm256_loadu_ps(X + t * K + k);
-    #pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const __m256 wv = load_w<F>(w.data, (r + i) * K + k);
-      #pragma GCC unroll 16
-      for (int t = 0; t < T; ++t) acc[i][t] = _mm256_fmadd_ps(wv, xv[t], acc[i][t]);
-    }
-  }
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) {
-      float s = avx2::hsum(acc[i][t]);
-      for (std::size_t kk = k; kk < K; ++kk) s += load_w1<F>(w.data, (r + i) * K + kk) * X[t * K + kk];
-      Y[static_cast<std::size_t>(t) * ldy + r + i] = s;
-    }
-}
-
-template <WFmt F, int T>
-void gemm_dot(const WeightView& w, const float* X, float* Y, int ldy, int r0, int r1) {
-  int r = r0;
-  for (; r + 4 <= r1; r += 4) dot_tile<F, 4, T>(w, X, Y, ldy, r);
-  for (; r < r1; ++r) dot_tile<F, 1, T>(w, X, Y, ldy, r);
-}
-
 template <WFmt F>
 void gemm(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1) {
-  switch (N) {
-    case 1: return gemm_dot<F, 1>(w, X, Y, ldy, r0, r1);
-    case 2: return gemm_dot<F, 2>(w, X, Y, ldy, r0, r1);
-    case 3: return gemm_dot<F, 3>(w, X, Y, ldy, r0, r1);
-    default: return gemm_packed<F>(w, X, N, Y, ldy, r0, r1);
-  }
+  gemm_packed<F>(w, X, N, Y, ldy, r0, r1);
 }
 
 }  // namespace
-
-static_assert(kPackMin == 4, "gemm() dispatches N = 1..3 to the dot-product path");
 
 void gemm_f32_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1) {
   gemm<WFmt::F32>(w, X, N, Y, ldy, r0, r1);

@@ -43,13 +43,6 @@ static KernelTable make_table(Isa isa) {
   }
   if (isa >= Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
-    t.gemm[0] = gemm_f32_avx512;
-    t.gemm[1] = gemm_f16_avx512;
-    t.gemm[2] = gemm_bf16_avx512;
-    t.qacts_row_bytes = qacts_row_bytes_avx512;
-    t.quantize_acts = quantize_acts_avx512;
-    t.qgemm[0] = qgemm_q8_avx512;
-    t.qgemm[1] = qgemm_q4_avx512;
   }
 #endif
   return t;

@@ -115,13 +115,6 @@ void add_avx2(float* y, const float* x, std::size_t n);
 void f32_to_f16_avx2(const float* src, std::uint16_t* dst, std::size_t n);
 void f16_to_f32_avx2(const std::uint16_t* src, float* dst, std::size_t n);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
-void gemm_f32_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-void gemm_f16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-void gemm_bf16_avx512(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-std::size_t qacts_row_bytes_avx512(int cols, int group);
-void quantize_acts_avx512(const float* x, int cols, int group, bool for_q8, void* out);
-void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }

@@ -95,23 +95,18 @@ void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy,
 
 // q4: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned nibbles.
 void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  const int K = w.cols, G = w.group, ng = K / G, half = G / 2;
+  const int K = w.cols, G = w.group, ng = K / G;
   const std::size_t stride = qacts_row_bytes_ref(K, G);
-  const auto* W = static_cast<const std::uint8_t*>(w.data);
   for (int n = 0; n < N; ++n) {
     const auto* q = static_cast<const std::int8_t*>(xq) + n * stride;
     const float* d = reinterpret_cast<const float*>(q + K);
     const float* s = d + ng;
     for (int r = r0; r < r1; ++r) {
-      const std::uint8_t* wr = W + static_cast<std::size_t>(r) * (K / 2);
       double acc = 0.0;
       for (int g = 0; g < ng; ++g) {
         int isum = 0;
-        for (int i = 0; i < half; ++i) {
-          const std::uint8_t b = wr[g * half + i];
-          isum += (b & 0x0F) * q[g * G + i] + (b >> 4) * q[g * G + half + i];
-        }
-        const std::size_t gi = static_cast<std::size_t>(r) * ng + g;
+        for (int c = g * G; c < (g + 1) * G; ++c) isum += q4_at(w, r, c) * q[c];
+        const std::size_t gi = q4_group_at(w, r, g);
         acc += static_cast<double>(f16_to_f32(w.scales[gi])) * d[g] * isum +
                static_cast<double>(f16_to_f32(w.mins[gi])) * s[g];
       }

@@ -102,15 +102,10 @@ void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* ou
           break;
         }
         case WFmt::Q4: {
-          const auto* q = static_cast<const std::uint8_t*>(w.data) + r * (C / 2);
-          const std::size_t ng = C / w.group, half = w.group / 2;
-          for (std::size_t g = 0; g < ng; ++g) {
-            const float d = f16_to_f32(w.scales[r * ng + g]), m = f16_to_f32(w.mins[r * ng + g]);
-            for (std::size_t i = 0; i < half; ++i) {
-              const std::uint8_t b = q[g * half + i];
-              o[g * w.group + i] = d * static_cast<float>(b & 0x0F) + m;
-              o[g * w.group + half + i] = d * static_cast<float>(b >> 4) + m;
-            }
+          for (std::size_t c = 0; c < C; ++c) {
+            const std::size_t gi = q4_group_at(w, static_cast<int>(r), static_cast<int>(c / w.group));
+            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(q4_at(w, static_cast<int>(r), static_cast<int>(c))) +
+                   f16_to_f32(w.mins[gi]);
           }
           break;
         }

@@ -18,10 +18,25 @@ struct WeightView {
   WFmt fmt = WFmt::F32;
   int rows = 0, cols = 0;     // logical matrix (rows = out_features, cols = in_features)
   int group = 0;              // q8/q4 group size (32, 64, 128); 0 for float formats
-  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4: packed uint8 qs
-  const std::uint16_t* scales = nullptr;  // q8/q4: float16 (rows, cols/group)
-  const std::uint16_t* mins = nullptr;    // q4: float16 (rows, cols/group)
+  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4: panel bytes
+  // q8: float16 (rows, cols/group). q4: float16 (panels, cols/group, 8), the 8 rows of a panel
+  // side by side. q4 bytes are (panels, cols/32, 128): byte 32j + 4i + c of block b holds column
+  // 32b + 4j + c of row 8p + i (low nibble) and column 32b + 16 + 4j + c (high nibble).
+  const std::uint16_t* scales = nullptr;
+  const std::uint16_t* mins = nullptr;    // q4 only
+  int panels() const { return (rows + 7) / 8; }
 };
+
+// Nibble q (0..15) of row r, column c of a q4 weight, and the float16 bits of its scale and min.
+inline int q4_at(const WeightView& w, int r, int c) {
+  const auto* p = static_cast<const std::uint8_t*>(w.data) +
+                  (static_cast<std::size_t>(r / 8) * (w.cols / 32) + c / 32) * 128;
+  const int k = c % 32, byte = 32 * ((k % 16) / 4) + 4 * (r % 8) + k % 4;
+  return k < 16 ? (p[byte] & 0x0F) : (p[byte] >> 4);
+}
+inline std::size_t q4_group_at(const WeightView& w, int r, int g) {
+  return (static_cast<std::size_t>(r / 8) * (w.cols / w.group) + g) * 8 + r % 8;
+}
 
 // Y (N, w.rows) = X (N, w.cols) @ W^T.  N == 1 is the decode GEMV (memory-bound: stream the
 // packed weights once); N > 1 is prefill (compute-bound: tiled, int8 dot products where faster).

@@ -1,10 +1,9 @@
-// q8/q4 weights x int8 activations with AVX2 (vpmaddubsw + vpmaddwd), register-tiled over R rows x
-// T tokens. AVX2 has no int8 dot-product instruction: unsigned x signed byte pairs are multiplied
-// and added into int16 (vpmaddubsw), then pairs of int16 into int32 (vpmaddwd with ones).
-//   q4: nibbles are 0..15 (unsigned) and x is signed, exactly vpmaddubsw's operands; a pair sums
-//       to at most 2 * 15 * 127, so the int16 results of a whole group (<= 4 blocks of 32) add up
-//       without saturating before one vpmaddwd.
-//   q8: both signed; |w| times x with w's sign (vpsignb) keeps the operands in range.
+// Activation quantisation for the int8 kernels, and q8 weights x int8 activations with AVX2
+// (q4 weights: qgemm_panel_avx2.cpp), register-tiled over R rows x T tokens. AVX2 has no int8
+// dot-product instruction: unsigned x signed byte pairs are multiplied and added into int16
+// (vpmaddubsw), then pairs of int16 into int32 (vpmaddwd with ones); q8 weights are signed, so
+// |w| times x with w's sign (vpsignb) keeps the operands in range. Every output element is the
+// same float sequence (8 lanes per group, summed once at the end) for any number of tokens.
 //
 // Layout of one quantised activation row (private to this file):
 //   int8 q[cols]            natural column order
@@ -17,7 +16,6 @@
 #include <vector>
 
 #include "avx2.h"
-#include "half.h"
 #include "kernels.h"
 
 namespace seqshare {
@@ -78,179 +76,91 @@ struct Ctx {
   const WeightView* w;
   const std::uint8_t* xq;
   std::size_t x_stride;  // bytes per quantised token row
-  std::size_t w_stride;  // bytes per weight row
-  int ng, ngp;
+  int ng;
   float* Y;
   int ldy;
 };
 
-// The G weights of group `g` of one row as unsigned (q4) or signed (q8) bytes, 32 per vector, in
-// natural column order. q4 byte i of a group holds column i (low nibble) and i + G/2 (high).
-template <bool Q4, int G>
-inline void load_group(const std::uint8_t* row, int g, __m256i (&w)[G / 32]) {
-  if constexpr (!Q4) {
-    for (int b = 0; b < G / 32; ++b)
-      w[b] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + static_cast<std::size_t>(g) * G + 32 * b));
-    return;
-  } else {
-    const std::uint8_t* p = row + static_cast<std::size_t>(g) * (G / 2);
-    const __m256i m4 = _mm256_set1_epi8(0x0F);
-    if constexpr (G == 32) {  // 16 bytes: low nibbles are columns 0..15, high nibbles 16..31
-      const __m256i r = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-      w[0] = _mm256_and_si256(_mm256_srlv_epi32(r, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), m4);
-    } else {
-      for (int b = 0; b < G / 64; ++b) {
-        const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32 * b));
-        w[b] = _mm256_and_si256(r, m4);                                  // columns 32b .. 32b+31
-        w[b + G / 64] = _mm256_and_si256(_mm256_srli_epi16(r, 4), m4);  // columns G/2 + 32b ..
-      }
-    }
-  }
-}
-
-// int32 lanes of sum(w * x) over one group for one token.
-template <bool Q4, int G>
-inline __m256i group_dot(const __m256i (&w)[G / 32], const __m256i (&aw)[G / 32], const std::int8_t* x) {
+// int32 lanes of sum(w * x) over one group of G columns of one row and one token.
+template <int G>
+inline __m256i group_dot(const std::int8_t* w, const std::int8_t* x) {
   const __m256i ones = _mm256_set1_epi16(1);
-  if constexpr (Q4) {
-    __m256i p = _mm256_maddubs_epi16(w[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-    for (int b = 1; b < G / 32; ++b)
-      p = _mm256_add_epi16(p, _mm256_maddubs_epi16(w[b], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b))));
-    return _mm256_madd_epi16(p, ones);
-  } else {
-    __m256i acc = _mm256_setzero_si256();
-    for (int b = 0; b < G / 32; ++b) {
-      const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b)), w[b]);
-      acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(aw[b], xv), ones));
-    }
-    return acc;
+  __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 4
+  for (int b = 0; b < G / 32; ++b) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
+    const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b)), wv);
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), xv), ones));
   }
+  return acc;
 }
 
-// Y[n + j, r + i] for i < R, j < T. dwf/mwf: the R rows' scales and mins as float, (R, ngp).
-template <bool Q4, int G, int R, int T>
-void tile(const Ctx& c, int r, int n, const float* dwf, const float* mwf) {
+inline __m256 h16_scalar(std::uint16_t h) { return _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))); }
+
+// Y[n + j, r + i] for i < R, j < T.
+template <int G, int R, int T>
+void tile(const Ctx& c, int r, int n) {
   __m256 acc[R][T];
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
-  const std::uint8_t* wrow[R];
-  #pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-    wrow[i] = static_cast<const std::uint8_t*>(c.w->data) + static_cast<std::size_t>(r + i) * c.w_stride;
-  const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
   const std::size_t K = static_cast<std::size_t>(c.w->cols);
+  const auto* W = static_cast<const std::int8_t*>(c.w->data);
+  const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
   for (int g = 0; g < c.ng; ++g) {
-#pragma GCC unroll 4
+#pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
-      __m256i w[G / 32], aw[G / 32];
-      load_group<Q4, G>(wrow[i], g, w);
-      if constexpr (!Q4)
-        for (int b = 0; b < G / 32; ++b) aw[b] = _mm256_sign_epi8(w[b], w[b]);
-      const __m256 dw = _mm256_broadcast_ss(dwf + i * c.ngp + g);
-#pragma GCC unroll 4
+      const std::int8_t* wg = W + static_cast<std::size_t>(r + i) * K + static_cast<std::size_t>(g) * G;
+      const __m256 dw = h16_scalar(c.w->scales[static_cast<std::size_t>(r + i) * c.ng + g]);
+#pragma GCC unroll 16
       for (int j = 0; j < T; ++j) {
         const auto* x = reinterpret_cast<const std::int8_t*>(xrow + j * c.x_stride);
-        const __m256i s = group_dot<Q4, G>(w, aw, x + static_cast<std::size_t>(g) * G);
+        const __m256i s = group_dot<G>(wg, x + static_cast<std::size_t>(g) * G);
         const __m256 dx = _mm256_broadcast_ss(reinterpret_cast<const float*>(x + K) + g);
         acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[i][j]);
       }
     }
   }
-  if constexpr (Q4) {  // + sum_g min_g * s_g, eight groups per step
-    for (int g = 0; g < c.ngp; g += 8)
-      #pragma GCC unroll 16
-      for (int i = 0; i < R; ++i) {
-        const __m256 mw = _mm256_loadu_ps(mwf + i * c.ngp + g);
-        #pragma GCC unroll 16
-        for (int j = 0; j < T; ++j) {
-          const auto* sx = reinterpret_cast<const float*>(xrow + j * c.x_stride + K) + c.ngp;
-          acc[i][j] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(sx + g), acc[i][j]);
-        }
-      }
-  }
-  #pragma GCC unroll 16
+#pragma GCC unroll 16
   for (int i = 0; i < R; ++i)
-    #pragma GCC unroll 16
+#pragma GCC unroll 16
     for (int j = 0; j < T; ++j) c.Y[static_cast<std::size_t>(n + j) * c.ldy + r + i] = avx2::hsum(acc[i][j]);
 }
 
 constexpr int kR = 3, kT = 3, kTokBlock = 12;
-// From this many tokens on, q4 goes through repacked panels (qgemm_panel_avx2.cpp).
-constexpr int kPanelMinTokens = 4;
 
-template <bool Q4, int G, int R>
-void tile_tokens(const Ctx& c, int r, int n0, int n1, const float* dwf, const float* mwf) {
+template <int G, int R>
+void tile_tokens(const Ctx& c, int r, int n0, int n1) {
   int n = n0;
-  for (; n + kT <= n1; n += kT) tile<Q4, G, R, kT>(c, r, n, dwf, mwf);
+  for (; n + kT <= n1; n += kT) tile<G, R, kT>(c, r, n);
   switch (n1 - n) {
-    case 2: tile<Q4, G, R, 2>(c, r, n, dwf, mwf); break;
-    case 1: tile<Q4, G, R, 1>(c, r, n, dwf, mwf); break;
+    case 2: tile<G, R, 2>(c, r, n); break;
+    case 1: tile<G, R, 1>(c, r, n); break;
     default: break;
   }
 }
 
-// Eight float16 values as float (F16C); `n` < 8 reads only n and zero-fills the rest.
-inline __m256 load_h8(const std::uint16_t* p, int n) {
-  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  alignas(16) std::uint16_t tmp[8] = {};
-  std::memcpy(tmp, p, static_cast<std::size_t>(n) * 2);
-  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
-}
-
-// The R rows' float16 scales (and mins) as float, zero-padded to ngp.
-void row_scales(const Ctx& c, int r, int R, std::vector<float>& dwf, std::vector<float>& mwf, bool q4) {
-  dwf.resize(static_cast<std::size_t>(R) * c.ngp);
-  mwf.resize(static_cast<std::size_t>(R) * c.ngp);
-  for (int i = 0; i < R; ++i) {
-    const std::size_t base = static_cast<std::size_t>(r + i) * c.ng;
-    for (int g = 0; g < c.ngp; g += 8) {
-      _mm256_storeu_ps(&dwf[i * c.ngp + g], load_h8(c.w->scales + base + g, c.ng - g));
-      if (q4) _mm256_storeu_ps(&mwf[i * c.ngp + g], load_h8(c.w->mins + base + g, c.ng - g));
-    }
-  }
-}
-
-template <bool Q4, int G>
+template <int G>
 void qgemm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G),
-        Q4 ? static_cast<std::size_t>(w.cols) / 2 : static_cast<std::size_t>(w.cols),
-        w.cols / G, padded_groups(w.cols, G), Y, ldy};
-  thread_local std::vector<float> dwf, mwf;
+  const Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G), w.cols / G, Y, ldy};
   // Tokens outer in blocks that stay in L1; rows inner, each row tile's weights read once per block.
   for (int nb = 0; nb < N; nb += kTokBlock) {
     const int ne = N - nb < kTokBlock ? N : nb + kTokBlock;
     int r = r0;
-    for (; r + kR <= r1; r += kR) {
-      row_scales(c, r, kR, dwf, mwf, Q4);
-      tile_tokens<Q4, G, kR>(c, r, nb, ne, dwf.data(), mwf.data());
-    }
-    for (; r < r1; ++r) {
-      row_scales(c, r, 1, dwf, mwf, Q4);
-      tile_tokens<Q4, G, 1>(c, r, nb, ne, dwf.data(), mwf.data());
-    }
-  }
-}
-
-template <bool Q4>
-void qgemm_any(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return qgemm<Q4, 32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return qgemm<Q4, 64>(w, xq, N, Y, ldy, r0, r1);
-    default: return qgemm<Q4, 128>(w, xq, N, Y, ldy, r0, r1);  // check_weight allowed only these
+    for (; r + kR <= r1; r += kR) tile_tokens<G, kR>(c, r, nb, ne);
+    for (; r < r1; ++r) tile_tokens<G, 1>(c, r, nb, ne);
   }
 }
 
 }  // namespace
 
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  qgemm_any<false>(w, xq, N, Y, ldy, r0, r1);
-}
-
-void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  if (N >= kPanelMinTokens) return qgemm_q4_panel_avx2(w, xq, N, Y, ldy, r0, r1);
-  qgemm_any<true>(w, xq, N, Y, ldy, r0, r1);
+  switch (w.group) {
+    case 32: return qgemm<32>(w, xq, N, Y, ldy, r0, r1);
+    case 64: return qgemm<64>(w, xq, N, Y, ldy, r0, r1);
+    default: return qgemm<128>(w, xq, N, Y, ldy, r0, r1);  // check_weight allowed only these
+  }
 }
 
 }  // namespace seqshare

@@ -1,19 +1,18 @@
-// q4 weights x int8 activations for many tokens (prefill, batched decode) with AVX2.
+// q4 weights x int8 activations with AVX2, straight from the bundle's 8-row panels (ops.h).
 //
-// Row-major dot products (qgemm_avx2.cpp) spend 5 instructions per 32 multiply-adds of one
-// (row, token) pair. Here each call repacks an 8-row panel of W into L1 with one row per 32-bit
-// lane -- lane i holds 4 consecutive columns of row i as unsigned bytes -- so one vpmaddubsw
-// against 4 bytes of x broadcast to all lanes does 32 multiply-adds for 8 rows at once, and the
-// int16 results of a whole 32-column block add up without saturating (8 x 2 x 15 x 127 < 2^15)
-// before one vpmaddwd. Scales then apply per lane (= per row). The repack costs about as much as
-// three tokens of compute, so ops pick this path only for enough tokens.
+// One 32-byte load holds 4 columns of each of 8 rows in its low nibbles and 4 more in its high
+// nibbles, one row per 32-bit lane. vpmaddubsw against 4 bytes of x broadcast to all lanes does
+// 32 multiply-adds for 8 rows at once; the int16 results of a 32-column block add up without
+// saturating (8 x 2 x 15 x 127 < 2^15) before one vpmaddwd, and scales then apply per lane (= per
+// row). There are no horizontal sums, and every output element is the same sequence of float
+// operations -- one FMA per group, in group order -- whatever the number of tokens: a row's result
+// does not depend on the batch it was computed in.
 //
 // Activations use qgemm_avx2.cpp's layout: int8 q[cols], float d[ngp], float s[ngp].
 #include <immintrin.h>
 
 #include <cstdint>
 #include <cstring>
-#include <vector>
 
 #include "avx2.h"
 #include "kernels.h"
@@ -22,65 +21,22 @@ namespace seqshare {
 
 namespace {
 
-constexpr int kLanes = 8;  // rows per panel
-
-// Columns [32b, 32b + 32) of one q4 row as 32 unsigned bytes in column order. A group's G/2
-// bytes hold column i (low nibble) and i + G/2 (high nibble).
-inline __m256i unpack_block(const std::uint8_t* row, int G, int b) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  if (G == 32) {
-    const __m256i r = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + 16 * b)));
-    return _mm256_and_si256(_mm256_srlv_epi32(r, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4)), m4);
-  }
-  const int per = G / 32, g = b / per, q = b % per, half = G / 2;
-  const std::uint8_t* grp = row + static_cast<std::size_t>(g) * half;
-  const bool high = 32 * q >= half;
-  const __m256i r = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(grp + (high ? 32 * q - half : 32 * q)));
-  return _mm256_and_si256(high ? _mm256_srli_epi16(r, 4) : r, m4);
-}
-
-struct Panel {
-  const std::uint8_t* w;  // (K / 4, 8 lanes, 4 bytes)
-  const float* dw;        // (ng, 8) weight scales per lane
-  const float* mw;        // (ng, 8) weight mins per lane
-};
-
-// Rows [r, r + nrows) of W into the panel layout; missing rows are zero.
-void pack(const WeightView& w, int r, int nrows, std::uint8_t* pw, float* dw, float* mw) {
-  const int K = w.cols, G = w.group, ng = K / G;
-  const std::size_t stride = static_cast<std::size_t>(K) / 2;
-  const auto* base = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(r) * stride;
-  for (int b = 0; b < K / 32; ++b) {
-    __m256 v[kLanes];
-    for (int i = 0; i < kLanes; ++i)
-      v[i] = i < nrows ? _mm256_castsi256_ps(unpack_block(base + i * stride, G, b)) : _mm256_setzero_ps();
-    avx2::transpose8(v);  // 32-bit units: v[k] = 4 columns of each of the 8 rows
-    for (int k = 0; k < kLanes; ++k) _mm256_store_ps(reinterpret_cast<float*>(pw + (8 * b + k) * 32), v[k]);
-  }
-  alignas(16) std::uint16_t hs[kLanes], hm[kLanes];
-  for (int g = 0; g < ng; ++g) {
-    for (int i = 0; i < kLanes; ++i) {
-      const std::size_t at = static_cast<std::size_t>(r + i) * ng + g;
-      hs[i] = i < nrows ? w.scales[at] : 0;
-      hm[i] = i < nrows ? w.mins[at] : 0;
-    }
-    _mm256_store_ps(dw + 8 * g, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(hs))));
-    _mm256_store_ps(mw + 8 * g, _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(hm))));
-  }
-}
-
 inline __m256i bcast4(const std::int8_t* p) {
   std::int32_t v;
   std::memcpy(&v, p, 4);
   return _mm256_set1_epi32(v);
 }
 
-// Y[n + t, r + lane] for T tokens over the whole panel.
+inline __m256 load_h8(const std::uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
 template <int G, int T>
-void panel_tile(const Panel& P, const std::uint8_t* xq, std::size_t x_stride, int K, int ngp, float* Y, int ldy,
-                int nrows) {
-  const int ng = K / G;
-  const __m256i ones = _mm256_set1_epi16(1);
+void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
+                int ldy, int nrows) {
+  const int K = w.cols, ng = K / G, nb = K / 32;
+  const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);
   const std::int8_t* x[T];
   const float* dx[T];
 #pragma GCC unroll 16
@@ -91,27 +47,33 @@ void panel_tile(const Panel& P, const std::uint8_t* xq, std::size_t x_stride, in
   __m256 acc[T];
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  const std::uint8_t* pw = P.w;
+  const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * 128;
+  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
+  const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * ng * 8;
   for (int g = 0; g < ng; ++g) {
     __m256i a32[T];
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) a32[t] = _mm256_setzero_si256();
 #pragma GCC unroll 4
-    for (int q = 0; q < G / 32; ++q) {
+    for (int q = 0; q < G / 32; ++q, pw += 128) {
       const int col = g * G + 32 * q;
       __m256i a16[T];
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) a16[t] = _mm256_setzero_si256();
-#pragma GCC unroll 8
-      for (int s = 0; s < 8; ++s, pw += 32) {
-        const __m256i wv = _mm256_load_si256(reinterpret_cast<const __m256i*>(pw));
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(pw + 32 * j));
+        const __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
 #pragma GCC unroll 16
-        for (int t = 0; t < T; ++t) a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(wv, bcast4(x[t] + col + 4 * s)));
+        for (int t = 0; t < T; ++t) {
+          a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(lo, bcast4(x[t] + col + 4 * j)));
+          a16[t] = _mm256_add_epi16(a16[t], _mm256_maddubs_epi16(hi, bcast4(x[t] + col + 16 + 4 * j)));
+        }
       }
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) a32[t] = _mm256_add_epi32(a32[t], _mm256_madd_epi16(a16[t], ones));
     }
-    const __m256 dw = _mm256_load_ps(P.dw + 8 * g), mw = _mm256_load_ps(P.mw + 8 * g);
+    const __m256 dw = load_h8(sc + 8 * g), mw = load_h8(mn + 8 * g);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const __m256 scale = _mm256_mul_ps(dw, _mm256_broadcast_ss(dx[t] + g));
@@ -126,29 +88,29 @@ void panel_tile(const Panel& P, const std::uint8_t* xq, std::size_t x_stride, in
 
 template <int G>
 void run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  constexpr int T = G == 32 ? 6 : 4;
-  const int K = w.cols, ng = K / G, ngp = (ng + 7) & ~7;
+  constexpr int T = G == 32 ? 6 : 4;  // accumulators that fit the 16 registers
+  const int K = w.cols, ngp = (K / G + 7) & ~7;
   const std::size_t x_stride = qacts_row_bytes_avx2(K, G);
-  thread_local std::vector<float> buf;
-  buf.resize(static_cast<std::size_t>(K) * 2 + 16 * static_cast<std::size_t>(ng) + 8);  // K*8 bytes + scales
-  auto* base = reinterpret_cast<std::uint8_t*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
-  Panel P{base, reinterpret_cast<float*>(base + static_cast<std::size_t>(K) * 8), nullptr};
-  P.mw = P.dw + 8 * ng;
   const auto* x = static_cast<const std::uint8_t*>(xq);
-  for (int r = r0; r < r1; r += kLanes) {
-    const int nrows = r1 - r < kLanes ? r1 - r : kLanes;
-    pack(w, r, nrows, base, const_cast<float*>(P.dw), const_cast<float*>(P.mw));
+  for (int r = r0; r < r1; r += 8) {  // r0 is a multiple of 8: ops split rows in whole panels
+    const int nrows = r1 - r < 8 ? r1 - r : 8;
+    float* y = Y + r;
     int n = 0;
-    for (; n + T <= N; n += T)
-      panel_tile<G, T>(P, x + n * x_stride, x_stride, K, ngp, Y + static_cast<std::size_t>(n) * ldy + r, ldy, nrows);
-    for (; n < N; ++n)
-      panel_tile<G, 1>(P, x + n * x_stride, x_stride, K, ngp, Y + static_cast<std::size_t>(n) * ldy + r, ldy, nrows);
+    for (; n + T <= N; n += T) panel_tile<G, T>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
+    switch (N - n) {
+      case 5: if constexpr (T > 5) panel_tile<G, 5>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows); break;
+      case 4: if constexpr (T > 4) panel_tile<G, 4>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows); break;
+      case 3: panel_tile<G, 3>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows); break;
+      case 2: panel_tile<G, 2>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows); break;
+      case 1: panel_tile<G, 1>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows); break;
+      default: break;
+    }
   }
 }
 
 }  // namespace
 
-void qgemm_q4_panel_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   switch (w.group) {
     case 32: return run<32>(w, xq, N, Y, ldy, r0, r1);
     case 64: return run<64>(w, xq, N, Y, ldy, r0, r1);

@@ -10,7 +10,7 @@ import pytest
 from seqshare.worker.convert import Checkpoint, load_checkpoint
 from seqshare.worker.errors import UnsupportedQuantError
 from seqshare.worker.import_gguf import canonical_name, qk_unpermute_order
-from seqshare.worker.quant import dequantize
+from seqshare.worker.quant import dequantize, q4_values
 
 _HF = {
     "attn_norm": "input_layernorm",
@@ -66,9 +66,14 @@ def test_keep_repacks_blocks_without_touching_them(keep: Checkpoint, reader: ggu
     blocks = np.asarray(t.data).reshape(-1, 20)  # Q4_1 block: f16 d, f16 m, 16 bytes of nibbles
     q = keep.tensors["layers.0.w_down"]
     assert q.fmt == "q4" and q.group_size == 32
-    assert np.array_equal(q.planes["qs"].reshape(-1, 16), blocks[:, 4:])
-    assert np.array_equal(q.planes["scales"].reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 0:2])
-    assert np.array_equal(q.planes["mins"].reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 2:4])
+    # Every nibble and every float16 bit pattern moves into the 8-row panels unchanged. A block's
+    # byte i holds column i (low nibble) and column i + 16 (high nibble).
+    nib = blocks[:, 4:]
+    want = np.concatenate([nib & 0x0F, nib >> 4], axis=1).reshape(q.shape)
+    values, scales, mins = q4_values(q)
+    assert np.array_equal(values, want)
+    assert np.array_equal(scales.reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 0:2])
+    assert np.array_equal(mins.reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 2:4])
 
 
 def test_spec_and_tokens_of_default_model(keep: Checkpoint) -> None:

@@ -38,6 +38,7 @@ def planes(t: QTensor) -> dict[str, object]:
     kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
     if t.fmt == "q4":
         kw["mins"] = p["mins"]
+        kw["rows"] = t.shape[0]
     return kw
 
 
@@ -102,6 +103,18 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
     finally:
         _native.set_threads(before)
     np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
+def test_linear_rows_do_not_depend_on_the_batch(fmt: str) -> None:
+    """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
+    so a question decoded in a batch answers exactly as when decoded alone."""
+    t = weight(fmt, 45, 576, 32, 11)
+    x = np.random.default_rng(3).standard_normal((37, 576), dtype=np.float32)
+    for isa in runnable():
+        whole = _native.linear(x, isa=isa, **planes(t))
+        for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
+            np.testing.assert_array_equal(_native.linear(x[n0:n1], isa=isa, **planes(t)), whole[n0:n1], err_msg=isa)
 
 
 def test_bad_weights_are_value_errors() -> None:

@@ -33,7 +33,7 @@ from .errors import BadMagicError, TruncatedBundleError, UnsupportedVersionError
 from .quant import QTensor
 
 MAGIC = b"SEQSHRB\0"
-VERSION = 1
+VERSION = 2  # 2: q4 weights in 8-row panels (worker/quant.py)
 PREAMBLE = struct.Struct("<8sIIQQQ24x")  # 64 bytes
 DATA_ALIGN = 4096
 PLANE_ALIGN = 64
@@ -80,10 +80,11 @@ def plane_layout(fmt: str, shape: tuple[int, ...], group: int) -> list[tuple[str
     if fmt == "q8":
         return [("qs", "i1", shape), ("scales", "<f2", (rows, cols // group))]
     if fmt == "q4":
+        panels = -(-rows // 8)
         return [
-            ("qs", "u1", (rows, cols // 2)),
-            ("scales", "<f2", (rows, cols // group)),
-            ("mins", "<f2", (rows, cols // group)),
+            ("qs", "u1", (panels, cols // 32, 128)),
+            ("scales", "<f2", (panels, cols // group, 8)),
+            ("mins", "<f2", (panels, cols // group, 8)),
         ]
     raise ValueError(f"unknown format {fmt}")
 

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from .errors import UnsupportedQuantError
-from .quant import GROUP_SIZES, QTensor, quantize
+from .quant import GROUP_SIZES, PANEL, QTensor, q4_tensor, q4_values, quantize
 from .spec import ModelSpec
 
 QUANTS: tuple[str, ...] = ("f32", "f16", "bf16", "int8", "int4", "keep")
@@ -118,7 +118,7 @@ def plan_tensor(name: str, shape: tuple[int, ...], fmt: str, group_size: int) ->
     return TensorPlan(name, fmt, shape, 0)
 
 
-ROW_BLOCK = 1024  # rows converted at a time: bounds the float temporaries of a large tensor
+ROW_BLOCK = 1024  # rows converted at a time (whole q4 panels): bounds the float temporaries
 
 
 def from_float(w: np.ndarray, p: TensorPlan) -> QTensor:
@@ -133,19 +133,26 @@ def from_rows(read: Callable[[int, int], np.ndarray], p: TensorPlan) -> QTensor:
         data = np.ascontiguousarray(read(0, p.shape[0]), dtype=np.float32).reshape(p.shape)
         return QTensor("f32", p.shape, 0, {"data": data})
     rows = p.shape[0]
+
+    def lead(n: int) -> int:  # planes are indexed by row, q4 planes by 8-row panel
+        return -(-n // PANEL) if p.fmt == "q4" else n
+
     planes: dict[str, np.ndarray] = {}
     for r0 in range(0, rows, ROW_BLOCK):
         r1 = min(rows, r0 + ROW_BLOCK)
         part = quantize(np.asarray(read(r0, r1)).reshape(r1 - r0, p.shape[1]), p.fmt, p.group_size or 32)
         for k, v in part.planes.items():
             if k not in planes:
-                planes[k] = np.empty((rows, *v.shape[1:]), dtype=v.dtype)
-            planes[k][r0:r1] = v
+                planes[k] = np.empty((lead(rows), *v.shape[1:]), dtype=v.dtype)
+            planes[k][lead(r0) : lead(r0) + v.shape[0]] = v
     return QTensor(p.fmt, p.shape, p.group_size, planes)
 
 
 def permute_rows(t: QTensor, order: np.ndarray) -> QTensor:
-    """Reorder the rows of every plane (rows are whole in every layout, so this is lossless)."""
+    """Reorder the rows of a weight; lossless (q4 values, scales and mins move, nothing is requantized)."""
+    if t.fmt == "q4":
+        q, scales, mins = q4_values(t)
+        return q4_tensor(q[order], scales[order], mins[order], t.group_size)
     return QTensor(
         t.fmt, t.shape, t.group_size, {k: np.ascontiguousarray(v[order]) for k, v in t.planes.items()}
     )

@@ -2,23 +2,27 @@
 (quantize, dequantize, lossless import of GGUF blocks). This module is the contract between the
 bundle compiler (which writes these arrays) and the kernels (which read them in place).
 
-Every 2-D weight is [rows=out_features, cols=in_features], row-major, stored as named planes:
+Every 2-D weight is logically [rows=out_features, cols=in_features] and stored as named planes:
 
   f32   data   float32 [rows, cols]
   f16   data   uint16  [rows, cols]        IEEE binary16 bits
   bf16  data   uint16  [rows, cols]        bfloat16 bits (upper half of the float32)
   q8    qs     int8    [rows, cols]        value = scales[r, c // G] * qs[r, c]   (symmetric)
         scales float16 [rows, cols // G]
-  q4    qs     uint8   [rows, cols // 2]   value = scales[r, g] * q + mins[r, g],  q in 0..15
-        scales float16 [rows, cols // G]
-        mins   float16 [rows, cols // G]
+  q4    qs     uint8   [P, cols // 32, 128]  value = scale * q + min, q in 0..15, in 8-row panels
+        scales float16 [P, cols // G, 8]
+        mins   float16 [P, cols // G, 8]
 
-q4 nibble order, per group of G columns (the group's G/2 bytes): byte i holds column i of the group
-in its low nibble and column i + G/2 in its high nibble. That is GGUF's Q4_0/Q4_1 order at G=32,
-so those blocks repack without touching a value; SIMD unpacks a group's low then high half.
+q4 is stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the layout
+the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
+32 * j + 4 * i + c (j < 4, row i < 8, c < 4) holds column 32b + 4j + c of row 8p + i in its low
+nibble and column 32b + 16 + 4j + c in its high nibble; scales and mins of the panel's 8 rows sit
+side by side per group. One kernel reads one layout for any number of tokens, so a row's result
+never depends on how many tokens were multiplied with it (batch invariance).
 
 GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4 (scale=d, min=-8d, an
-exact power-of-two multiple in float16); Q8_0 (d) -> q8 (scale=d). All at G = 32.
+exact power-of-two multiple in float16); Q8_0 (d) -> q8 (scale=d). All at G = 32. The nibbles and
+float16 bits are moved, never recomputed.
 """
 
 from __future__ import annotations
@@ -98,24 +102,65 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
         s = scales.astype(np.float32)[..., None]
         q = np.where(s > 0, np.rint((g - mins.astype(np.float32)[..., None]) / np.where(s > 0, s, 1)), 0)
         q = np.clip(q, 0, 15).astype(np.uint8)
-        return QTensor("q4", (rows, cols), group, {"qs": pack_q4(q, group), "scales": scales, "mins": mins})
+        return q4_tensor(q.reshape(rows, cols), scales, mins, group)
     raise UnsupportedQuantError(f"unknown weight format {fmt!r} (choose one of {FORMATS})")
 
 
-def pack_q4(q: np.ndarray, group: int) -> np.ndarray:
-    """[rows, ngroups, G] values 0..15 -> [rows, cols/2] bytes in the documented nibble order."""
-    rows, ng, _ = q.shape
-    half = group // 2
-    packed = q[..., :half] | (q[..., half:] << 4)
-    return np.ascontiguousarray(packed.reshape(rows, ng * half), dtype=np.uint8)
+PANEL = 8  # rows per q4 panel
 
 
-def unpack_q4(qs: np.ndarray, group: int) -> np.ndarray:
-    """[rows, cols/2] bytes -> [rows, ngroups, G] values 0..15."""
+def q4_tensor(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
+    """A q4 QTensor from values q [rows, cols] in 0..15 and float16 scales/mins [rows, cols // G]."""
+    rows, cols = q.shape
+    return QTensor("q4", (rows, cols), group, {
+        "qs": pack_q4_panels(q), "scales": _panel_groups(scales), "mins": _panel_groups(mins)})
+
+
+def q4_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [rows, cols] uint8 0..15, scales, mins [rows, cols // G] float16) of a q4 QTensor."""
+    rows, cols = t.shape
+    return (unpack_q4_panels(t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
+            _unpanel_groups(t.planes["mins"], rows))
+
+
+def pack_q4_panels(q: np.ndarray) -> np.ndarray:
+    """Values [rows, cols] in 0..15 -> panel bytes [P, cols // 32, 128] (see the module doc)."""
+    rows, cols = q.shape
+    P = -(-rows // PANEL)
+    v = np.zeros((P * PANEL, cols), np.uint8)
+    v[:rows] = q
+    # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, half, j, i, c)
+    v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
+    return np.ascontiguousarray((v[:, :, 0] | (v[:, :, 1] << 4)).reshape(P, cols // 32, 128))
+
+
+def unpack_q4_panels(qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Panel bytes [P, cols // 32, 128] -> values [rows, cols] in 0..15."""
+    P = qs.shape[0]
+    b = np.asarray(qs).reshape(P, cols // 32, 1, 4, PANEL, 4)
+    v = np.concatenate([b & 0x0F, b >> 4], axis=2)  # (p, b, half, j, i, c)
+    return np.ascontiguousarray(v.transpose(0, 4, 1, 2, 3, 5).reshape(P * PANEL, cols)[:rows])
+
+
+def _panel_groups(a: np.ndarray) -> np.ndarray:
+    """[rows, ng] -> [P, ng, 8] (zero rows past the end)."""
+    rows, ng = a.shape
+    P = -(-rows // PANEL)
+    out = np.zeros((P * PANEL, ng), a.dtype)
+    out[:rows] = a
+    return np.ascontiguousarray(out.reshape(P, PANEL, ng).transpose(0, 2, 1))
+
+
+def _unpanel_groups(a: np.ndarray, rows: int) -> np.ndarray:
+    P, ng, _ = a.shape
+    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 1).reshape(P * PANEL, ng)[:rows])
+
+
+def gguf_q4_values(qs: np.ndarray) -> np.ndarray:
+    """GGUF Q4 block bytes [rows, nblocks, 16] -> values [rows, nblocks * 32]: byte i of a block holds
+    column i in its low nibble and column i + 16 in its high nibble."""
     rows = qs.shape[0]
-    half = group // 2
-    b = qs.reshape(rows, -1, half)
-    return np.concatenate([b & 0x0F, b >> 4], axis=2)
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, -1)
 
 
 def dequantize(t: QTensor) -> np.ndarray:
@@ -129,12 +174,14 @@ def dequantize(t: QTensor) -> np.ndarray:
     if t.fmt == "bf16":
         return bf16_bits_to_f32(p["data"]).reshape(rows, cols)
     G = t.group_size
-    sc = p["scales"].astype(np.float32).reshape(rows, cols // G, 1)
     if t.fmt == "q8":
+        sc = p["scales"].astype(np.float32).reshape(rows, cols // G, 1)
         return (p["qs"].astype(np.float32).reshape(rows, cols // G, G) * sc).reshape(rows, cols)
     if t.fmt == "q4":
-        mi = p["mins"].astype(np.float32).reshape(rows, cols // G, 1)
-        return (unpack_q4(p["qs"], G).astype(np.float32) * sc + mi).reshape(rows, cols)
+        q, scales, mins = q4_values(t)
+        sc4 = scales.astype(np.float32)[..., None]
+        mi = mins.astype(np.float32)[..., None]
+        return (q.reshape(rows, cols // G, G).astype(np.float32) * sc4 + mi).reshape(rows, cols)
     raise UnsupportedQuantError(f"unknown weight format {t.fmt!r}")
 
 
@@ -153,20 +200,15 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
     shape2 = (rows, cols // GGUF_BLOCK)
     if kind == "Q4_1":
         b = raw.view(_Q4_1)[:nb]
-        return QTensor("q4", (rows, cols), 32, {
-            "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols // 2),
-            "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
-            "mins": np.ascontiguousarray(b["m"]).reshape(shape2),
-        })
+        q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
+        return q4_tensor(q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
     if kind == "Q4_0":
         b = raw.view(_Q4_0)[:nb]
         d = np.ascontiguousarray(b["d"]).reshape(shape2)
         mins = (d.astype(np.float32) * -8.0).astype(np.float16)
         if not np.all(np.isfinite(mins)):
             raise UnsupportedQuantError("a Q4_0 scale is too large to represent its minimum in float16")
-        return QTensor("q4", (rows, cols), 32, {
-            "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols // 2), "scales": d, "mins": mins,
-        })
+        return q4_tensor(gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)), d, mins, 32)
     if kind == "Q8_0":
         b = raw.view(_Q8_0)[:nb]
         return QTensor("q8", (rows, cols), 32, {
