@@ -4,6 +4,7 @@ Run by seqshare-memory-setup.service before the workers start, or by hand. Exit 
   0   the plan fits (and the device partition, if a device tool is configured, is as planned)
   78  EX_CONFIG: the plan does not fit (the shortfall is named) or the configuration is invalid
   75  EX_TEMPFAIL: the device partition was rewritten; reboot the device, then start the workers
+  73  EX_CANTCREAT: the plan could not be written where the workers read it
   1   the device tool failed
 """
 
@@ -11,48 +12,60 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
-from ..worker.errors import ConfigError, DeviceToolError, MemoryBudgetError
+from ..worker.errors import ConfigError, DeviceToolError
 from .config import load_settings
 from .device_hook import apply_partition, wanted_partition
-from .memory_plan import EX_CONFIG, Budget, bundle_facts, compute_plan, plan_path, write_plan
+from .memory_plan import EX_CONFIG, plan_for, plan_path, write_plan
 
 EX_TEMPFAIL = 75
+EX_CANTCREAT = 73
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"seqshare memory-setup: {message}", err=True)
+    raise SystemExit(code)
 
 
 @click.command("memory-setup")
 @click.option("--config", "config_file", type=click.Path(path_type=Path), default=None,
               help="Worker config (TOML); environment SEQSHARE_* applies on top.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON instead of a table.")
-@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Worker processes that will run this config (each holds its own copy).")
-@click.option("--vpu-mb", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Device tool: MiB kept for the video unit.")
-@click.option("--vpp-mb", type=click.IntRange(min=0), default=0, show_default=True,
-              help="Device tool: MiB kept for the image unit.")
-def memory_setup(config_file: Path | None, as_json: bool, workers: int, vpu_mb: int, vpp_mb: int) -> None:
-    """Compute the memory plan, compare it with MemAvailable and the cgroup limit, write it for the
-    worker, and (with memory.device_tool set) size the device's memory partition from it."""
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Worker processes that will run this config, each with its own copy "
+                   "[default: memory.workers].")
+@click.option("--vpu-mb", type=click.IntRange(min=0), default=None,
+              help="Device tool: MiB kept for the video unit [default: memory.device_vpu_mb].")
+@click.option("--vpp-mb", type=click.IntRange(min=0), default=None,
+              help="Device tool: MiB kept for the image unit [default: memory.device_vpp_mb].")
+def memory_setup(config_file: Path | None, as_json: bool, workers: int | None, vpu_mb: int | None,
+                 vpp_mb: int | None) -> None:
+    """Compute the memory plan, compare it with MemAvailable and the cgroup limit, write it where the
+    workers read it, and (with memory.device_tool set) size the device's memory partition from it."""
     try:
         settings = load_settings(config_file)
-        facts = [bundle_facts(m) for m in settings.models]
+        plan = plan_for(settings, workers=workers)
     except ConfigError as e:
-        click.echo(f"seqshare memory-setup: {e}", err=True)
-        raise SystemExit(EX_CONFIG) from e
-    plan = compute_plan(settings, facts, Budget.measure(), workers)
+        _fail(str(e), EX_CONFIG)
     where = plan_path(settings)
-    write_plan(plan, where)
+    try:
+        write_plan(plan, where)
+    except OSError as e:
+        _fail(f"cannot write the plan to {where}: {e}", EX_CANTCREAT)
     report = plan.to_json()
     code = 0 if plan.fits else EX_CONFIG
     device_msg = None
-    if plan.fits and settings.memory.device_tool is not None:
+    mem = settings.memory
+    if plan.fits and mem.device_tool is not None:
+        wanted = wanted_partition(plan, mem.device_vpu_mb if vpu_mb is None else vpu_mb,
+                                  mem.device_vpp_mb if vpp_mb is None else vpp_mb)
         try:
-            result = apply_partition(settings.memory.device_tool, wanted_partition(plan, vpu_mb, vpp_mb))
+            result = apply_partition(mem.device_tool, wanted)
         except DeviceToolError as e:
-            click.echo(f"seqshare memory-setup: {e}", err=True)
-            raise SystemExit(1) from e
+            _fail(str(e), 1)
         device_msg = result.message()
         report["device"] = {"current": vars(result.current), "wanted": vars(result.wanted),
                             "command": result.command, "reboot_needed": result.reboot_needed}
@@ -66,6 +79,7 @@ def memory_setup(config_file: Path | None, as_json: bool, workers: int, vpu_mb: 
             click.echo(device_msg)
         click.echo(f"plan written to {where}")
     if not plan.fits:
-        click.echo(f"seqshare memory-setup: {MemoryBudgetError.__name__}: memory plan {plan.verdict()}",
-                   err=True)
+        _fail(f"memory plan {plan.verdict()}", EX_CONFIG)
+    if code == EX_TEMPFAIL:
+        _fail(f"{device_msg}", EX_TEMPFAIL)
     raise SystemExit(code)

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -63,8 +63,13 @@ class MemoryConfig(_Section):
     lock_memory: bool = False
     plan_path: Path | None = None  # default: $STATE_DIRECTORY or $SEQSHARE_HOME, file memory-plan.json
     scratch_bytes: int = Field(256 << 20, ge=0)
-    # The seed's memory_edit.sh (a device's partition tool); None on a CPU-only box.
+    # Worker instances this box runs with this config: `seqshare memory-setup` plans for all of them.
+    workers: int = Field(1, ge=1)
+    # The seed's memory_edit.sh (a device's partition tool); None on a CPU-only box. The NPU gets the
+    # plan's size; the video (vpu) and image (vpp) units keep these MiB.
     device_tool: Path | None = None
+    device_vpu_mb: int = Field(0, ge=0)
+    device_vpp_mb: int = Field(0, ge=0)
 
 
 class Settings(BaseSettings):
@@ -86,6 +91,8 @@ class Settings(BaseSettings):
     memory: MemoryConfig = Field(default_factory=MemoryConfig)
     status_interval_s: float = Field(2.0, gt=0)
     metrics_file: Path | None = None
+    # Where this object came from (config file, explicit overrides), so SIGHUP can read it again.
+    _sources: tuple[Path | None, dict[str, Any]] = PrivateAttr(default=(None, {}))
 
     @field_validator("models")
     @classmethod
@@ -123,7 +130,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     overrides = {k: v for k, v in overrides.items() if v is not None}
     _TOML_FILE["path"] = config_file
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        settings._sources = (config_file, overrides)
+        return settings
     except ValidationError as e:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in e.errors()
@@ -134,3 +143,9 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         raise ConfigError(f"cannot read configuration {config_file}: {e}") from e
     finally:
         _TOML_FILE["path"] = None
+
+
+def reread_settings(settings: Settings) -> Settings:
+    """The configuration read again from the sources `settings` came from (for a reload)."""
+    config_file, overrides = settings._sources
+    return load_settings(config_file, **overrides)

@@ -6,8 +6,9 @@ exactly like a stuck kernel: the worker's threads keep running but its main loop
 so the systemd watchdog must fire. Without `SEQSHARE_DEBUG=1` the hang variable is ignored with a
 warning, so a stray environment variable cannot stall a production worker.
 
-Worker usage: `hang = DebugHang.from_env()` at start; `hang.maybe_hang()` at the start of the job's
-engine call (inside `Heartbeat.busy()`).
+Wiring: `Heartbeat.from_env` (daemon/notify.py) reads it at worker start and calls `maybe_hang()` when
+the worker marks its first job in flight (`Heartbeat.busy()`), right before the engine call, so the
+hang happens exactly where a stuck kernel would: with a job in flight and the GIL released.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class DebugHang:
         if not self.armed:
             return
         self.armed = False
-        from .. import _native
+        from seqshare import _native  # absolute: the package is installed as seqshare
 
         log.warning("debug hang: blocking in native code for %d ms", self.ms)
         _native.debug_sleep_ms(self.ms)

@@ -1,14 +1,24 @@
 """The device hook: size an accelerator's memory partition from the memory plan.
 
-Boards like the seed's (Sophgo BM1684X) split their memory between the NPU and the video/image
-units with an external tool, `memory_edit.sh`: `-p` prints the current partition, and
-`-c -npu MB -vpu MB -vpp MB` writes a new one that takes effect after a reboot. seqshare computes the
-NPU size from the plan (everything the device holds: weights, KV arena, prefix cache, scratch), keeps
-the operator's video/image sizes, runs `-c` only when the current partition differs, and reports
-that a reboot is needed instead of rebooting a box that may be serving.
+Boards like the seed's (Sophgo BM1684X) split their memory between the NPU and the video (vpu) and
+image (vpp) units with an external tool, `memory_edit.sh`. `-p` prints the partition:
 
-The tool's `-p` output is read leniently: for each of npu, vpu and vpp the first integer after the
-name (MiB). Anything else is a DeviceToolError showing the output, rather than a guess.
+    Info: get max memory size ...
+    Info: max npu size: 0xfaf00000 [4015 MiB]
+    ...
+    Info: get now memory size ...
+    Info: now npu size: 0x7d000000 [2000 MiB]
+    Info: now vpu size: 0x7e800000 [2024 MiB]
+    Info: now vpp size: 0x80000000 [2048 MiB]
+
+and `-c -npu MB -vpu MB -vpp MB` writes a new boot image with that partition (its `check ... size`
+lines echo what it wrote), which takes effect once the image is installed and the board rebooted.
+BM1688 boards have no vpu: no `now vpu` line, and `-vpu 0`.
+
+seqshare gives the NPU everything the plan puts on the device (weights, KV arena, prefix cache,
+scratch), keeps the operator's vpu/vpp sizes, runs `-c` only when the current partition differs, and
+reports that a reboot is needed instead of rebooting a box that may be serving. Output it cannot
+read, or an `Error` line (the tool does not always exit non-zero), is a DeviceToolError showing it.
 """
 
 from __future__ import annotations
@@ -25,7 +35,9 @@ from .memory_plan import MIB, MemoryPlan
 log = logging.getLogger(__name__)
 
 TOOL_TIMEOUT_S = 120.0
-_FIELD = re.compile(r"\b(npu|vpu|vpp)\b[^0-9\n]*?(\d+)", re.IGNORECASE)
+# "now npu size: 0x7d000000 [2000 MiB]" (what -p reports) and "check npu size: ..." (what -c wrote)
+_SIZE = re.compile(r"\b(now|check)\s+(npu|vpu|vpp)\s+size:\s*(0x[0-9a-fA-F]+)(?:\s*\[(\d+)\s*MiB\])?")
+_ERROR = re.compile(r"^\s*error\b", re.IGNORECASE | re.MULTILINE)
 
 
 @dataclass(frozen=True)
@@ -35,7 +47,7 @@ class Partition:
     vpp_mb: int
 
     def set_args(self) -> list[str]:
-        """The tool's own flag format for writing this partition."""
+        """The tool's own flag format for writing this partition (sizes in MiB)."""
         return ["-c", "-npu", str(self.npu_mb), "-vpu", str(self.vpu_mb), "-vpp", str(self.vpp_mb)]
 
     def __str__(self) -> str:
@@ -55,24 +67,39 @@ class DeviceResult:
     def message(self) -> str:
         if not self.reboot_needed:
             return f"device partition already as planned ({self.current})"
-        return (f"device partition changed from ({self.current}) to ({self.wanted}); "
-                f"REBOOT the device for it to take effect (seqshare does not reboot by itself)")
+        return (f"device partition rewritten from ({self.current}) to ({self.wanted}) by "
+                f"`{' '.join(self.command or [])}`; it takes effect after a REBOOT of the device (with "
+                f"Sophgo's memory_edit.sh, first copy the boot image it wrote to /boot). seqshare does not "
+                f"reboot by itself; start the workers after the reboot")
 
 
 def wanted_partition(plan: MemoryPlan, vpu_mb: int = 0, vpp_mb: int = 0) -> Partition:
     return Partition(-(-plan.device_bytes // MIB), vpu_mb, vpp_mb)
 
 
-def parse_partition(text: str) -> Partition:
+def _sizes(text: str, kind: str) -> dict[str, int]:
+    """MiB per unit from the tool's `<kind> <unit> size:` lines (the bracketed MiB, else the hex bytes)."""
     found: dict[str, int] = {}
-    for name, value in _FIELD.findall(text):
-        found.setdefault(name.lower(), int(value))
-    missing = [n for n in ("npu", "vpu", "vpp") if n not in found]
-    if missing:
-        shown = text.strip()[:500] or "(nothing)"
-        raise DeviceToolError(f"cannot read the current partition: no {', '.join(missing)} size in "
-                              f"the tool's -p output:\n{shown}")
-    return Partition(found["npu"], found["vpu"], found["vpp"])
+    for k, unit, hexbytes, mib in _SIZE.findall(text):
+        if k == kind and unit not in found:
+            found[unit] = int(mib) if mib else int(hexbytes, 16) // MIB
+    return found
+
+
+def _check_errors(text: str, what: str) -> None:
+    if _ERROR.search(text):
+        raise DeviceToolError(f"{what} reported an error:\n{text.strip()[-1500:]}")
+
+
+def parse_partition(text: str) -> Partition:
+    """The current partition from `-p` output. A unit without a line (vpu on BM1688) has 0 MiB."""
+    _check_errors(text, "the device tool's -p")
+    now = _sizes(text, "now")
+    if "npu" not in now:
+        shown = text.strip()[-1500:] or "(nothing)"
+        raise DeviceToolError(f"cannot read the current partition: no 'now npu size' line in the tool's "
+                              f"-p output:\n{shown}")
+    return Partition(now["npu"], now.get("vpu", 0), now.get("vpp", 0))
 
 
 def _run(tool: Path, args: list[str]) -> str:
@@ -87,8 +114,8 @@ def _run(tool: Path, args: list[str]) -> str:
         raise DeviceToolError(f"{tool} {' '.join(args)} did not finish in {TOOL_TIMEOUT_S:.0f} s") from e
     if done.returncode != 0:
         raise DeviceToolError(f"{tool} {' '.join(args)} exited with {done.returncode}: "
-                              f"{(done.stderr or done.stdout).strip()[:500]}")
-    return done.stdout
+                              f"{(done.stderr or done.stdout).strip()[-1500:]}")
+    return done.stdout + done.stderr
 
 
 def read_partition(tool: Path) -> Partition:
@@ -102,5 +129,10 @@ def apply_partition(tool: Path, wanted: Partition) -> DeviceResult:
         return DeviceResult(current, wanted, None)
     args = wanted.set_args()
     log.warning("repartitioning device memory: %s %s", tool, " ".join(args))
-    _run(tool, args)
+    out = _run(tool, args)
+    _check_errors(out, f"{tool} {' '.join(args)}")
+    written = _sizes(out, "check")
+    wrong = {u: v for u, v in written.items() if v != getattr(wanted, f"{u}_mb")}
+    if wrong:
+        raise DeviceToolError(f"{tool} wrote {wrong} MiB, not the requested ({wanted}):\n{out.strip()[-1500:]}")
     return DeviceResult(current, wanted, [str(tool), *args])

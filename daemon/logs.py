@@ -1,8 +1,10 @@
 """Logging for the service: structured journald records under systemd, plain lines on stderr otherwise.
 
 Under journald every record carries `WORKER` and, while a job runs, `JOB_ID` and `CONTEXT_HASH`
-as journal fields, so an operator can ask `journalctl -u seqshare-worker@a JOB_ID=...`. On a terminal
-the same values appear in brackets in the line.
+as journal fields, so an operator can ask `journalctl -u seqshare-worker@a JOB_ID=...`. CONTEXT_HASH
+is the job's context key (the hash of model, context and cache salt that routes every job on one
+document to the worker caching it), so `journalctl CONTEXT_HASH=...` shows all the work on a document.
+On a terminal the same values appear in brackets in the line.
 
 Worker usage: `setup_logging(worker=name)` once at start; `with job_context(job.id, ctx_hash): ...`
 around each job (thread- and task-safe: it is a context variable).
@@ -29,20 +31,20 @@ def stderr_is_journal(env: Mapping[str, str] | None = None, stream: TextIO | Non
     """True when stderr is connected to journald.
 
     systemd sets JOURNAL_STREAM=<dev>:<inode> of the stream it connected; comparing it with our
-    stderr tells a journal apart from a redirect (`ExecStart=... 2>file` or a pipe to another tool).
-    INVOCATION_ID alone (any unit started by systemd) counts only when JOURNAL_STREAM is absent.
+    stderr tells a journal apart from a redirect (`StandardError=file:...`, or a pipe to another tool
+    that inherited the variable), where plain lines are what the reader expects.
     """
     env = os.environ if env is None else env
     stream = sys.stderr if stream is None else stream
     journal_stream = env.get("JOURNAL_STREAM")
-    if journal_stream:
-        try:
-            dev, ino = (int(x) for x in journal_stream.split(":"))
-            st = os.fstat(stream.fileno())
-        except (ValueError, OSError, AttributeError):
-            return False
-        return (st.st_dev, st.st_ino) == (dev, ino)
-    return bool(env.get("INVOCATION_ID")) and os.path.exists("/run/systemd/journal/socket")
+    if not journal_stream:
+        return False
+    try:
+        dev, ino = (int(x) for x in journal_stream.split(":"))
+        st = os.fstat(stream.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
 
 
 class _ContextFilter(logging.Filter):

@@ -11,9 +11,12 @@ Per worker process:
   runtime       the interpreter and its libraries (RUNTIME_BYTES, measured)
 The budget is the smaller of MemAvailable and the tightest cgroup memory limit.
 
-`check_plan_or_exit(settings)` is what the worker calls at start: it computes and writes the plan,
-refuses an over-budget config with exit 78 (EX_CONFIG, which the unit does not restart), and locks
-memory when memory.lock_memory is on.
+`seqshare memory-setup` computes the plan for `memory.workers` workers and writes it (`write_plan`)
+where the workers look for it. A worker calls `prepare_memory(settings)` before loading anything: it
+computes its own plan against the budget it sees now (its own cgroup, the MemAvailable left by the
+workers already running), refuses an over-budget config, and also refuses when memory-setup's plan
+for this same configuration said the workers do not fit together. The refusal is a ConfigError, so
+the worker exits 78 (EX_CONFIG, which the unit does not restart). Then it locks memory if asked.
 """
 
 from __future__ import annotations
@@ -22,12 +25,13 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..worker.errors import ConfigError, MemoryBudgetError
+from ..worker.errors import ConfigError, MemoryBudgetError, SeqshareError
 from ..worker.spec import ModelSpec
 from .config import ModelConfig, Settings
 from .memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
@@ -147,6 +151,7 @@ class MemoryPlan:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "fits": self.fits,
             "workers": self.workers,
             "kv_dtype": self.kv_dtype,
@@ -193,39 +198,63 @@ def compute_plan(settings: Settings, bundles: Sequence[BundleFacts], budget: Bud
     return MemoryPlan(items, workers, budget, settings.kv_dtype, settings.max_batch, models)
 
 
+
+
 # --- bundle headers ---------------------------------------------------------------------------------
-HeaderReader = Callable[[Path], Any]
+def read_header(path: Path, key_file: Path | None = None) -> dict[str, Any]:
+    """A bundle's JSON header (spec, limits, weight bytes and digest); no weights are read.
+
+    An encrypted bundle's header is inside the ciphertext: it needs the key, from the same sources
+    the worker uses (key_file, $SEQSHARE_MODEL_KEY, the systemd credential seqshare-model-key).
+    """
+    from ..worker import bundle, crypto
+
+    if not crypto.is_encrypted(path):
+        with path.open("rb") as f:
+            head = f.read(bundle.PREAMBLE.size)
+            hlen, _, _ = bundle.parse_preamble(head, str(path))
+            head += f.read(hlen)
+        return bundle.parse_bundle(head, path.stat().st_size, str(path)).header
+    ef = crypto.open_encrypted(path)
+    found = crypto.resolve_key(key_file)
+    if found is None:
+        raise ConfigError(f"{path} is encrypted: its header (model shape, limits) needs the key; give "
+                          f"key_file, ${crypto.KEY_ENV} or the systemd credential {crypto.CREDENTIAL!r}")
+    head = crypto.decrypt_prefix(ef, found[0], bundle.PREAMBLE.size, verify_rest=False)
+    hlen, _, _ = bundle.parse_preamble(head, str(path))
+    head = crypto.decrypt_prefix(ef, found[0], bundle.PREAMBLE.size + hlen, verify_rest=False)
+    return bundle.parse_bundle(head, ef.plaintext_bytes, str(path)).header
 
 
-def _default_header_reader(path: Path) -> Any:
-    from ..worker.bundle import read_info  # the bundle format's header reader: no weights are read
-
-    return read_info(path)
-
-
-def _limit(info: Any, name: str) -> int:
-    limits = info.limits
-    return int(limits[name] if isinstance(limits, dict) else getattr(limits, name))
-
-
-def bundle_facts(model: ModelConfig, read_header: HeaderReader | None = None) -> BundleFacts:
+def bundle_facts(model: ModelConfig, key_file: Path | None = None) -> BundleFacts:
     """Facts of one configured model: its bundle's header, limits lowered by the config's overrides."""
     if not model.path.is_file():
         raise ConfigError(f"model {model.name!r}: bundle {model.path} does not exist")
-    info = (read_header or _default_header_reader)(model.path)
+    try:
+        header = read_header(model.path, key_file)
+    except ConfigError:
+        raise
+    except (SeqshareError, OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"model {model.name!r}: cannot read the header of {model.path}: {e}") from e
 
     def lowered(name: str) -> int:
-        own = _limit(info, name)
+        own = int(header["limits"][name])
         override = getattr(model, name)
         return own if override is None else min(own, override)
 
-    return BundleFacts(model.name, model.path, info.spec, lowered("share_length"),
-                       lowered("unshare_length"), lowered("seq_length"), int(info.weight_bytes),
-                       str(info.weight_digest))
+    return BundleFacts(model.name, model.path, ModelSpec.from_dict(header["spec"]), lowered("share_length"),
+                       lowered("unshare_length"), lowered("seq_length"), int(header["weight_bytes"]),
+                       str(header["weight_digest"]))
+
+
+def plan_for(settings: Settings, budget: Budget | None = None, workers: int | None = None) -> MemoryPlan:
+    facts = [bundle_facts(m, settings.key_file) for m in settings.models]
+    return compute_plan(settings, facts, budget or Budget.measure(), workers or settings.memory.workers)
 
 
 # --- where the plan lives ---------------------------------------------------------------------------
 def plan_path(settings: Settings) -> Path:
+    """memory.plan_path, else the first of $STATE_DIRECTORY (systemd), else $SEQSHARE_HOME."""
     if settings.memory.plan_path is not None:
         return settings.memory.plan_path
     if state := os.environ.get("STATE_DIRECTORY"):
@@ -234,7 +263,7 @@ def plan_path(settings: Settings) -> Path:
 
 
 def write_plan(plan: MemoryPlan, path: Path) -> None:
-    """Atomically (temp file + rename), so a reader never sees half a plan."""
+    """Atomically (temp file + rename), so a starting worker never reads half a plan."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".memory-plan.", dir=path.parent)
     try:
@@ -248,33 +277,48 @@ def write_plan(plan: MemoryPlan, path: Path) -> None:
         raise
 
 
-def read_plan(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text())
-
-
-def check_plan(settings: Settings, read_header: HeaderReader | None = None, workers: int = 1,
-               budget: Budget | None = None) -> MemoryPlan:
-    """Compute and write the plan; raise MemoryBudgetError (a ConfigError) if it does not fit."""
-    facts = [bundle_facts(m, read_header) for m in settings.models]
-    plan = compute_plan(settings, facts, budget or Budget.measure(), workers)
-    where = plan_path(settings)
+def read_plan(path: Path) -> dict[str, Any] | None:
+    """memory-setup's plan, or None when there is none (a worker started by hand) or it is unreadable."""
     try:
-        write_plan(plan, where)
-    except OSError as e:
-        log.warning("cannot write the memory plan to %s: %s", where, e)
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        log.warning("ignoring the memory plan at %s: %s", path, e)
+        return None
+    if not isinstance(data, dict) or data.get("version") != PLAN_VERSION:
+        log.warning("ignoring the memory plan at %s: not a version-%d plan", path, PLAN_VERSION)
+        return None
+    return data
+
+
+# --- the worker's side -------------------------------------------------------------------------------
+def check_worker_plan(settings: Settings, budget: Budget | None = None) -> MemoryPlan:
+    """This worker's plan against the budget it sees now, and memory-setup's verdict for all workers.
+
+    Raises MemoryBudgetError (a ConfigError) when either says the configuration does not fit.
+    """
+    plan = plan_for(settings, budget, workers=1)
+    where = plan_path(settings)
+    setup = read_plan(where)
+    if setup is not None and setup.get("items") == [asdict(i) for i in plan.items]:
+        if not setup.get("fits"):
+            raise MemoryBudgetError(f"memory-setup's plan ({where}, {setup.get('workers')} workers) "
+                                    f"{setup.get('verdict')}")
+        log.info("memory plan %s matches this configuration: %s", where, setup.get("verdict"))
+    elif setup is not None:
+        log.warning("the memory plan at %s was made for another configuration (run `seqshare memory-setup` "
+                    "again); checking this worker alone", where)
     if not plan.fits:
         raise MemoryBudgetError(f"memory plan {plan.verdict()}")
     return plan
 
 
-def check_plan_or_exit(settings: Settings, read_header: HeaderReader | None = None) -> MemoryPlan:
-    """At worker start: refuse an over-budget config (exit 78) instead of dying later; lock if asked."""
-    try:
-        plan = check_plan(settings, read_header)
-        if settings.memory.lock_memory:
-            lock_memory(plan.per_worker_bytes)
-    except ConfigError as e:
-        log.error("%s", e)
-        raise SystemExit(EX_CONFIG) from e
-    log.info("memory plan %s", plan.verdict())
+def prepare_memory(settings: Settings) -> MemoryPlan:
+    """At worker start, before any bundle is loaded: refuse an over-budget config; lock if asked."""
+    plan = check_worker_plan(settings)
+    log.info("memory plan for this worker %s", plan.verdict())
+    if settings.memory.lock_memory:
+        lock_memory(plan.per_worker_bytes)
+        log.info("memory locked (mlockall): weights and KV stay in RAM")
     return plan

@@ -40,6 +40,14 @@ def mem_available(meminfo: Path = Path("/proc/meminfo")) -> int:
     raise ValueError(f"{meminfo} has no MemAvailable line (kernel older than 3.14?)")
 
 
+def own_rss(status: Path = Path("/proc/self/status")) -> int:
+    """This process's resident set (VmRSS) in bytes: what a reload may reuse of what it holds."""
+    for line in status.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 @dataclass(frozen=True)
 class CgroupLimit:
     limit_bytes: int | None  # None: no limit anywhere on the path
@@ -148,14 +156,18 @@ def memlock_limit() -> int | None:
     return None if soft == resource.RLIM_INFINITY else soft
 
 
+def _kib_or_mib(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
+
+
 def check_memlock(needed_bytes: int, limit: int | None, privileged: bool) -> None:
     """Raise MemoryLockError, naming the limit and the unit setting, when `needed_bytes` cannot be locked."""
     if privileged or limit is None or limit >= needed_bytes:
         return
     mib = -(-needed_bytes // (1 << 20))
     raise MemoryLockError(
-        f"lock_memory needs {mib} MiB locked but RLIMIT_MEMLOCK is {limit // (1 << 20)} MiB "
-        f"({limit} bytes); set LimitMEMLOCK={mib}M (or infinity) in the seqshare-worker@.service unit "
+        f"lock_memory needs {mib} MiB locked but RLIMIT_MEMLOCK is {_kib_or_mib(limit)}; "
+        f"set LimitMEMLOCK={mib}M (or infinity) in the seqshare-worker@.service unit "
         f"(`systemctl edit seqshare-worker@NAME`), or `ulimit -l {mib * 1024}` outside systemd, "
         f"or turn memory.lock_memory off"
     )
@@ -176,7 +188,7 @@ def lock_memory(needed_bytes: int) -> None:
         if err != errno.EINVAL:
             break
     limit = memlock_limit()
-    shown = "unlimited" if limit is None else f"{limit // (1 << 20)} MiB"
+    shown = "unlimited" if limit is None else _kib_or_mib(limit)
     raise MemoryLockError(
         f"mlockall failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {shown}); raise LimitMEMLOCK= in "
         f"the unit or turn memory.lock_memory off"

@@ -19,7 +19,7 @@ Use from the worker:
     notifier.ready(status)                    # READY=1, only after load + warm-up
     hb.running()
     loop: hb.progress(); with hb.busy(): run_job(on_progress=hb.progress)
-    SIGHUP: notifier.reloading(); reload; notifier.ready(status)
+    SIGHUP (daemon/reload.py): notifier.reloading(); reload; notifier.ready(status)
     SIGTERM: notifier.stopping(); drain; hb.stop()
 """
 
@@ -29,8 +29,10 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
+
+from .debug import DebugHang
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +50,18 @@ class Notifier:
         env = os.environ if env is None else env
         self.enabled = bool(env.get("NOTIFY_SOCKET"))
         self._last_status: str | None = None
+        # Put in front of every STATUS= while set (the watchdog's "stalled ..."), so the worker's
+        # periodic status line cannot hide it from `systemctl status`.
+        self.alert: str | None = None
         self._lock = threading.Lock()
 
     def send(self, *fields: str) -> bool:
         if not self.enabled:
             return False
-        from systemd import daemon  # imported lazily: a plain CLI run never needs libsystemd
+        from systemd.daemon import notify  # imported lazily: a plain CLI run never needs libsystemd
 
         with self._lock:
-            ok = bool(daemon.notify("\n".join(fields)))
+            ok = bool(notify("\n".join(fields)))
         if not ok:
             log.warning("sd_notify(%s) failed", fields[0].split("=")[0])
         return ok
@@ -89,6 +94,8 @@ class Notifier:
     def _status_field(self, text: str | None) -> list[str]:
         if text is None:
             return []
+        if self.alert:
+            text = f"{self.alert}; {text}"
         text = " ".join(text.split())  # one line: a newline would start a new notify field
         if text == self._last_status:
             return []
@@ -125,8 +132,9 @@ class Heartbeat:
     """Sends WATCHDOG=1 (and EXTEND_TIMEOUT_USEC while starting) only while progress() keeps ticking."""
 
     def __init__(self, notifier: Notifier, interval_s: float | None, stall_s: float = DEFAULT_STALL_S,
-                 idle_stall_s: float | None = None):
+                 idle_stall_s: float | None = None, on_busy: Callable[[], None] | None = None):
         self.notifier = notifier
+        self.on_busy = on_busy  # the debug hang (daemon/debug.py), run as a job starts
         self.interval_s = interval_s
         self.stall_s = stall_s
         self.idle_stall_s = stall_s if idle_stall_s is None else idle_stall_s
@@ -149,7 +157,8 @@ class Heartbeat:
             except ValueError:
                 log.warning("ignoring %s=%r: not a number", ENV_STALL, raw)
                 stall_s = DEFAULT_STALL_S
-        return cls(notifier, watchdog_interval(env), stall_s=stall_s)
+        hang = DebugHang.from_env(env)
+        return cls(notifier, watchdog_interval(env), stall_s=stall_s, on_busy=hang.maybe_hang if hang else None)
 
     # --- called by the worker -------------------------------------------------------------------
     def progress(self) -> None:
@@ -163,6 +172,8 @@ class Heartbeat:
             self._in_flight += 1
         self.progress()
         try:
+            if self.on_busy is not None:
+                self.on_busy()
             yield
         finally:
             with self._lock:
@@ -196,6 +207,8 @@ class Heartbeat:
         return START_EXTEND_S / 3
 
     def _run(self) -> None:
+        # The first tick at once: a start that has begun loading asks for more time right away.
+        self.beat()
         while not self._stop.wait(self._period()):
             self.beat()
 
@@ -207,10 +220,12 @@ class Heartbeat:
                 idle = time.monotonic() - self._last_progress
                 log.error("no progress for %.1f s%s; withholding WATCHDOG=1 so systemd restarts the worker",
                           idle, " while a job is in flight" if self._in_flight else "")
-                self.notifier.status(f"stalled: no progress for {idle:.0f} s")
+                self.notifier.alert = f"stalled: no progress for {idle:.0f} s"
+                self.notifier.status("watchdog pings withheld")
             return
         if self._stalled:
             self._stalled = False
+            self.notifier.alert = None
             log.warning("progress resumed; watchdog pings resume")
         if self._starting:
             self.notifier.extend_timeout(START_EXTEND_S)
