@@ -23,46 +23,77 @@ namespace {
 constexpr int kKeys = 32, kRows = 2;
 static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
 
-inline __m256 load_kv(const void* row, bool f16, int d0) {
-  if (f16)
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const std::uint16_t*>(row) + d0)));
-  return _mm256_loadu_ps(static_cast<const float*>(row) + d0);
-}
-
 struct Tile {
   float* kt;  // (D, kKeys) transposed keys
   float* v;   // (kKeys, D) values
 };
 
-// Keys/values at absolute positions [t + lo, t + hi) of kv head `kvh` into the tile (lanes lo..hi);
-// the other lanes of K are zero (their scores are masked).
-template <int D>
-void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
+// Addresses of the K and V rows (kv head `kvh`) of the keys at absolute positions [t + lo, t + hi):
+// at most two runs of consecutive rows, one per span.
+template <int D, typename E>
+void key_rows(const AttnArgs& a, int kvh, int t, int lo, int hi, const E** kp, const E** vp) {
   const KeySpans& ks = a.job->keys;
-  const void* kp[kKeys];
-  const void* vp[kKeys];
-  bool f16[kKeys];
-  for (int i = lo; i < hi; ++i) {
+  const std::size_t stride = static_cast<std::size_t>(a.n_kv_heads) * D;
+  for (int i = lo; i < hi;) {
     int row;
     const KVSpan& sp = key_span(ks, t + i, row);
-    const std::size_t off = (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
-    f16[i] = sp.f16;
-    kp[i] = static_cast<const char*>(sp.k) + off * (sp.f16 ? 2 : 4);
-    vp[i] = static_cast<const char*>(sp.v) + off * (sp.f16 ? 2 : 4);
+    const int end = std::min(hi, sp.pos0 + sp.len - t);
+    const E* k = static_cast<const E*>(sp.k) + (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
+    const E* v = static_cast<const E*>(sp.v) + (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
+    for (; i < end; ++i, k += stride, v += stride) {
+      kp[i] = k;
+      vp[i] = v;
+    }
   }
+}
+
+inline __m256 load8(const std::uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// Keys/values at absolute positions [t + lo, t + hi) into the tile (lanes lo..hi); the other lanes
+// of K are zero (their scores are masked). E is the cache's element type (float16 bits or float).
+template <int D, typename E>
+void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
+  const E* kp[kKeys];
+  const E* vp[kKeys];
+  key_rows<D>(a, kvh, t, lo, hi, kp, vp);
+  const bool full = lo == 0 && hi == kKeys;
   for (int h = 0; h < kKeys / 8; ++h) {
     for (int d0 = 0; d0 < D; d0 += 8) {
       __m256 r[8];
-      for (int i = 0; i < 8; ++i) {
-        const int key = 8 * h + i;
-        r[i] = key >= lo && key < hi ? load_kv(kp[key], f16[key], d0) : _mm256_setzero_ps();
+      if (full) {
+#pragma GCC unroll 8
+        for (int i = 0; i < 8; ++i) r[i] = load8(kp[8 * h + i] + d0);
+      } else {
+        for (int i = 0; i < 8; ++i) {
+          const int key = 8 * h + i;
+          r[i] = key >= lo && key < hi ? load8(kp[key] + d0) : _mm256_setzero_ps();
+        }
       }
       avx2::transpose8(r);
+#pragma GCC unroll 8
       for (int i = 0; i < 8; ++i) _mm256_store_ps(tile.kt + (d0 + i) * kKeys + 8 * h, r[i]);
     }
   }
   for (int key = lo; key < hi; ++key)
-    for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + key * D + d0, load_kv(vp[key], f16[key], d0));
+#pragma GCC unroll 16
+    for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + key * D + d0, load8(vp[key] + d0));
+}
+
+// Ask for the next tile's rows (all kv heads: whole, contiguous rows) while this one is computed.
+template <int D, typename E>
+void prefetch_tile(const AttnArgs& a, int t, int hi) {
+  if (hi <= 0) return;
+  const E* kp[kKeys];
+  const E* vp[kKeys];
+  key_rows<D>(a, 0, t, 0, hi, kp, vp);
+  const int row_elems = a.n_kv_heads * D;
+  constexpr int kLine = 64 / sizeof(E);
+  for (int i = 0; i < hi; ++i)
+    for (int d = 0; d < row_elems; d += kLine) {
+      _mm_prefetch(reinterpret_cast<const char*>(kp[i] + d), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(vp[i] + d), _MM_HINT_T1);
+    }
 }
 
 struct RowState {
@@ -142,11 +173,12 @@ void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowSt
   }
 }
 
-template <int D>
-void attend(const AttnArgs& a, int kvh, int n0, int n1, int b) {
+// All heads of queries [n0, n1) over block b, tile by tile; inside a tile, kv head by kv head, so
+// each tile's rows are read whole (all kv heads) while they are in cache.
+template <int D, typename E>
+void attend(const AttnArgs& a, int n0, int n1, int b) {
   const AttnJob& job = *a.job;
-  const int hpg = a.n_heads / a.n_kv_heads;
-  const int nrows = (n1 - n0) * hpg;
+  const int hpg = a.n_heads / a.n_kv_heads, per_kvh = (n1 - n0) * hpg, nrows = per_kvh * a.n_kv_heads;
   const BlockKeys bk = block_keys(job, b);
   thread_local std::vector<float> buf;
   thread_local std::vector<RowState> rs;
@@ -155,8 +187,8 @@ void attend(const AttnArgs& a, int kvh, int n0, int n1, int b) {
   float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
   Tile tile{base, base + kKeys * D};
   int end = bk.lo;  // the last visible position of any row, plus one
-  for (int i = 0; i < nrows; ++i) {
-    const int n = n0 + i / hpg, h = kvh * hpg + i % hpg;
+  for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
+    const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
     float* st = a.st.at(state_row(job, n), h, b);
     if (!bk.resume) {
       for (int d = 0; d < D; ++d) st[d] = 0.0f;
@@ -169,16 +201,19 @@ void attend(const AttnArgs& a, int kvh, int n0, int n1, int b) {
   }
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
     const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
-    load_tile<D>(a, kvh, t, lo, hi, tile);
-    for (int r = 0; r < nrows; r += kRows) {
-      const int nr = std::min(kRows, nrows - r);
-      bool any = false;
-      for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > t + lo;
-      if (!any) continue;
-      if (nr == 2)
-        tile_rows<D, 2>(a, tile, t, lo, hi, &rs[r]);
-      else
-        tile_rows<D, 1>(a, tile, t, lo, hi, &rs[r]);
+    prefetch_tile<D, E>(a, t + 2 * kKeys, std::min(kKeys, end - t - 2 * kKeys));
+    for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
+      load_tile<D, E>(a, kvh, t, lo, hi, tile);
+      for (int r = kvh * per_kvh; r < (kvh + 1) * per_kvh; r += kRows) {
+        const int nr = std::min(kRows, (kvh + 1) * per_kvh - r);
+        bool any = false;
+        for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > t + lo;
+        if (!any) continue;
+        if (nr == 2)
+          tile_rows<D, 2>(a, tile, t, lo, hi, &rs[r]);
+        else
+          tile_rows<D, 1>(a, tile, t, lo, hi, &rs[r]);
+      }
     }
   }
   for (int i = 0; i < nrows; ++i) {
@@ -187,15 +222,23 @@ void attend(const AttnArgs& a, int kvh, int n0, int n1, int b) {
   }
 }
 
+template <typename E>
+void attend_dim(const AttnArgs& a, int n0, int n1, int b) {
+  switch (a.head_dim) {
+    case 64: return attend<64, E>(a, n0, n1, b);
+    case 128: return attend<128, E>(a, n0, n1, b);
+    case 32: return attend<32, E>(a, n0, n1, b);
+    default: return attention_ref(a, n0, n1, b);  // other head sizes: the reference
+  }
+}
+
 }  // namespace
 
-void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int b) {
-  switch (a.head_dim) {
-    case 64: return attend<64>(a, kvh, n0, n1, b);
-    case 128: return attend<128>(a, kvh, n0, n1, b);
-    case 32: return attend<32>(a, kvh, n0, n1, b);
-    default: return attention_ref(a, kvh, n0, n1, b);  // other head sizes: the reference
-  }
+void attention_avx2(const AttnArgs& a, int n0, int n1, int b) {
+  const KeySpans& ks = a.job->keys;
+  if (ks.n == 2 && ks.span[0].f16 != ks.span[1].f16) return attention_ref(a, n0, n1, b);  // never in a model
+  if (ks.span[0].f16) return attend_dim<std::uint16_t>(a, n0, n1, b);
+  attend_dim<float>(a, n0, n1, b);
 }
 
 }  // namespace seqshare

@@ -16,13 +16,14 @@ static inline float kv_at(const void* base, bool f16, std::size_t i) {
   return f16 ? f16_to_f32(static_cast<const std::uint16_t*>(base)[i]) : static_cast<const float*>(base)[i];
 }
 
-void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int b) {
+void attention_ref(const AttnArgs& a, int n0, int n1, int b) {
   const AttnJob& job = *a.job;
   const int D = a.head_dim, hpg = a.n_heads / a.n_kv_heads;
   const BlockKeys bk = block_keys(job, b);
   for (int n = n0; n < n1; ++n) {
     const int limit = std::min(bk.hi, job.q_pos[n] + 1);  // causal: positions [lo, limit)
-    for (int h = kvh * hpg; h < (kvh + 1) * hpg; ++h) {
+    for (int h = 0; h < a.n_heads; ++h) {
+      const int kvh = h / hpg;
       const float* q = job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D;
       float* s = a.st.at(state_row(job, n), h, b);
       float& m = s[D];

@@ -31,10 +31,10 @@ struct AttnArgs {
   float scale;
   AttnStates st;
 };
-// Queries [n0, n1) of the job, every query head sharing kv head `kvh`: advance their states of
-// block `b` over the job's keys in that block (see AttnJob). Tiles start at absolute positions that
-// are multiples of kAttnTile; keys outside the job's range or the spans are masked.
-using AttnFn = void (*)(const AttnArgs& a, int kvh, int n0, int n1, int b);
+// Queries [n0, n1) of the job, all heads: advance their states of block `b` over the job's keys in
+// that block (see AttnJob). Tiles start at absolute positions that are multiples of kAttnTile; keys
+// outside the job's range or the spans are masked.
+using AttnFn = void (*)(const AttnArgs& a, int n0, int n1, int b);
 
 // The keys of block `b` a job covers: positions [lo, hi) (none when lo >= hi), clipped to what its
 // spans hold, and whether the block's states are resumed rather than started empty.
@@ -92,7 +92,7 @@ std::size_t qacts_row_bytes_ref(int cols, int group);
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void attention_ref(const AttnArgs& a, int kvh, int n0, int n1, int b);
+void attention_ref(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_ref(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_ref(float* gate, const float* up, std::size_t n);
 void add_ref(float* y, const float* x, std::size_t n);
@@ -108,7 +108,7 @@ std::size_t qacts_row_bytes_avx2(int cols, int group);
 void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void attention_avx2(const AttnArgs& a, int kvh, int n0, int n1, int b);
+void attention_avx2(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_avx2(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_avx2(float* gate, const float* up, std::size_t n);
 void add_avx2(float* y, const float* x, std::size_t n);

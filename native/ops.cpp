@@ -158,14 +158,14 @@ void add_inplace(float* y, const float* x, std::size_t n) { kernels().add(y, x, 
 // Blocks a query at position `pos` folds: those holding positions 0..pos (none for pos < 0).
 static int folded_blocks(int pos) { return pos < 0 ? 0 : pos / kAttnBlock + 1; }
 
-// Work units are (job, kv head, block of kQueryBlock queries, key block), claimed dynamically so
+// Work units are (job, block of kQueryBlock queries, key block), claimed dynamically so
 // that the costly ones (late queries, long prefixes) do not pile up on one thread. Each unit owns
 // the states it writes: a (state row, head, block) belongs to one query of one job.
 void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale,
                            const AttnStates& st, ThreadPool& pool) {
   if (n_kv_heads <= 0 || st.n_heads % n_kv_heads) throw std::invalid_argument("attention: n_heads % n_kv_heads != 0");
   struct Unit {
-    int job, kvh, n0, n1, b;
+    int job, n0, n1, b;
   };
   thread_local std::vector<Unit> unit_list;
   std::vector<Unit>& units = unit_list;  // the pool's threads must see this thread's list
@@ -179,7 +179,7 @@ void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_job
       for (int n = n0; n < n1; ++n) last_block = std::max(last_block, folded_blocks(job.q_pos[n]) - 1);
       for (int b = job.p_begin / kAttnBlock; b <= last_block; ++b) {
         if (b >= st.n_blocks) throw std::invalid_argument("attention: a query position beyond the state blocks");
-        for (int kvh = 0; kvh < n_kv_heads; ++kvh) units.push_back(Unit{j, kvh, n0, n1, b});
+        units.push_back(Unit{j, n0, n1, b});
       }
     }
   }
@@ -189,7 +189,7 @@ void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_job
     for (int u; (u = next.fetch_add(1, std::memory_order_relaxed)) < n_units;) {
       const Unit& x = units[u];
       const AttnArgs a{&jobs[x.job], st.n_heads, n_kv_heads, st.head_dim, scale, st};
-      kt.attention(a, x.kvh, x.n0, x.n1, x.b);
+      kt.attention(a, x.n0, x.n1, x.b);
     }
   });
 }
