@@ -81,7 +81,7 @@ struct KeySpans {
 // online softmax runs over tiles of kAttnTile keys at absolute positions. Because neither depends
 // on where the keys are stored or how queries are batched, a question attending to a shared
 // prefix and then to its own rows gets bit for bit what it gets from one KV holding both.
-constexpr int kAttnBlock = 512;
+constexpr int kAttnBlock = 256;
 constexpr int kAttnTile = 32;
 
 // Per (state row, head, block): the online-softmax state o[head_dim] (unnormalised), m (running
