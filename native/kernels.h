@@ -15,11 +15,13 @@ namespace seqshare {
 // X is (N, w.cols), Y is (N, ldy). fp32 FMA, no quantisation of X.
 using GemmFn = void (*)(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 
-// Quantised weights (q8/q4) multiply int8 activations: each token's row is cut into blocks of
-// w.group values, block b stored as d_b * q_b (q in -127..127) with s_b = d_b * sum(q_b), as
-// llama.cpp does. The byte layout of one quantised row is private to the ISA that wrote it
-// (`qacts_row_bytes` tells its size); only the same ISA's qgemm reads it.
-using QActsRowBytesFn = std::size_t (*)(int cols, int group);
+// Quantised weights multiply quantised activations: each token's row is cut into blocks of
+// w.group values, block b stored as d_b * q_b. q4 weights take int8 activations (q in -127..127,
+// with s_b = d_b * sum(q_b) for the weights' minimum), as llama.cpp does; q8 weights take int16
+// activations (q in -32767..32767): int8 x int8 loses ~2.5 points of top-1 agreement with float on
+// an int8 bundle, int8 x int16 almost nothing. The byte layout of one quantised row is private to
+// the ISA that wrote it (`qacts_row_bytes` tells its size); only the same ISA's qgemm reads it.
+using QActsRowBytesFn = std::size_t (*)(int cols, int group, bool for_q8);
 using QuantizeActsFn = void (*)(const float* x, int cols, int group, bool for_q8, void* out);
 // Y[n, r] for rows [r0, r1): xq holds N quantised rows of `qacts_row_bytes` bytes each.
 using QGemmFn = void (*)(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
@@ -88,7 +90,7 @@ float dot_f32_ref(const float* a, const float* b, std::size_t n);
 void gemm_f32_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_f16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_bf16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-std::size_t qacts_row_bytes_ref(int cols, int group);
+std::size_t qacts_row_bytes_ref(int cols, int group, bool for_q8);
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
@@ -104,7 +106,7 @@ float dot_f32_avx2(const float* a, const float* b, std::size_t n);
 void gemm_f32_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_f16_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_bf16_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
-std::size_t qacts_row_bytes_avx2(int cols, int group);
+std::size_t qacts_row_bytes_avx2(int cols, int group, bool for_q8);
 void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

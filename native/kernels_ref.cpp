@@ -44,49 +44,56 @@ void gemm_bf16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy
   gemm_float_ref(w, X, N, Y, ldy, r0, r1, [W](std::size_t i) { return bf16_to_f32(W[i]); });
 }
 
-// ---- int8 activations ---------------------------------------------------------------------------
-// Reference layout of one quantised row: int8 q[cols] in column order, then float d[cols/group],
-// then float s[cols/group]; padded to 64 bytes.
-std::size_t qacts_row_bytes_ref(int cols, int group) {
-  const std::size_t b = static_cast<std::size_t>(cols) + 8u * static_cast<std::size_t>(cols / group);
+// ---- quantised activations ----------------------------------------------------------------
+// Reference layout of one quantised row: for q4, int8 q[cols], float d[cols/group], float
+// s[cols/group]; for q8, int16 q[cols], float d[cols/group]. Padded to 64 bytes.
+std::size_t qacts_row_bytes_ref(int cols, int group, bool for_q8) {
+  const std::size_t ng = static_cast<std::size_t>(cols / group);
+  const std::size_t b = for_q8 ? 2u * cols + 4u * ng : static_cast<std::size_t>(cols) + 8u * ng;
   return (b + 63) & ~static_cast<std::size_t>(63);
 }
 
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out) {
-  auto* q = static_cast<std::int8_t*>(out);
-  float* d = reinterpret_cast<float*>(q + cols);
+  const int qmax = for_q8 ? 32767 : 127;
+  auto* q8 = static_cast<std::int8_t*>(out);
+  auto* q16 = static_cast<std::int16_t*>(out);
+  float* d = reinterpret_cast<float*>(static_cast<std::uint8_t*>(out) + (for_q8 ? 2 : 1) * static_cast<std::size_t>(cols));
   float* s = d + cols / group;
   for (int g = 0; g < cols / group; ++g) {
     const float* xg = x + g * group;
     float amax = 0.0f;
     for (int i = 0; i < group; ++i) amax = std::fmax(amax, std::fabs(xg[i]));
-    const float dg = amax / 127.0f;
+    const float dg = amax / static_cast<float>(qmax);
     const float id = dg > 0.0f ? 1.0f / dg : 0.0f;
     int sum = 0;
     for (int i = 0; i < group; ++i) {
       const int v = static_cast<int>(std::nearbyint(xg[i] * id));
-      q[g * group + i] = static_cast<std::int8_t>(v);
+      if (for_q8)
+        q16[g * group + i] = static_cast<std::int16_t>(v);
+      else
+        q8[g * group + i] = static_cast<std::int8_t>(v);
       sum += v;
     }
     d[g] = dg;
-    s[g] = dg * static_cast<float>(sum);
+    if (!for_q8) s[g] = dg * static_cast<float>(sum);
   }
 }
 
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   const int K = w.cols, G = w.group, ng = K / G;
-  const std::size_t stride = qacts_row_bytes_ref(K, G);
+  const std::size_t stride = qacts_row_bytes_ref(K, G, true);
   const auto* W = static_cast<const std::int8_t*>(w.data);
   for (int n = 0; n < N; ++n) {
-    const auto* q = static_cast<const std::int8_t*>(xq) + n * stride;
+    const auto* q = reinterpret_cast<const std::int16_t*>(static_cast<const std::uint8_t*>(xq) + n * stride);
     const float* d = reinterpret_cast<const float*>(q + K);
     for (int r = r0; r < r1; ++r) {
       const std::int8_t* wr = W + static_cast<std::size_t>(r) * K;
       double acc = 0.0;
       for (int g = 0; g < ng; ++g) {
-        int isum = 0;
+        std::int64_t isum = 0;
         for (int i = g * G; i < (g + 1) * G; ++i) isum += wr[i] * q[i];
-        acc += static_cast<double>(f16_to_f32(w.scales[static_cast<std::size_t>(r) * ng + g])) * d[g] * isum;
+        acc += static_cast<double>(f16_to_f32(w.scales[static_cast<std::size_t>(r) * ng + g])) * d[g] *
+               static_cast<double>(isum);
       }
       Y[static_cast<std::size_t>(n) * ldy + r] = static_cast<float>(acc);
     }
@@ -96,7 +103,7 @@ void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy,
 // q4: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned nibbles.
 void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   const int K = w.cols, G = w.group, ng = K / G;
-  const std::size_t stride = qacts_row_bytes_ref(K, G);
+  const std::size_t stride = qacts_row_bytes_ref(K, G, false);
   for (int n = 0; n < N; ++n) {
     const auto* q = static_cast<const std::int8_t*>(xq) + n * stride;
     const float* d = reinterpret_cast<const float*>(q + K);

@@ -62,7 +62,7 @@ void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int
   }
   // Quantise the activations once per call; every thread reads them for its rows.
   const bool q8 = w.fmt == WFmt::Q8;
-  const std::size_t rb = kt.qacts_row_bytes(w.cols, w.group);
+  const std::size_t rb = kt.qacts_row_bytes(w.cols, w.group, q8);
   auto* xq = static_cast<std::uint8_t*>(qacts_scratch.get(rb * N));
   pool.parallel_for(N, 1, [&](int n0, int n1) {
     for (int n = n0; n < n1; ++n) kt.quantize_acts(X + static_cast<std::size_t>(n) * w.cols, w.cols, w.group, q8, xq + rb * n);

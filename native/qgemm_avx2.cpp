@@ -1,14 +1,13 @@
-// Activation quantisation for the int8 kernels, and q8 weights x int8 activations with AVX2
-// (q4 weights: qgemm_panel_avx2.cpp), register-tiled over R rows x T tokens. AVX2 has no int8
-// dot-product instruction: unsigned x signed byte pairs are multiplied and added into int16
-// (vpmaddubsw), then pairs of int16 into int32 (vpmaddwd with ones); q8 weights are signed, so
-// |w| times x with w's sign (vpsignb) keeps the operands in range. Every output element is the
-// same float sequence (8 lanes per group, summed once at the end) for any number of tokens.
+// Activation quantisation for the integer kernels, and q8 weights x int16 activations with AVX2
+// (q4 weights x int8 activations: qgemm_panel_avx2.cpp), register-tiled over R rows x T tokens:
+// weights sign-extended to int16 and multiplied pairwise into int32 (vpmaddwd). Every output
+// element is the same float sequence (8 lanes per group, summed once at the end) for any number of
+// tokens.
 //
 // Layout of one quantised activation row (private to this file):
-//   int8 q[cols]            natural column order
-//   float d[ngp]            per group (weight group G): q * d = x; zero past ng
-//   float s[ngp]            per group: d * sum(q), for the q4 min term; zero past ng
+//   q4: int8 q[cols]    natural column order        q8: int16 q[cols]
+//       float d[ngp]    per group (weight group G): q * d = x; zero past ng
+//       float s[ngp]    q4 only: per group d * sum(q), for the min term; zero past ng
 // with ng = cols / G and ngp = ng rounded up to 8, so the min term is a plain 8-wide dot product.
 #include <immintrin.h>
 
@@ -32,11 +31,36 @@ inline __m256i pack_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
 
 }  // namespace
 
-std::size_t qacts_row_bytes_avx2(int cols, int group) {
-  return static_cast<std::size_t>(cols) + 8u * static_cast<std::size_t>(padded_groups(cols, group));
+std::size_t qacts_row_bytes_avx2(int cols, int group, bool for_q8) {
+  const auto ngp = static_cast<std::size_t>(padded_groups(cols, group));
+  return for_q8 ? 2u * static_cast<std::size_t>(cols) + 4u * ngp : static_cast<std::size_t>(cols) + 8u * ngp;
 }
 
-void quantize_acts_avx2(const float* x, int cols, int G, bool /*for_q8*/, void* out) {
+// int16 activations for q8 weights: q = round(x / d), d = amax / 32767.
+static void quantize_acts16(const float* x, int cols, int G, void* out) {
+  auto* q = static_cast<std::int16_t*>(out);
+  const int ng = cols / G, ngp = padded_groups(cols, G);
+  float* d = reinterpret_cast<float*>(q + cols);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  for (int g = 0; g < ng; ++g) {
+    const float* xg = x + static_cast<std::size_t>(g) * G;
+    __m256 amax = _mm256_setzero_ps();
+    for (int i = 0; i < G; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + i)));
+    const float dg = avx2::hmax(amax) / 32767.0f;
+    const __m256 id = _mm256_set1_ps(dg > 0.0f ? 1.0f / dg : 0.0f);
+    for (int i = 0; i < G; i += 16) {
+      const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i), id));  // round to nearest even
+      const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8), id));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + static_cast<std::size_t>(g) * G + i),
+                          _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), _MM_SHUFFLE(3, 1, 2, 0)));
+    }
+    d[g] = dg;
+  }
+  for (int g = ng; g < ngp; ++g) d[g] = 0.0f;
+}
+
+void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out) {
+  if (for_q8) return quantize_acts16(x, cols, G, out);
   auto* q = static_cast<std::int8_t*>(out);
   const int ng = cols / G, ngp = padded_groups(cols, G);
   float* d = reinterpret_cast<float*>(q + cols);
@@ -81,16 +105,15 @@ struct Ctx {
   int ldy;
 };
 
-// int32 lanes of sum(w * x) over one group of G columns of one row and one token.
+// int32 lanes of sum(w * x) over one group of G columns of one row (int8) and one token (int16).
 template <int G>
-inline __m256i group_dot(const std::int8_t* w, const std::int8_t* x) {
-  const __m256i ones = _mm256_set1_epi16(1);
+inline __m256i group_dot(const std::int8_t* w, const std::int16_t* x) {
   __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 4
-  for (int b = 0; b < G / 32; ++b) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b));
-    const __m256i xv = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * b)), wv);
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(wv, wv), xv), ones));
+#pragma GCC unroll 8
+  for (int b = 0; b < G / 16; ++b) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b)));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b));
+    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
   }
   return acc;
 }
@@ -115,7 +138,7 @@ void tile(const Ctx& c, int r, int n) {
       const __m256 dw = h16_scalar(c.w->scales[static_cast<std::size_t>(r + i) * c.ng + g]);
 #pragma GCC unroll 16
       for (int j = 0; j < T; ++j) {
-        const auto* x = reinterpret_cast<const std::int8_t*>(xrow + j * c.x_stride);
+        const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride);
         const __m256i s = group_dot<G>(wg, x + static_cast<std::size_t>(g) * G);
         const __m256 dx = _mm256_broadcast_ss(reinterpret_cast<const float*>(x + K) + g);
         acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[i][j]);
@@ -143,7 +166,7 @@ void tile_tokens(const Ctx& c, int r, int n0, int n1) {
 
 template <int G>
 void qgemm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  const Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G), w.cols / G, Y, ldy};
+  const Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G, true), w.cols / G, Y, ldy};
   // Tokens outer in blocks that stay in L1; rows inner, each row tile's weights read once per block.
   for (int nb = 0; nb < N; nb += kTokBlock) {
     const int ne = N - nb < kTokBlock ? N : nb + kTokBlock;

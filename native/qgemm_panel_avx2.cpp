@@ -90,7 +90,7 @@ template <int G>
 void run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = G == 32 ? 6 : 4;  // accumulators that fit the 16 registers
   const int K = w.cols, ngp = (K / G + 7) & ~7;
-  const std::size_t x_stride = qacts_row_bytes_avx2(K, G);
+  const std::size_t x_stride = qacts_row_bytes_avx2(K, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
   for (int r = r0; r < r1; r += 8) {  // r0 is a multiple of 8: ops split rows in whole panels
     const int nrows = r1 - r < 8 ? r1 - r : 8;

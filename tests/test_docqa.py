@@ -70,16 +70,45 @@ def test_shared_prefix_batch_equals_alone_f32(default_gguf: Path) -> None:
 
 
 def test_shared_prefix_batch_equals_alone_int4(q4_model: Model) -> None:
+    # The issue asks for >= 95% identical answers on int4; batch-invariant kernels and canonical
+    # attention blocks make every answer identical, so that is what is asserted.
     text, questions = make_document(16, seed=1)
     qa = _qa(q4_model)
     shared = qa.answer(text, _reqs(questions))
     alone = qa.answer(text, _reqs(questions), reuse=False)
     same = sum(a == b for a, b in zip(_tokens(shared), _tokens(alone), strict=True))
-    assert same >= 0.95 * len(questions), f"only {same} of {len(questions)} answers identical"
+    assert same == len(questions), f"only {same} of {len(questions)} answers identical"
     a0 = shared.answers[0]
     assert a0.context_tokens == shared.context_tokens and a0.question_tokens > 0
     assert a0.first_token_s > 0 and a0.total_s >= a0.first_token_s and a0.custom_id == "q0"
     assert {a.finish_reason for a in shared.answers} <= {"stop", "length"}
+
+
+def test_prefix_and_batch_give_the_same_logits_bit_for_bit(q4_model: Model) -> None:
+    """A question over a shared prefix KV, prefilled and decoded in a batch of three, yields the same
+    logits, bit for bit, as the full prompt in one KV decoded alone: nothing stale, nothing rounded
+    differently. The prefix length is not a multiple of the attention tile, so a tile straddles it."""
+    m = q4_model
+    text, questions = make_document(9, seed=4)
+    ctx = m.encode(text)
+    assert len(ctx) % 32 != 0
+    qs = [np.asarray(m.encode(" " + q, add_special_tokens=False), np.int32) for q in questions[:3]]
+    prefix = m.new_kv(len(ctx))
+    m.prefill(ctx, prefix, want_logits=False)
+    own = [m.new_kv(len(q) + 8) for q in qs]
+    rows = np.cumsum([len(q) for q in qs]) - 1
+    batch = m.forward(np.concatenate(qs), [(prefix, kv, len(q)) for kv, q in zip(own, qs, strict=True)], rows)
+    alone_kv = [m.new_kv(len(ctx) + len(q) + 8) for q in qs]
+    alone = [m.prefill(np.concatenate([ctx, q]), kv) for kv, q in zip(alone_kv, qs, strict=True)]
+    for i in range(3):
+        np.testing.assert_array_equal(batch[i], alone[i])
+    toks = [int(np.argmax(b)) for b in batch]
+    for _ in range(4):  # decode steps: the batch shares one prefix; alone, each has its own KV
+        step = m.decode(toks, [(prefix, kv) for kv in own])
+        single = [m.decode([t], [(None, kv)])[0] for t, kv in zip(toks, alone_kv, strict=True)]
+        for i in range(3):
+            np.testing.assert_array_equal(step[i], single[i])
+        toks = [int(np.argmax(r)) for r in step]
 
 
 def test_eviction_spills_and_a_miss_restores(q4_model: Model, tmp_path: Path) -> None:

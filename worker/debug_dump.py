@@ -90,7 +90,7 @@ def reference_outputs(hf_model: Any, input_ids: np.ndarray) -> list[dict[str, np
     finally:
         for h in handles:
             h.remove()
-    cache = res.past_key_values
+    cache = res.cache if hasattr(type(res), "cache") else res.past_key_values  # renamed in transformers 5.x
     result = []
     for i in range(len(layers)):
         k, v = cache.layers[i].keys, cache.layers[i].values  # (1, kv_heads, S, head_dim)

@@ -2,7 +2,8 @@
 
 `Answer` (the stop rules of one sequence) and `Sampler` are the pieces a batched generator reuses:
 per step it samples every live sequence, pushes the token into its Answer and decodes the ones
-that are still running.
+that are still running. The answer never runs past the model's `seq_length`: its budget is
+min(max_new_tokens, seq_length - prompt length) and the KV is sized for exactly that.
 """
 
 from __future__ import annotations
@@ -125,11 +126,12 @@ def generate(
     logits = model.prefill(ids, kv, dump=dump, progress=progress)
     t1 = time.perf_counter()
     assert logits is not None
-    sampler = Sampler(params, ids.tolist() if penalty_history is None else penalty_history)
+    sampler = Sampler(params)
+    history = ids.tolist() if penalty_history is None else [int(t) for t in penalty_history]
     steps = 0
     while True:
-        token = sampler(logits)
-        sampler.accept(token)
+        token = sampler.pick(logits, history)
+        history.append(token)
         if answer.push(token):
             break
         logits = model.decode([token], [(None, kv)])[0]

@@ -192,7 +192,7 @@ def load_gguf(path: Path, quant: str, group_size: int) -> Checkpoint:
         t = by_name[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
         stored, g = _stored_format(T(t.tensor_type), group_size)
-        fmt = target_format(quant, stored)
+        fmt = target_format(quant, stored, name)
         plan.append(plan_tensor(name, shape, fmt, g if quant == "keep" else group_size))
     ctx = spec.max_position
     specials = SpecialTokens(

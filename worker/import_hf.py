@@ -204,7 +204,7 @@ def load_hf(root: Path, quant: str, group_size: int) -> Checkpoint:
         stored, shape = st.stored(src if isinstance(src, str) else src.key)
         if isinstance(src, _Source) and src.rows:
             shape = (src.rows[1] - src.rows[0], *shape[1:])
-        plan.append(plan_tensor(name, shape, target_format(quant, stored), group_size))
+        plan.append(plan_tensor(name, shape, target_format(quant, stored, name), group_size))
     tok = load_tokenizer_files(root, cfg)
     specials = SpecialTokens(
         bos=tok.bos if tok.bos is not None else spec.bos_token_id,
