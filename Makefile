@@ -33,8 +33,9 @@ install: $(STAMP)
 model: install
 	$(SEQSHARE) model fetch-default --quiet
 
+# DEMO_ARGS="--docs 1 --questions 2" runs a smaller set; see scripts/demo.py --help.
 demo: model
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py $(DEMO_ARGS)
 
 # pytest exits 5 when it collects nothing; that is a failure of the suite, not a pass.
 test: model
@@ -47,9 +48,15 @@ test-slow: model
 test-all: model
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
+# mypy checks the package as it is imported (seqshare.daemon, seqshare.worker, seqshare._native):
+# a tree of links under build/ gives it that layout without an install it cannot follow.
+MYPY_TREE := build/mypy/seqshare
 lint: install
 	$(VENV)/bin/ruff check daemon worker tests bench scripts
-	$(VENV)/bin/mypy daemon worker
+	@rm -rf build/mypy && mkdir -p $(MYPY_TREE) && touch $(MYPY_TREE)/__init__.py $(MYPY_TREE)/py.typed
+	@ln -s $(CURDIR)/daemon $(MYPY_TREE)/daemon && ln -s $(CURDIR)/worker $(MYPY_TREE)/worker
+	@ln -s $(CURDIR)/native/_native.pyi $(MYPY_TREE)/_native.pyi
+	cd build/mypy && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p seqshare
 
 bench: model
 	$(PY) -m bench

@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +51,13 @@ def make_workload(tokenizer: Any, doc_tokens: int, n_questions: int) -> tuple[st
 
 # ---- seqshare ---------------------------------------------------------------------------------
 def run_seqshare(args: argparse.Namespace) -> dict[str, Any]:
+    from seqshare.worker.bundle import Limits
     from seqshare.worker.convert import load_checkpoint
     from seqshare.worker.docqa import DocQA, QuestionRequest
     from seqshare.worker.generate import generate
     from seqshare.worker.model import Model
     from seqshare.worker.params import SamplingParams
     from seqshare.worker.prefix_cache import PrefixCache
-    from seqshare.worker.bundle import Limits
     from seqshare.worker.spill import Spill
 
     ck = load_checkpoint(args.gguf, "keep")
@@ -72,8 +71,8 @@ def run_seqshare(args: argparse.Namespace) -> dict[str, Any]:
         spill = Spill(Path(tmp), 1 << 32)
         qa = DocQA(model, PrefixCache(1 << 32), spill, limits, "bench")
         prompt, _ = qa.prepare(qa_request(text, reqs))
-        out["doc_tokens"] = int(len(prompt.context_ids))
-        out["question_tokens"] = [int(len(q)) for q in prompt.question_ids]
+        out["doc_tokens"] = len(prompt.context_ids)
+        out["question_tokens"] = [len(q) for q in prompt.question_ids]
         for name in ("cold", "warm"):
             out[name] = summarize(qa.answer(text, reqs))
         qa.close()  # a clean shutdown: every unreferenced prefix goes to the spill directory
@@ -157,11 +156,11 @@ def run_llama(args: argparse.Namespace, context: list[int], questions: list[list
 
 def token_ids(args: argparse.Namespace) -> tuple[list[int], list[list[int]]]:
     """The exact context and question ids seqshare uses (chat split), for llama.cpp."""
+    from seqshare.worker.bundle import Limits
     from seqshare.worker.convert import load_checkpoint
     from seqshare.worker.docqa import DocQA, QuestionRequest
     from seqshare.worker.model import Model
     from seqshare.worker.prefix_cache import PrefixCache
-    from seqshare.worker.bundle import Limits
 
     model = Model(load_checkpoint(args.gguf, "keep"), threads=args.threads)
     text, questions = make_workload(model.tokenizer, args.doc_tokens, args.questions)

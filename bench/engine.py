@@ -46,7 +46,6 @@ def prompt_ids(gguf: Path, n: int) -> list[int]:
 
     sys.path.insert(0, str(HERE))
     from textgen import document
-
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_str(load_checkpoint(gguf, "keep").tokenizer_json)

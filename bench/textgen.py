@@ -48,7 +48,8 @@ def gazetteer(seed: int, towns: int) -> tuple[str, list[str]]:
     text = "\n\n".join(_paragraph(rng, t) for t in names)
     forms = [
         "According to the gazetteer above, in which year was the town of {t} founded, and on which river does it lie?",
-        "Reading the description of {t} in the document, how many inhabitants does the town have, and what do they trade?",
+        "Reading the description of {t} in the document, how many inhabitants does the town have, and what do "
+        "they trade?",
         "Which guild is the oldest in the town of {t}, and who is the current mayor elected by its members?",
         "How many volumes does the library of {t} keep, and when was the bridge of {t} rebuilt in stone?",
     ]

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
+import numpy as np
 
 from ..worker.errors import SeqshareError
 
@@ -114,7 +115,7 @@ def generate(bundle: Path, prompt: str | None, chat: bool, system: str | None, c
         assert prompt is not None
         ids = chat_ids(model, prompt, system) if chat else model.encode(prompt)
         if dump is not None:
-            dump.input_ids = ids
+            dump.input_ids = np.asarray(ids, dtype=np.int32)
         result = run(model, ids, params, dump=dump, progress=_prefill_progress())
     except (SeqshareError, ValueError, UnicodeDecodeError) as e:
         raise _fail(e) from e

@@ -143,7 +143,7 @@ def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
 
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, pos0: int,
                         scale: float) -> tuple[np.ndarray, np.ndarray]:
-    n, h, d = q.shape
+    h = q.shape[1]
     kvh = k.shape[1]
     kk = np.repeat(k.astype(np.float64), h // kvh, axis=1)  # (L, H, D)
     vv = np.repeat(v.astype(np.float64), h // kvh, axis=1)
@@ -202,6 +202,7 @@ def test_attention_merge_of_two_spans_equals_whole() -> None:
     assert np.all(np.isneginf(empty_l)) and not np.any(empty_o)
     m2_o, m2_l = _native.attention_merge(empty_o, empty_l, whole_o, whole_l)
     np.testing.assert_array_equal(m2_o, whole_o)
+    np.testing.assert_array_equal(m2_l, whole_l)
 
 
 def test_rmsnorm_silu_mul_add() -> None:

@@ -53,7 +53,8 @@ def test_split_is_exactly_the_templates_rendering(ck: Checkpoint) -> None:
 def test_split_with_messages_and_system(ck: Checkpoint) -> None:
     assert ck.chat_template is not None
     msgs = [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": DOC}]
-    ctx, (part,) = split_chat(ck.chat_template, msgs, ["Why?"], SPECIAL)
+    ctx, parts = split_chat(ck.chat_template, msgs, ["Why?"], SPECIAL)
+    assert len(parts) == 1
     assert ctx.startswith("<|im_start|>system\nAnswer tersely.<|im_end|>\n<|im_start|>user\n")
     same, _ = split_chat(ck.chat_template, DOC, ["Why?"], SPECIAL, system="Answer tersely.")
     assert same == ctx

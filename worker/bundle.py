@@ -121,7 +121,7 @@ def _digest_update(h: Any, entry: dict[str, Any], planes: dict[str, np.ndarray])
     h.update(f"{entry['name']}\0{entry['fmt']}\0{entry['shape']}\0{entry['group_size']}\0".encode())
     for pl in entry["planes"]:
         h.update(f"{pl['name']}\0{pl['dtype']}\0{pl['shape']}\0".encode())
-        h.update(memoryview(np.ascontiguousarray(planes[pl["name"]])).cast("B"))
+        h.update(np.ascontiguousarray(planes[pl["name"]]).view(np.uint8).data)
 
 
 def build_header(
@@ -168,7 +168,7 @@ def write_bundle(
                 _digest_update(h, entry, t.planes)
                 for pl in entry["planes"]:
                     f.seek(data_offset + pl["offset"])
-                    f.write(memoryview(np.ascontiguousarray(t.planes[pl["name"]])).cast("B"))
+                    f.write(np.ascontiguousarray(t.planes[pl["name"]]).view(np.uint8).data)
                 if on_tensor:
                     on_tensor(name, t.nbytes)
             f.truncate(data_offset + data_len)

@@ -30,14 +30,14 @@ class ChatTemplate:
     def render(self, messages: list[Message], add_generation_prompt: bool = True) -> str:
         from transformers.utils.chat_template_utils import render_jinja_template
 
-        rendered, _ = render_jinja_template(
+        rendered = render_jinja_template(
             [messages],
             chat_template=self.template,
             add_generation_prompt=add_generation_prompt,
             bos_token=self.bos_token or "",
             eos_token=self.eos_token or "",
         )
-        return str(rendered[0])
+        return str(rendered[0][0])  # (renderings, generation indices)
 
 
 def user_turn(text: str, system: str | None = None) -> list[Message]:

@@ -22,6 +22,7 @@ SEQSHARE_MODEL_KEY, $CREDENTIALS_DIRECTORY/seqshare-model-key (a systemd credent
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import mmap
 import os
@@ -187,7 +188,7 @@ def open_encrypted(path: Path) -> EncryptedFile:
 
 
 def _decrypt_chunks(
-    ef: EncryptedFile, aead: AESGCM, f: BinaryIO, first: int, last: int, sink: Callable[[int], memoryview]
+    ef: EncryptedFile, aead: AESGCM, f: io.BufferedReader, first: int, last: int, sink: Callable[[int], memoryview]
 ) -> None:
     """Authenticate and decrypt chunks [first, last) into the views `sink(i)` gives."""
     C = ef.chunk_size

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence as Seq
+from collections.abc import Callable, Iterable
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,7 +81,7 @@ class DecodeLoop:
 
     def run(self, pending: Seq[Sequence], on_done: Callable[[Sequence], None],
             on_token: Callable[[Sequence], None] | None = None) -> None:
-        queue, active = deque(pending), []
+        queue, active = deque(pending), list[Sequence]()
         while queue or active:
             if queue and len(active) < self.max_batch:
                 admitted = [queue.popleft() for _ in range(min(self.max_batch - len(active), len(queue)))]

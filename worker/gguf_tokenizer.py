@@ -100,8 +100,8 @@ def _post_processor(meta: dict[str, Any], tokens: list[str]) -> processors.PostP
     add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
     if not (add_bos or add_eos):
         return processors.ByteLevel(trim_offsets=False)
-    pre = [f"{tokens[bos]}:0"] if add_bos else []
-    post = [f"{tokens[eos]}:0"] if add_eos else []
+    pre = [f"{tokens[int(bos)]}:0"] if add_bos and bos is not None else []
+    post = [f"{tokens[int(eos)]}:0"] if add_eos and eos is not None else []
     specials = [
         (tokens[i], i)
         for i in {bos, eos}

@@ -67,7 +67,7 @@ def load_tokenizer_files(root: Path, cfg: dict[str, Any]) -> TokenizerFiles:
         json=text,
         chat_template=_template(root, tcfg),
         bos=bos,
-        eos=tuple(dict.fromkeys(eos)),
+        eos=tuple(dict.fromkeys(e for e in eos if e is not None)),
         pad=pad if pad is not None else next(iter(_ids(gen.get("pad_token_id"))), None),
         add_bos=bool(tcfg.get("add_bos_token", False)),
     )

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import InvalidJobError
 from .params import SamplingParams
 
-PAYLOAD_VERSION = 1
+PAYLOAD_VERSION: Literal[1] = 1
 MAX_CONTEXT_CHARS = 8 << 20  # far above any share_length; a guard against runaway producers
 MAX_QUESTION_CHARS = 64 << 10
 MAX_QUESTIONS = 1024

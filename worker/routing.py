@@ -80,6 +80,12 @@ class Keys:
         return f"{NS}workers"
 
     @staticmethod
+    def procs() -> str:
+        """Hash name -> "host pid" without a TTL: tells a live process from a dead one after the
+        liveness hash expired during a Redis outage."""
+        return f"{NS}procs"
+
+    @staticmethod
     def info_prefix() -> str:
         return f"{NS}worker:"
 
@@ -115,6 +121,11 @@ class Keys:
         return f"{NS}minute:{epoch_minute}"
 
 
+def text(raw: object) -> str:
+    """A Redis reply as str (redis-py returns bytes unless the connection decodes responses)."""
+    return raw.decode() if isinstance(raw, bytes) else str(raw)
+
+
 GROUP_TTL_S = 24 * 3600
 BELL_MAX = 64
 
@@ -135,7 +146,7 @@ def route_queues(conn: Redis, keys: Keys, ctx_keys: Sequence[str], priorities: S
     """Producer side: the queue name for each job (owner's queue if the owner is alive, else shared)."""
     if not ctx_keys:
         return []
-    owners = [o.decode() if o else None for o in conn.mget([keys.route(k) for k in ctx_keys])]
+    owners = [text(o) if o else None for o in conn.mget([keys.route(k) for k in ctx_keys])]
     alive = live_workers(conn, keys, [o for o in owners if o])
     return [keys.worker_queue(o) if o in alive else keys.shared_queue(p)
             for o, p in zip(owners, priorities, strict=True)]
@@ -172,6 +183,6 @@ def drop_routes(conn: Redis, keys: Keys, ctx_keys: Sequence[str], me: str) -> No
         return
     route_keys = [keys.route(k) for k in ctx_keys]
     owners = conn.mget(route_keys)
-    mine = [rk for rk, o in zip(route_keys, owners, strict=True) if o and o.decode() == me]
+    mine = [rk for rk, o in zip(route_keys, owners, strict=True) if o and text(o) == me]
     if mine:
         conn.delete(*mine)

@@ -2,8 +2,8 @@
 
 With a chat template: context = system prompt + user-turn opening + document; question = separator
 + question text + end of user turn + assistant opening. The context ends exactly where the document
-does, so a document with text appended later extends the cached context (partial reuse). The cut is found by rendering the
-whole conversation with a sentinel between document and question, so context text + question text
+does, so a document with text appended later extends the cached context (partial reuse). The cut is
+found by rendering the whole conversation with a sentinel between document and question, so context text + question text
 is exactly the template's rendering of the conversation (checked). Without a template the caller's
 context and question strings are used as they are.
 
@@ -29,9 +29,12 @@ RAW_TEMPLATE_ID = "raw"
 
 
 class LimitsLike(Protocol):
-    share_length: int
-    unshare_length: int
-    seq_length: int
+    @property
+    def share_length(self) -> int: ...
+    @property
+    def unshare_length(self) -> int: ...
+    @property
+    def seq_length(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -47,9 +50,10 @@ class Prompt:
 
 def _messages(context: str | Sequence[Any], system: str | None) -> list[dict[str, str]]:
     if isinstance(context, str):
-        msgs = [{"role": "system", "content": system}] if system is not None else []
-        return [*msgs, {"role": "user", "content": context}]
-    msgs = [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in context]
+        opening = [{"role": "system", "content": system}] if system is not None else []
+        return [*opening, {"role": "user", "content": context}]
+    items: Sequence[Any] = context
+    msgs: list[dict[str, Any]] = [m.model_dump() if hasattr(m, "model_dump") else dict(m) for m in items]
     if system is not None:
         raise PromptSplitError("give the system prompt either as a message or as `system`, not both")
     if not msgs or msgs[-1].get("role") != "user":
@@ -61,9 +65,9 @@ def render(template: str, messages: list[dict[str, str]], special: Mapping[str, 
     """The template's text for `messages` with the assistant opening (transformers' renderer)."""
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template([messages], chat_template=template, add_generation_prompt=True,
-                                        **{k: v for k, v in special.items() if v is not None})
-    return str(rendered[0])
+    kwargs: dict[str, Any] = {k: v for k, v in special.items() if v is not None}
+    rendered = render_jinja_template([messages], chat_template=template, add_generation_prompt=True, **kwargs)
+    return str(rendered[0][0])  # (renderings, generation indices)
 
 
 def split_chat(template: str, context: str | Sequence[Any], questions: Sequence[str],

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import json
 import logging
 import os
@@ -263,7 +264,7 @@ class Spill:
         tokens = np.frombuffer(payload, dtype="<i4", count=n).astype(np.int32)
         return SpillRecord(key, tokens, memoryview(payload)[_align(4 * n, TOKEN_ALIGN):])
 
-    def _read_mac(self, f: BinaryIO, clear: bytes, payload: bytearray) -> None:
+    def _read_mac(self, f: io.BufferedReader, clear: bytes, payload: bytearray) -> None:
         assert self._mac_key is not None
         if f.readinto(payload) != len(payload):
             raise SpillCorrupt("payload cut short")
@@ -272,7 +273,7 @@ class Spill:
         if not hmac.compare_digest(mac.digest(), f.read(MAC)):
             raise SpillCorrupt("HMAC mismatch: the file was changed or written under another directory key")
 
-    def _read_sealed(self, f: BinaryIO, clear: bytes, header: dict[str, Any], payload: bytearray) -> None:
+    def _read_sealed(self, f: io.BufferedReader, clear: bytes, header: dict[str, Any], payload: bytearray) -> None:
         assert self._master is not None
         aead = AESGCM(_hkdf(self._master, bytes.fromhex(header["salt"])))
         C = int(header["chunk_size"])
