@@ -58,8 +58,13 @@ lint: install
 	@ln -s $(CURDIR)/native/_native.pyi $(MYPY_TREE)/_native.pyi
 	cd build/mypy && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p seqshare
 
+# The peers: llama.cpp through llama-cpp-python (compiled here, several minutes the first time).
 bench: model
-	$(PY) -m bench
+	$(PIP) install "llama-cpp-python>=0.3"
+	$(PY) bench/engine.py
+	$(PY) bench/docqa.py
+	$(PY) bench/queue.py
+	$(PY) bench/bundle.py
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .mypy_cache .ruff_cache

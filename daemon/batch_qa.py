@@ -74,15 +74,32 @@ def answered_ids(path: Path) -> set[str]:
     return ids
 
 
+def repair_tail(path: Path) -> None:
+    """Cut a torn last line (a crash mid-write), so appended answers start on a line of their own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
 def _read_lines(path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    with path.open(encoding="utf-8") as f:
+    """(line number, object) per non-blank line, or (line number, why it is unusable)."""
+    with path.open("rb") as f:
         for n, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except ValueError as e:
+                obj = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                yield n, f"line {n}: not UTF-8 (byte {e.start + 1})"
+                continue
+            except json.JSONDecodeError as e:
                 yield n, f"line {n}: not JSON ({e.msg} at column {e.colno})"
+                continue
+            except RecursionError:
+                yield n, f"line {n}: JSON nested too deeply"
                 continue
             yield n, obj if isinstance(obj, dict) else f"line {n}: not a JSON object"
 
@@ -160,6 +177,7 @@ def run_qa(input_path: Path, out: Path, errors: Path | None = None, redis_url: s
     tally = Tally()
     client = Client(redis_url)
     out.parent.mkdir(parents=True, exist_ok=True)
+    repair_tail(out)
     with out.open("a", encoding="utf-8") as fout, errors.open("w", encoding="utf-8") as ferr:
         def error(cid: str | None, kind: str, message: str) -> None:
             tally.failed += 1

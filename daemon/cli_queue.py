@@ -14,6 +14,7 @@ from ..worker.params import SamplingParams
 from .client import Client, make_payload
 
 EX_CONFIG = 78
+WORKER_RETRY_S = 5.0
 _url = click.option("--redis-url", default=None, help="Redis URL [default: $SEQSHARE_REDIS_URL]")
 
 
@@ -57,8 +58,14 @@ def worker(config_file: Path | None, bundles: tuple[Path, ...], redis_url: str |
         raise click.ClickException(str(e)) from e
     from .client import connect
 
-    code = ResidentWorker(connect(settings.redis_url), settings, engines, name=wname, burst=burst,
-                          notifier=notifier, heartbeat=hb).run()
+    try:
+        # Short command retries: the worker's loop retries by itself, and a stop must not wait on a dead Redis.
+        conn = connect(settings.redis_url, retry_s=WORKER_RETRY_S)
+        code = ResidentWorker(conn, settings, engines, name=wname, burst=burst, notifier=notifier,
+                              heartbeat=hb).run()
+    except ConfigError as e:  # e.g. a live worker already has this name
+        click.echo(f"seqshare worker: {e}", err=True)
+        sys.exit(EX_CONFIG)
     sys.exit(code)
 
 
@@ -123,13 +130,16 @@ def qa(input_path: Path, out: Path, errors: Path | None, redis_url: str | None, 
     from .batch_qa import Tally, run_qa
 
     bar: Any = None
+    live = sys.stderr.isatty()  # a terminal gets a ticking clock; a log file gets a line per change
+    shown: tuple[int, int, int] | None = None
 
     def update(t: Tally) -> None:
-        nonlocal bar
-        if quiet:
+        nonlocal bar, shown
+        if quiet or (not live and shown == (t.done, t.failed, t.cached)):
             return
         if bar is None:
             bar = tqdm(total=t.total - t.skipped, unit="q", file=sys.stderr, dynamic_ncols=True)
+        shown = (t.done, t.failed, t.cached)
         bar.n = t.done + t.failed
         bar.set_postfix(done=t.done, failed=t.failed, cached=t.cached, refresh=False)
         bar.refresh()

@@ -21,6 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
 from rq.job import Job, JobStatus
+from rq.job import Retry as JobRetry
 from rq.queue import Queue
 from rq.results import Result
 from rq.serializers import JSONSerializer
@@ -29,10 +30,11 @@ from ..worker.errors import JobFailedError, LimitExceededError, QueueTimeoutErro
 from ..worker.executor import JOB_FUNCTION
 from ..worker.jobs import ChatMessage, JobPayload, Question
 from ..worker.params import SamplingParams
-from ..worker.routing import GROUP_TTL_S, Keys, ring, route_queues
+from ..worker.routing import GROUP_TTL_S, Keys, ring, route_queues, text
 from .redis_server import ENV_URL
 
 DEFAULT_URL = "redis://127.0.0.1:6379/0"
+BLOCK_S = 2.0  # longest blocking read: well under redis-py's default socket timeout (5 s)
 
 
 def default_url() -> str:
@@ -59,7 +61,7 @@ class JobHandle:
 
     def status(self) -> str:
         raw = self.connection.hget(Job.key_for(self.id), "status")
-        return raw.decode() if raw else "missing"
+        return text(raw) if raw else "missing"
 
     def progress(self) -> dict[str, Any]:
         return dict(self.job().get_meta().get("progress", {}))
@@ -69,13 +71,13 @@ class JobHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         key = Result.get_key(self.id)
         while True:
-            left = 5.0 if deadline is None else deadline - time.monotonic()
+            left = BLOCK_S if deadline is None else deadline - time.monotonic()
             if left <= 0:
                 raise QueueTimeoutError(f"job {self.id} not finished after {timeout:.1f} s ({self.status()})")
-            got = self.connection.xread({key: "0-0"}, block=max(1, int(min(left, 5.0) * 1000)))
+            got: Any = self.connection.xread({key: "0-0"}, block=max(1, int(min(left, BLOCK_S) * 1000)))
             if got:
                 entry_id, fields = got[0][1][-1]
-                res = Result.restore(self.id, entry_id.decode(), fields, connection=self.connection,
+                res = Result.restore(self.id, text(entry_id), fields, connection=self.connection,
                                      serializer=JSONSerializer)
                 if res.type == Result.Type.SUCCESSFUL:
                     return dict(res.return_value or {})
@@ -88,17 +90,20 @@ def make_payload(context: str | Sequence[dict[str, str]], questions: Iterable[tu
     qs = [q if isinstance(q, Question) else Question(custom_id=q[0], text=q[1]) for q in questions]
     ctx: Any = context if isinstance(context, str) else [ChatMessage(**m) for m in context]
     return JobPayload(model=model, context=ctx, questions=qs, params=params or SamplingParams(),
-                      cache_salt=cache_salt, priority=priority)  # type: ignore[arg-type]
+                      cache_salt=cache_salt, priority=priority)
 
 
 class Client:
     """Submit jobs to seqshare workers through Redis."""
 
     def __init__(self, redis_url: str | None = None, shared: str = "seqshare", worker_prefix: str = "seqshare:w:",
-                 job_timeout_s: int = 3600, result_ttl_s: int = 7 * 24 * 3600):
+                 job_timeout_s: int = 3600, result_ttl_s: int = 7 * 24 * 3600, retries: int = 3):
         self.connection = connect(redis_url)
         self.keys = Keys(shared, worker_prefix)
         self.job_timeout_s, self.result_ttl_s = job_timeout_s, result_ttl_s
+        # rq's abandoned-job cleanup (`rq info`, dashboards) requeues a job with retries left instead of
+        # failing it; seqshare workers recover abandoned jobs themselves as well (daemon/claims.py).
+        self.retry = JobRetry(max=retries) if retries else None
         self._queues: dict[str, Queue] = {}
 
     def _queue(self, name: str) -> Queue:
@@ -110,7 +115,7 @@ class Client:
         """Limits published by live workers, by model name."""
         import json
 
-        return {k.decode(): json.loads(v) for k, v in self.connection.hgetall(self.keys.models()).items()}
+        return {text(k): json.loads(v) for k, v in self.connection.hgetall(self.keys.models()).items()}
 
     def check_known_limits(self, payloads: Sequence[JobPayload]) -> None:
         """Fail at submit time what the producer can know without a tokenizer: the answer budget alone."""
@@ -143,7 +148,7 @@ class Client:
             for p, ctx, qname in zip(payloads, ctx_keys, targets, strict=True):
                 q = self._queue(qname)
                 job = q.create_job(JOB_FUNCTION, args=[p.to_json()], timeout=self.job_timeout_s,
-                                   result_ttl=self.result_ttl_s, failure_ttl=self.result_ttl_s,
+                                   result_ttl=self.result_ttl_s, failure_ttl=self.result_ttl_s, retry=self.retry,
                                    description=f"seqshare qa: {len(p.questions)} question(s), ctx {ctx[:12]}",
                                    meta={"ctx": ctx, "questions": len(p.questions)})
                 q.enqueue_job(job, pipeline=pipe, at_front=p.priority == "high")
@@ -159,7 +164,7 @@ class Client:
         with self.connection.pipeline(transaction=False) as p:
             for j in job_ids:
                 p.hget(Job.key_for(j), "status")
-            return [s.decode() if s else "missing" for s in p.execute()]
+            return [text(s) if s else "missing" for s in p.execute()]
 
     def outcome(self, job_id: str) -> tuple[str, dict[str, Any] | str]:
         """('finished', result) or ('failed', reason) for a job known to be done."""

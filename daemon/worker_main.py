@@ -3,7 +3,9 @@
 Why not rq's Worker: it forks a work horse per job (throwing away the model and the prefix cache)
 and pops one job at a time. This loop keeps rq's data model (queues, job hashes, registries,
 results, the worker registry: `rq info` shows us) but claims jobs atomically (daemon/claims.py),
-batches queued jobs that share a context, and runs them in-process.
+batches queued jobs that share a context, runs them in-process, and brings back the jobs of workers
+that died (daemon/recovery.py). A Redis outage is waited out: the connection retries, and jobs
+claimed around a lost reply are given back.
 
 Signals: the first SIGTERM/SIGINT finishes the current batch and exits 0; a second one stops at the
 next safe point (the engine's progress callback, between decode steps) and gives the batch back to
@@ -13,6 +15,7 @@ cached contexts alive while the main thread sits in a long native call (the GIL 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -39,10 +42,12 @@ from ..worker.errors import SeqshareError
 from ..worker.executor import Engines, describe_error
 from ..worker.jobs import JobPayload
 from ..worker.routing import Keys, own_or_forward, refresh_routes
-from .claims import Claims, recover_dead
+from .claims import Claims
 from .config import Settings
 from .logs import job_context
 from .notify import Heartbeat, Notifier, format_status
+from .recovery import drain_queue, proc_entry, recover_dead, recover_own
+from .reload import Reloader
 from .worker_stats import WorkerStats, publish_models, write_metrics
 
 log = logging.getLogger(__name__)
@@ -79,7 +84,8 @@ class ResidentWorker:
         self.beat_s = float(os.environ.get(ENV_HEARTBEAT, "2.0"))
         self.ttl_s = max(3, int(self.beat_s * 5))
         self.route_ttl_s = max(60, self.ttl_s * 4)
-        self.claims = Claims(conn, self.keys, self.name, self.ttl_s)
+        self.max_retries = settings.queue.max_retries
+        self.claims = Claims(conn, self.keys, self.name, self.ttl_s, self.max_retries)
         self.notifier = notifier or Notifier()
         self.hb = heartbeat or Heartbeat.from_env(self.notifier)
         self.stats = WorkerStats()
@@ -87,6 +93,8 @@ class ResidentWorker:
         self.running: list[tuple[Job, Execution]] = []
         self._lock = threading.Lock()
         self._stop = self._abort = False
+        self._resync = False  # after a Redis error: jobs may sit in our claimed list unknown to us
+        self._proc = proc_entry()  # identifies this process in the procs hash
         self._beat_stop = threading.Event()
         self._last_meta: dict[str, float] = {}
         self.rq = SimpleWorker([Queue(q, connection=conn, serializer=JSONSerializer) for q in self.queues],
@@ -96,7 +104,8 @@ class ResidentWorker:
     # --- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        recover_dead(self.conn, self.keys, self.name)
+        recover_own(self.conn, self.keys, self.name, self.max_retries)
+        recover_dead(self.conn, self.keys, self.name, self.max_retries)
         self._register()
         executor.install(self.engines)
         beat = threading.Thread(target=self._beat_loop, name="seqshare-heartbeat", daemon=True)
@@ -118,10 +127,12 @@ class ResidentWorker:
         return 0
 
     def _install_signals(self) -> None:
+        self.reloader = Reloader(self)  # SIGHUP: reread the config, reload changed bundles (daemon/reload.py)
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self.reloader.request)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         if self._stop:
@@ -136,16 +147,19 @@ class ResidentWorker:
         self.rq.register_birth()
         self.rq.set_state(WorkerStatus.IDLE)
         with self.conn.pipeline() as p:
-            p.sadd(self.keys.workers(), self.name)
             self._publish(p, "idle")
             publish_models(p, self.keys, self.engines)
             p.execute()
 
     def _unregister(self) -> None:
         try:
-            with self.conn.pipeline() as p:
+            self.conn.delete(self.keys.info(self.name))  # first: producers and peers stop routing to us
+            self.claims.give_back(self.claims.pending())  # normally none: a stop gives its batch back
+            drain_queue(self.conn, self.keys, self.queues[0])  # jobs routed to us: to the shared queue
+            with self.conn.pipeline() as p:  # last: until here a peer would recover what we leave
                 p.srem(self.keys.workers(), self.name)
-                p.delete(self.keys.info(self.name), self.keys.claimed(self.name))
+                p.hdel(self.keys.procs(), self.name)
+                p.delete(self.keys.claimed(self.name))
                 p.execute()
             self.rq.register_death()
         except (ConnectionError, TimeoutError) as e:
@@ -156,7 +170,11 @@ class ResidentWorker:
         wait = 0.5
         while not self._stop:
             self.hb.progress()
+            self.reloader.maybe_reload()  # between batches only: no job sees its engine replaced
             try:
+                if self._resync:
+                    self.claims.give_back(self.claims.pending())
+                    self._resync = False
                 if not self._step():
                     if self.burst:
                         return
@@ -165,7 +183,10 @@ class ResidentWorker:
                 wait = 0.5
             except (ConnectionError, TimeoutError) as e:
                 log.warning("Redis unreachable (%s); retrying in %.1f s", e, wait)
-                time.sleep(wait)
+                self._resync = True
+                deadline = time.monotonic() + wait  # slept in slices: a stop signal is not kept waiting
+                while not self._stop and time.monotonic() < deadline:
+                    time.sleep(0.1)
                 wait = min(wait * 2, 30.0)
 
     def _step(self) -> bool:
@@ -210,29 +231,33 @@ class ResidentWorker:
         execs = self.claims.start([it.job for it in group], group[0].ctx)
         with self._lock:
             self.running = [(it.job, execs[it.job.id]) for it in group]
-        self.rq.set_state(WorkerStatus.BUSY)
-        self.rq.set_current_job_id(group[0].job.id)
-        outcomes: list[Any]
+        try:
+            self.rq.set_state(WorkerStatus.BUSY)
+            self.rq.set_current_job_id(group[0].job.id)
+            outcomes = self._compute(group)
+            for it, out in zip(group, outcomes, strict=True):
+                if isinstance(out, BaseException):
+                    self._finish(it.job, execs[it.job.id], None, describe_error(out))
+                else:
+                    self._finish(it.job, execs[it.job.id], out, None)
+                    self._hold(it.ctx)
+        finally:
+            with self._lock:
+                self.running = []
+        self.rq.set_current_job_id(None)
+        self.rq.set_state(WorkerStatus.IDLE)
+
+    def _compute(self, group: list[Item]) -> list[Any]:
         with job_context(group[0].job.id, group[0].ctx), self.hb.busy():
             try:
-                outcomes = executor.run_group(self.engines, [it.payload for it in group], self.name,
-                                              progress=self._progress_for(group))
+                return executor.run_group(self.engines, [it.payload for it in group], self.name,
+                                          progress=self._progress_for(group))
             except StopNow:
                 self.claims.give_back([it.job.id for it in group])
                 raise
             except Exception as e:  # a bug in the engine: every job of the group fails with it
                 log.exception("engine failed on a group of %d job(s)", len(group))
-                outcomes = [SeqshareError(f"internal error: {type(e).__name__}: {e}")] * len(group)
-        for it, out in zip(group, outcomes, strict=True):
-            if isinstance(out, BaseException):
-                self._finish(it.job, execs[it.job.id], None, describe_error(out))
-            else:
-                self._finish(it.job, execs[it.job.id], out, None)
-                self._hold(it.ctx)
-        with self._lock:
-            self.running = []
-        self.rq.set_current_job_id(None)
-        self.rq.set_state(WorkerStatus.IDLE)
+                return [SeqshareError(f"internal error: {type(e).__name__}: {e}")] * len(group)
 
     def _progress_for(self, group: list[Item]) -> Callable[[int, int, int], None]:
         def progress(i: int, done: int, tokens: int) -> None:
@@ -245,7 +270,8 @@ class ResidentWorker:
                 self._last_meta[job.id] = t
                 job.meta["progress"] = {"questions_done": done, "questions": len(group[i].payload.questions),
                                         "tokens_generated": tokens}
-                job.save_meta()
+                with contextlib.suppress(ConnectionError, TimeoutError):  # advisory: an outage must not fail it
+                    job.save_meta()
         return progress
 
     def _finish(self, job: Job, execution: Execution | None, result: dict[str, Any] | None,
@@ -255,7 +281,9 @@ class ResidentWorker:
         wait = 0.5
         while True:
             try:
-                self.claims.finish(job, execution, result, error, self.settings.queue.result_ttl_s, counters)
+                if not self.claims.finish(job, execution, result, error, self.settings.queue.result_ttl_s,
+                                          counters):
+                    log.warning("job %s already had a result from another run; this one is dropped", job.id)
                 self._last_meta.pop(job.id, None)
                 return
             except (ConnectionError, TimeoutError) as e:
@@ -287,7 +315,7 @@ class ResidentWorker:
                 refresh_routes(self.conn, self.keys, list(self.held), self.name, self.route_ttl_s)
                 if time.monotonic() - last_recover > self.beat_s * 2:
                     last_recover = time.monotonic()
-                    recover_dead(self.conn, self.keys, self.name)
+                    recover_dead(self.conn, self.keys, self.name, self.max_retries)
                 self.notifier.status(self._status_text(state))
                 if self.settings.metrics_file is not None:
                     write_metrics(self.conn, self.keys, self.settings.metrics_file)
@@ -297,6 +325,9 @@ class ResidentWorker:
                 log.exception("heartbeat failed")
 
     def _publish(self, p: Any, state: str) -> None:
+        # Re-added every beat: a peer that took us for dead (our hash expired in a Redis outage) removed us.
+        p.sadd(self.keys.workers(), self.name)
+        p.hset(self.keys.procs(), self.name, self._proc)
         info = self.keys.info(self.name)
         p.hset(info, mapping={"hostname": socket.gethostname(), "pid": os.getpid(), "state": state,
                               "models": ",".join(self.engines.by_name), "cached_prefixes": self._cached_prefixes(),
@@ -313,7 +344,8 @@ class ResidentWorker:
                              self.stats.hit_rate())
 
 
-def load_engines(settings: Settings, progress: Callable[[], None] | None = None) -> Engines:
+def load_engines(settings: Settings, progress: Callable[[], None] | None = None,
+                 check_memory: bool = True) -> Engines:
     """Load every configured bundle once and wrap it in DocQA.
 
     Bundles with one weight digest share the weights (the loader) and one prefix cache and spill
@@ -329,6 +361,10 @@ def load_engines(settings: Settings, progress: Callable[[], None] | None = None)
     from ..worker.prefix_cache import PrefixCache
     from ..worker.spill import Spill
 
+    if check_memory:  # refuse an over-budget config (a ConfigError: exit 78) before loading anything
+        from .memory_plan import prepare_memory
+
+        prepare_memory(settings)
     tick = progress or (lambda: None)
     caches: dict[str, tuple[PrefixCache, Spill]] = {}
     engines: dict[str, Any] = {}

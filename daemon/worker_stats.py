@@ -19,7 +19,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegist
 from rq.serializers import JSONSerializer
 
 from ..worker.executor import Engines
-from ..worker.routing import Keys
+from ..worker.routing import Keys, text
 
 COUNTERS = ("jobs_done", "jobs_failed", "questions", "tokens_generated", "prefix_hits", "prefix_misses",
             "context_tokens_prefilled", "tokens_saved")
@@ -71,8 +71,8 @@ def publish_models(p: Any, keys: Keys, engines: Engines) -> None:
                                                 ("share_length", "unshare_length", "seq_length")}))
 
 
-def _ints(raw: dict[bytes, bytes]) -> dict[str, int]:
-    return {k.decode(): int(v) for k, v in raw.items()}
+def _ints(raw: dict[Any, Any]) -> dict[str, int]:
+    return {text(k): int(v) for k, v in raw.items()}
 
 
 def snapshot(conn: Redis, keys: Keys) -> dict[str, Any]:
@@ -80,13 +80,15 @@ def snapshot(conn: Redis, keys: Keys) -> dict[str, Any]:
     queues = {}
     for name in keys.shared_queues():
         q = Queue(name, connection=conn, serializer=JSONSerializer)
-        queues[name] = {"queued": q.count, "started": len(StartedJobRegistry(name, connection=conn)),
-                        "finished": len(FinishedJobRegistry(name, connection=conn)),
-                        "failed": len(FailedJobRegistry(name, connection=conn))}
+        # Counting runs rq's registry cleanup, which reads job hashes: they hold JSON, never pickle.
+        regs = [r(name, connection=conn, serializer=JSONSerializer)
+                for r in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry)]
+        queues[name] = {"queued": q.count, **{s: len(r) for s, r in zip(("started", "finished", "failed"), regs,
+                                                                        strict=True)}}
     workers = []
     for raw in sorted(conn.smembers(keys.workers())):
-        name = raw.decode()
-        info = {k.decode(): v.decode() for k, v in conn.hgetall(keys.info(name)).items()}
+        name = text(raw)
+        info = {text(k): text(v) for k, v in conn.hgetall(keys.info(name)).items()}
         own = keys.worker_queue(name)
         workers.append({"name": name, "alive": bool(info), "state": info.get("state", "dead"),
                         "host": info.get("hostname"), "pid": int(info.get("pid", 0) or 0),
@@ -110,6 +112,11 @@ def snapshot(conn: Redis, keys: Keys) -> dict[str, Any]:
     }
 
 
+def _esc(label: str) -> str:
+    """A label value as the text format wants it (worker and queue names come from configuration)."""
+    return label.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
 def prometheus_text(snap: dict[str, Any]) -> str:
     """The same figures in the Prometheus text exposition format."""
     out = []
@@ -124,13 +131,13 @@ def prometheus_text(snap: dict[str, Any]) -> str:
     metric("prefix_hit_ratio", "gauge", "prefix cache hit rate over all jobs",
            [("", snap["hit_rate"] if snap["hit_rate"] is not None else float("nan"))])
     metric("queue_jobs", "gauge", "jobs by queue and state",
-           [(f'{{queue="{q}",state="{s}"}}', n) for q, v in snap["queues"].items() for s, n in v.items()])
+           [(f'{{queue="{_esc(q)}",state="{s}"}}', n) for q, v in snap["queues"].items() for s, n in v.items()])
     metric("worker_up", "gauge", "1 if the worker's liveness key is current",
-           [(f'{{worker="{w["name"]}"}}', int(w["alive"])) for w in snap["workers"]])
+           [(f'{{worker="{_esc(w["name"])}"}}', int(w["alive"])) for w in snap["workers"]])
     metric("worker_cached_prefixes", "gauge", "contexts whose prefix a worker holds",
-           [(f'{{worker="{w["name"]}"}}', w["cached_prefixes"]) for w in snap["workers"]])
+           [(f'{{worker="{_esc(w["name"])}"}}', w["cached_prefixes"]) for w in snap["workers"]])
     metric("worker_queued_jobs", "gauge", "jobs routed to a worker's own queue",
-           [(f'{{worker="{w["name"]}"}}', w["queued"]) for w in snap["workers"]])
+           [(f'{{worker="{_esc(w["name"])}"}}', w["queued"]) for w in snap["workers"]])
     metric("questions_per_minute", "gauge", "answered questions per minute, last 5 minutes",
            [("", snap["throughput_per_min"]["questions"])])
     return "\n".join(out) + "\n"

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
@@ -40,6 +43,28 @@ def compile_tiny_bundle(directory: Path) -> Path:
     return out
 
 
+def tiny_bundle_once(factory: pytest.TempPathFactory) -> Path:
+    """The tiny bundle, compiled once per test session for every queue test module."""
+    directory = factory.getbasetemp() / "queue-tiny-bundle"
+    done = directory / "done"
+    if not done.exists():
+        directory.mkdir(exist_ok=True)
+        compile_tiny_bundle(directory)
+        done.touch()
+    return directory / "tiny.bundle"
+
+
+_STARTED: list[subprocess.Popen[Any]] = []
+
+
+@atexit.register
+def _kill_leftovers() -> None:
+    """A test that failed half way may leave a worker running: never let it outlive the test session."""
+    for proc in _STARTED:
+        if proc.poll() is None:
+            proc.kill()
+
+
 class WorkerProc:
     """One `seqshare worker` process with its stderr in a log file."""
 
@@ -49,9 +74,11 @@ class WorkerProc:
         self.log_path = log_dir / f"{name}.log"
         cmd = [SEQSHARE, "worker", "--bundle", str(bundle), "--redis-url", url, "--name", name,
                "--threads", "1", *extra]
-        full_env = {**os.environ, **WORKER_ENV, "SEQSHARE_HOME": str(log_dir / "home"), **(env or {})}
+        # A home (so a prefix spill directory) per worker name, as separate service instances would have.
+        full_env = {**os.environ, **WORKER_ENV, "SEQSHARE_HOME": str(log_dir / f"home-{name}"), **(env or {})}
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        _STARTED.append(self.proc)
 
     def wait_ready(self, timeout: float = 60.0) -> WorkerProc:
         conn = redis.Redis.from_url(self.url)
@@ -62,6 +89,7 @@ class WorkerProc:
             if conn.exists(f"seqshare:worker:{self.name}"):
                 return self
             time.sleep(0.05)
+        self.proc.kill()
         raise AssertionError(f"worker {self.name} not ready after {timeout} s:\n{self.log()}")
 
     def signal(self, sig: int) -> None:
@@ -92,14 +120,18 @@ class WorkerProc:
 
 
 def write_qa_input(path: Path, docs: list[str], per_doc: int, interleave: bool = True,
-                   max_new_tokens: int = 6, prefix: str = "") -> list[str]:
-    """`per_doc` questions per document as qa lines; returns the custom_ids in file order."""
-    rows = []
+                   max_new_tokens: int = 6, prefix: str = "", stagger: int = 0) -> list[str]:
+    """`per_doc` questions per document as qa lines; returns the custom_ids in file order.
+
+    `stagger`: question q gets `max_new_tokens - q * stagger` tokens, so a job's questions finish one
+    after another (the engine reports progress as questions finish)."""
+    rows: list[dict[str, Any]] = []
     order = [(q, d) for q in range(per_doc) for d in range(len(docs))] if interleave else \
         [(q, d) for d in range(len(docs)) for q in range(per_doc)]
     for q, d in order:
         rows.append({"custom_id": f"{prefix}d{d}-q{q}", "document": docs[d],
-                     "question": f"What jumps over the dog {q}?", "params": {"max_new_tokens": max_new_tokens}})
+                     "question": f"What jumps over the dog {q}?",
+                     "params": {"max_new_tokens": max_new_tokens - q * stagger}})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return [r["custom_id"] for r in rows]
 
@@ -108,3 +140,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def start_qa(url: str, input_path: Path, out: Path, *extra: str) -> subprocess.Popen[str]:
+    """`seqshare qa` in a subprocess (stdout/stderr captured as text)."""
+    cmd = [SEQSHARE, "qa", str(input_path), "--out", str(out), "--redis-url", url, "--timeout", "120", *extra]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _STARTED.append(proc)
+    return proc
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while not (got := cond()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+    return got

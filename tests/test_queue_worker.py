@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -9,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, WorkerProc, compile_tiny_bundle
+from queue_helpers import DOCS, WorkerProc, tiny_bundle_once
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
 from rq.serializers import JSONSerializer
 from seqshare.daemon.client import Client
+from seqshare.daemon.worker_main import unique_name
 from seqshare.worker.errors import JobFailedError, LimitExceededError
 from seqshare.worker.executor import JOB_FUNCTION
 from seqshare.worker.jobs import Question
@@ -25,7 +27,7 @@ LONG_TOKENS = 330  # the tiny random model never stops early
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return compile_tiny_bundle(tmp_path_factory.mktemp("tiny"))
+    return tiny_bundle_once(tmp_path_factory)
 
 
 @pytest.fixture
@@ -157,3 +159,15 @@ def test_second_sigterm_stops_early_and_requeues(redis_url: str, tiny_bundle: Pa
     assert w2.wait(60) == 0
     assert client.statuses([jid]) == ["finished"]
     assert stopped_after < time.monotonic() - t1
+
+
+def test_worker_names_are_unique_and_a_live_name_is_not_taken_twice(redis_url: str, tiny_bundle: Path,
+                                                                    worker: WorkerProc, tmp_path: Path) -> None:
+    a, b = unique_name(), unique_name()
+    assert a != b and f".{os.getpid()}." in a
+    (tmp_path / "twin").mkdir()
+    twin = WorkerProc(redis_url, tiny_bundle, tmp_path / "twin", "w1")
+    assert twin.wait(60) == 78, twin.log()  # EX_CONFIG: systemd does not restart it in a loop
+    assert "a worker named w1 is already running" in twin.log()
+    assert worker.proc.poll() is None
+    assert Client(redis_url).submit(DOCS[0], [("x", "Who?")], params=SamplingParams(max_new_tokens=2)).wait(30)
