@@ -33,14 +33,14 @@ struct Tile {
 template <int D, typename E>
 void key_rows(const AttnArgs& a, int kvh, int t, int lo, int hi, const E** kp, const E** vp) {
   const KeySpans& ks = a.job->keys;
-  const std::size_t stride = static_cast<std::size_t>(a.n_kv_heads) * D;
   for (int i = lo; i < hi;) {
     int row;
     const KVSpan& sp = key_span(ks, t + i, row);
     const int end = std::min(hi, sp.pos0 + sp.len - t);
-    const E* k = static_cast<const E*>(sp.k) + (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
-    const E* v = static_cast<const E*>(sp.v) + (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
-    for (; i < end; ++i, k += stride, v += stride) {
+    const std::size_t off = static_cast<std::size_t>(row) * sp.row_stride + kvh * sp.head_stride;
+    const E* k = static_cast<const E*>(sp.k) + off;
+    const E* v = static_cast<const E*>(sp.v) + off;
+    for (; i < end; ++i, k += sp.row_stride, v += sp.row_stride) {
       kp[i] = k;
       vp[i] = v;
     }
@@ -80,20 +80,21 @@ void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
     for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + key * D + d0, load8(vp[key] + d0));
 }
 
-// Ask for the next tile's rows (all kv heads: whole, contiguous rows) while this one is computed.
+// Ask for the rows of a later tile (every kv head) while this one is computed.
 template <int D, typename E>
 void prefetch_tile(const AttnArgs& a, int t, int hi) {
   if (hi <= 0) return;
   const E* kp[kKeys];
   const E* vp[kKeys];
-  key_rows<D>(a, 0, t, 0, hi, kp, vp);
-  const int row_elems = a.n_kv_heads * D;
   constexpr int kLine = 64 / sizeof(E);
-  for (int i = 0; i < hi; ++i)
-    for (int d = 0; d < row_elems; d += kLine) {
-      _mm_prefetch(reinterpret_cast<const char*>(kp[i] + d), _MM_HINT_T1);
-      _mm_prefetch(reinterpret_cast<const char*>(vp[i] + d), _MM_HINT_T1);
-    }
+  for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
+    key_rows<D>(a, kvh, t, 0, hi, kp, vp);
+    for (int i = 0; i < hi; ++i)
+      for (int d = 0; d < D; d += kLine) {
+        _mm_prefetch(reinterpret_cast<const char*>(kp[i] + d), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(vp[i] + d), _MM_HINT_T1);
+      }
+  }
 }
 
 struct RowState {

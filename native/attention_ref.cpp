@@ -36,7 +36,7 @@ void attention_ref(const AttnArgs& a, int n0, int n1, int b) {
       for (int p = bk.lo; p < limit; ++p) {
         int row;
         const KVSpan& sp = key_span(job.keys, p, row);
-        const std::size_t base = (static_cast<std::size_t>(row) * a.n_kv_heads + kvh) * D;
+        const std::size_t base = static_cast<std::size_t>(row) * sp.row_stride + kvh * sp.head_stride;
         double sc = 0.0;
         for (int i = 0; i < D; ++i) sc += static_cast<double>(q[i]) * kv_at(sp.k, sp.f16, base + i);
         sc *= a.scale;

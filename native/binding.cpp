@@ -147,7 +147,8 @@ static void bind_kernels(py::module_& m) {
       throw std::invalid_argument("attention: head_dim or q_pos length mismatch");
     const bool f16 = k.itemsize() == 2;
     KVSpan span{raw(k, "k", f16 ? "fu" : "f", f16 ? 2 : 4), raw(v, "v", f16 ? "fu" : "f", f16 ? 2 : 4),
-                static_cast<int>(k.shape(0)), pos0, f16};
+                static_cast<int>(k.shape(0)), pos0, f16, static_cast<std::size_t>(k.shape(1) * k.shape(2)),
+                static_cast<std::size_t>(k.shape(2))};
     const KernelTable& kt = table_arg(isa);
     const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
     py::array_t<float> out({N, H, D});
@@ -244,19 +245,21 @@ static void bind_kernels(py::module_& m) {
   }, py::arg("y"), py::arg("x"), py::arg("isa") = "", "y + x (the residual add_inplace kernel).");
 
   m.def("kv_store", [](py::array cache, int row0, Dense<float> src) {
-    if (cache.ndim() != 2 || src.ndim() != 2 || src.shape(1) != cache.shape(1))
-      throw std::invalid_argument("kv_store: cache (rows, kv_dim) and src (N, kv_dim) expected");
+    if (cache.ndim() != 3 || src.ndim() != 2 || src.shape(1) != cache.shape(0) * cache.shape(2))
+      throw std::invalid_argument("kv_store: cache (n_kv_heads, capacity, head_dim) and src (N, kv_dim) expected");
     if (!cache.writeable()) throw std::invalid_argument("kv_store: cache is read-only");
-    if (row0 < 0 || row0 + src.shape(0) > cache.shape(0)) throw std::invalid_argument("kv_store: rows out of range");
+    if (row0 < 0 || row0 + src.shape(0) > cache.shape(1)) throw std::invalid_argument("kv_store: rows out of range");
     const bool f16 = cache.itemsize() == 2;
     void* pc = const_cast<void*>(raw(cache, "cache", f16 ? "fu" : "f", f16 ? 2 : 4));
     const float* ps = src.data();
-    const int N = static_cast<int>(src.shape(0)), kv_dim = static_cast<int>(src.shape(1));
+    const int N = static_cast<int>(src.shape(0)), H = static_cast<int>(cache.shape(0)), D = static_cast<int>(cache.shape(2));
+    const std::size_t head_stride = static_cast<std::size_t>(cache.shape(1)) * D;
     {
       py::gil_scoped_release nogil;
-      kv_store(pc, f16, row0, ps, N, kv_dim);
+      kv_store(pc, f16, row0, ps, N, H, D, head_stride);
     }
-  }, py::arg("cache"), py::arg("row0"), py::arg("src"), "Write rows into a float16 or float32 KV cache in place.");
+  }, py::arg("cache"), py::arg("row0"), py::arg("src"),
+     "Write rows into one float16 or float32 head-major KV plane (n_kv_heads, capacity, head_dim) in place.");
 }
 
 // ---- model: the forward pass and its KV caches (native/model.h, native/kv.h) -------------------
@@ -395,13 +398,16 @@ static void kv_import(KVCache& kv, const py::buffer& b, int length) {
 
 static void bind_model(py::module_& m) {
   py::class_<KVCache, std::unique_ptr<KVCache>>(m, "KV", "KV cache rows of every layer (float16 or float32).")
-      .def(py::init([](int n_layers, int kv_dim, int capacity, const std::string& dtype) {
+      .def(py::init([](int n_layers, int n_kv_heads, int head_dim, int capacity, const std::string& dtype) {
              if (dtype != "f16" && dtype != "f32") throw std::invalid_argument("KV dtype must be 'f16' or 'f32'");
-             return std::make_unique<KVCache>(n_layers, kv_dim, capacity, dtype == "f16");
+             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16");
            }),
-           py::arg("n_layers"), py::arg("kv_dim"), py::arg("capacity"), py::arg("dtype") = "f16")
+           py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("capacity"),
+           py::arg("dtype") = "f16")
       .def_property_readonly("n_layers", &KVCache::n_layers)
       .def_property_readonly("kv_dim", &KVCache::kv_dim)
+      .def_property_readonly("n_kv_heads", &KVCache::n_kv_heads)
+      .def_property_readonly("head_dim", &KVCache::head_dim)
       .def_property_readonly("capacity", &KVCache::capacity)
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("dtype", [](const KVCache& kv) { return std::string(kv.f16() ? "f16" : "f32"); })
@@ -412,7 +418,7 @@ static void bind_model(py::module_& m) {
       .def("copy", [](const KVCache& kv, int capacity) { return kv.copy(capacity < 0 ? kv.length() : capacity); },
            py::arg("capacity") = -1, "A copy of the valid rows with room for `capacity` rows (default: exactly them).")
       .def("append", &KVCache::append, py::arg("other"), "Append another cache's valid rows after this one's.")
-      .def("export_bytes", &kv_export, "The valid rows as bytes: per layer, K rows then V rows.")
+      .def("export_bytes", &kv_export, "The valid rows as bytes: per layer, K then V, each kv head's rows in turn.")
       .def("import_bytes", &kv_import, py::arg("data"), py::arg("length"),
            "Replace the contents with `length` rows in export_bytes() layout.")
       .def("layer_f32", [](const KVCache& kv, int layer) {

@@ -34,10 +34,10 @@ std::uint8_t* alloc_bytes(std::size_t n) {
 }
 }  // namespace
 
-KVCache::KVCache(int n_layers, int kv_dim, int capacity, bool f16)
-    : n_layers_(n_layers), kv_dim_(kv_dim), capacity_(capacity), f16_(f16) {
-  if (n_layers <= 0 || kv_dim <= 0 || capacity < 0)
-    throw std::invalid_argument("KV: n_layers and kv_dim must be positive and capacity >= 0");
+KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16)
+    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), head_dim_(head_dim), capacity_(capacity), f16_(f16) {
+  if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
+    throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   base_ = alloc_bytes(nbytes());
 }
 
@@ -57,7 +57,7 @@ void KVCache::advance(int n) {
 
 void KVCache::reserve(int capacity) {
   if (capacity <= capacity_) return;
-  KVCache bigger(n_layers_, kv_dim_, capacity, f16_);
+  KVCache bigger(n_layers_, n_kv_heads_, head_dim_, capacity, f16_);
   bigger.append(*this);
   std::swap(base_, bigger.base_);
   std::swap(capacity_, bigger.capacity_);
@@ -65,64 +65,72 @@ void KVCache::reserve(int capacity) {
 
 std::unique_ptr<KVCache> KVCache::copy(int capacity) const {
   if (capacity < length_) throw std::invalid_argument("KV: copy capacity below the valid length");
-  auto c = std::make_unique<KVCache>(n_layers_, kv_dim_, capacity, f16_);
+  auto c = std::make_unique<KVCache>(n_layers_, n_kv_heads_, head_dim_, capacity, f16_);
   c->append(*this);
   return c;
 }
 
+void KVCache::copy_rows(const KVCache& src, int s0, KVCache& dst, int d0, int n) {
+  const std::size_t row = static_cast<std::size_t>(src.head_dim_) * src.elem_bytes();
+  for (int l = 0; l < src.n_layers_; ++l)
+    for (int which = 0; which < 2; ++which) {
+      const auto* sp = static_cast<const std::uint8_t*>(which ? src.v(l) : src.k(l));
+      auto* dp = static_cast<std::uint8_t*>(which ? dst.v(l) : dst.k(l));
+      for (int h = 0; h < src.n_kv_heads_; ++h)
+        std::memcpy(dp + (h * dst.head_stride() * dst.elem_bytes()) + d0 * row,
+                    sp + (h * src.head_stride() * src.elem_bytes()) + s0 * row, n * row);
+    }
+}
+
 void KVCache::append(const KVCache& other) {
-  if (other.n_layers_ != n_layers_ || other.kv_dim_ != kv_dim_ || other.f16_ != f16_)
-    throw std::invalid_argument("KV: append needs the same layers, width and dtype");
+  if (other.n_layers_ != n_layers_ || other.n_kv_heads_ != n_kv_heads_ || other.head_dim_ != head_dim_ ||
+      other.f16_ != f16_)
+    throw std::invalid_argument("KV: append needs the same layers, heads, width and dtype");
   if (&other == this) throw std::invalid_argument("KV: cannot append a cache to itself");
   if (length_ + other.length_ > capacity_)
     throw std::invalid_argument("KV: append of " + std::to_string(other.length_) + " rows exceeds capacity " +
                                 std::to_string(capacity_) + " (has " + std::to_string(length_) + ")");
-  const std::size_t off = static_cast<std::size_t>(length_) * row_bytes();
-  const std::size_t n = static_cast<std::size_t>(other.length_) * row_bytes();
-  for (int l = 0; l < n_layers_; ++l) {
-    std::memcpy(static_cast<std::uint8_t*>(k(l)) + off, other.k(l), n);
-    std::memcpy(static_cast<std::uint8_t*>(v(l)) + off, other.v(l), n);
-  }
+  copy_rows(other, 0, *this, length_, other.length_);
   length_ += other.length_;
 }
 
 void KVCache::export_to(void* dst) const {
   auto* out = static_cast<std::uint8_t*>(dst);
-  const std::size_t n = static_cast<std::size_t>(length_) * row_bytes();
-  for (int l = 0; l < n_layers_; ++l) {
-    std::memcpy(out, k(l), n);
-    std::memcpy(out + n, v(l), n);
-    out += 2 * n;
-  }
+  const std::size_t n = static_cast<std::size_t>(length_) * head_dim_ * elem_bytes();
+  for (int l = 0; l < n_layers_; ++l)
+    for (int which = 0; which < 2; ++which)
+      for (int h = 0; h < n_kv_heads_; ++h, out += n)
+        std::memcpy(out, static_cast<const std::uint8_t*>(which ? v(l) : k(l)) + h * head_stride() * elem_bytes(), n);
 }
 
 void KVCache::import_from(const void* src, std::size_t bytes, int length) {
   if (length < 0 || length > capacity_)
     throw std::invalid_argument("KV: import of " + std::to_string(length) + " rows exceeds capacity " +
                                 std::to_string(capacity_));
-  const std::size_t n = static_cast<std::size_t>(length) * row_bytes();
-  if (bytes != 2 * n * n_layers_)
-    throw std::invalid_argument("KV: import expects " + std::to_string(2 * n * n_layers_) + " bytes, got " +
-                                std::to_string(bytes));
+  const std::size_t n = static_cast<std::size_t>(length) * head_dim_ * elem_bytes();
+  const std::size_t want = 2 * n * n_kv_heads_ * n_layers_;
+  if (bytes != want)
+    throw std::invalid_argument("KV: import expects " + std::to_string(want) + " bytes, got " + std::to_string(bytes));
   const auto* in = static_cast<const std::uint8_t*>(src);
-  for (int l = 0; l < n_layers_; ++l) {
-    std::memcpy(k(l), in, n);
-    std::memcpy(v(l), in + n, n);
-    in += 2 * n;
-  }
+  for (int l = 0; l < n_layers_; ++l)
+    for (int which = 0; which < 2; ++which)
+      for (int h = 0; h < n_kv_heads_; ++h, in += n)
+        std::memcpy(static_cast<std::uint8_t*>(which ? v(l) : k(l)) + h * head_stride() * elem_bytes(), in, n);
   length_ = length;
 }
 
 void KVCache::rows_f32(int layer, int which, float* dst) const {
   if (layer < 0 || layer >= n_layers_) throw std::invalid_argument("KV: layer out of range");
-  const void* src = which == 0 ? k(layer) : v(layer);
-  const std::size_t n = static_cast<std::size_t>(length_) * kv_dim_;
-  if (!f16_) {
-    std::memcpy(dst, src, n * sizeof(float));
-    return;
-  }
-  const auto* h = static_cast<const std::uint16_t*>(src);
-  for (std::size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(h[i]);
+  const void* plane = which == 0 ? k(layer) : v(layer);
+  const int D = head_dim_, kvd = kv_dim();
+  for (int h = 0; h < n_kv_heads_; ++h)
+    for (int r = 0; r < length_; ++r) {
+      const std::size_t src = h * head_stride() + static_cast<std::size_t>(r) * D;
+      float* out = dst + static_cast<std::size_t>(r) * kvd + h * D;
+      for (int d = 0; d < D; ++d)
+        out[d] = f16_ ? f16_to_f32(static_cast<const std::uint16_t*>(plane)[src + d])
+                      : static_cast<const float*>(plane)[src + d];
+    }
 }
 
 }  // namespace seqshare

@@ -64,7 +64,7 @@ void Model::check(const SeqRef* seqs, int n_seqs, int N, const std::int32_t* log
     const SeqRef& q = seqs[s];
     if (!q.kv || q.n_tokens <= 0) throw std::invalid_argument("forward: sequence " + str(s) + " has no KV or no tokens");
     for (const KVCache* c : {static_cast<const KVCache*>(q.kv), q.prefix}) {
-      if (c && (c->n_layers() != d_.n_layers || c->kv_dim() != d_.kv_dim()))
+      if (c && (c->n_layers() != d_.n_layers || c->n_kv_heads() != d_.n_kv_heads || c->head_dim() != d_.head_dim))
         throw std::invalid_argument("forward: a KV of sequence " + str(s) + " does not match the model's shape");
     }
     if (q.prefix == q.kv) throw std::invalid_argument("forward: a sequence's prefix is its own KV");
@@ -147,8 +147,9 @@ void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   for (int s = 0; s < p.n_seqs; ++s) {
     KVCache* kv = p.seqs[s].kv;
     const std::size_t r = static_cast<std::size_t>(p.row0[s]) * kvd;
-    kv_store(kv->k(layer), kv->f16(), p.past[s], k_.data() + r, p.seqs[s].n_tokens, kvd);
-    kv_store(kv->v(layer), kv->f16(), p.past[s], v_.data() + r, p.seqs[s].n_tokens, kvd);
+    const int n = p.seqs[s].n_tokens;
+    kv_store(kv->k(layer), kv->f16(), p.past[s], k_.data() + r, n, d_.n_kv_heads, d_.head_dim, kv->head_stride());
+    kv_store(kv->v(layer), kv->f16(), p.past[s], v_.data() + r, n, d_.n_kv_heads, d_.head_dim, kv->head_stride());
   }
   attend(layer, p, pool);
   linear(L.wo, att_.data(), N, xn_.data(), pool);
@@ -171,9 +172,13 @@ void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
   st.data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(states_.data()) + 31) & ~std::uintptr_t(31));
   auto own_span = [&](int s) {
     const KVCache* kv = p.seqs[s].kv;
-    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16()};
+    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16(),
+                  static_cast<std::size_t>(D), kv->head_stride()};
   };
-  auto prefix_span = [&](const KVCache* pre) { return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16()}; };
+  auto prefix_span = [&](const KVCache* pre) {
+    return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16(), static_cast<std::size_t>(D),
+                  pre->head_stride()};
+  };
   auto split_of = [](int prefix_len) { return prefix_len - prefix_len % kAttnTile; };
 
   std::vector<AttnJob>& jobs = jobs_;

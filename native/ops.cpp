@@ -263,12 +263,19 @@ void attention(const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
   attention_with(kernels(), q, N, n_heads, n_kv_heads, head_dim, q_pos, span, scale, out, lse, pool);
 }
 
-void kv_store(void* cache, bool f16, int row0, const float* src, int N, int kv_dim) {
-  const std::size_t off = static_cast<std::size_t>(row0) * kv_dim, n = static_cast<std::size_t>(N) * kv_dim;
-  if (f16)
-    kernels().f32_to_f16(src, static_cast<std::uint16_t*>(cache) + off, n);
-  else
-    std::memcpy(static_cast<float*>(cache) + off, src, n * sizeof(float));
+void kv_store(void* plane, bool f16, int row0, const float* src, int N, int n_kv_heads, int head_dim,
+              std::size_t head_stride) {
+  const KernelTable& kt = kernels();
+  const std::size_t D = static_cast<std::size_t>(head_dim);
+  for (int n = 0; n < N; ++n)
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const float* s = src + (static_cast<std::size_t>(n) * n_kv_heads + h) * D;
+      const std::size_t off = h * head_stride + static_cast<std::size_t>(row0 + n) * D;
+      if (f16)
+        kt.f32_to_f16(s, static_cast<std::uint16_t*>(plane) + off, D);
+      else
+        std::memcpy(static_cast<float*>(plane) + off, s, D * sizeof(float));
+    }
 }
 
 }  // namespace seqshare

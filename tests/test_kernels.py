@@ -236,9 +236,9 @@ def test_rope_rotates_halves_like_transformers() -> None:
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_kv_store_writes_rows_in_place(dtype: type) -> None:
-    cache = np.zeros((10, 192), dtype)
+    cache = np.zeros((3, 10, 64), dtype)  # head-major: (n_kv_heads, capacity, head_dim)
     src = np.random.default_rng(0).standard_normal((3, 192), dtype=np.float32) * 100
     src[0, 0] = 1e-7  # a float16 subnormal
     _native.kv_store(cache, 4, src)
-    np.testing.assert_array_equal(cache[4:7], src.astype(dtype))
-    assert not np.any(cache[:4]) and not np.any(cache[7:])
+    np.testing.assert_array_equal(cache[:, 4:7].transpose(1, 0, 2).reshape(3, 192), src.astype(dtype))
+    assert not np.any(cache[:, :4]) and not np.any(cache[:, 7:])

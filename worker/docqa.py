@@ -25,7 +25,7 @@ from .prefix_cache import Entry, PrefixCache
 from .segments import LimitsLike, Prompt, check_limits, context_hash, segment, tokenizer_identity
 from .spill import Spill
 
-KV_FORMAT = "seqshare-kv-v1"  # the layout of KV.export_bytes(): per layer, K rows then V rows
+KV_FORMAT = "seqshare-kv-v2"  # the layout of KV.export_bytes(): per layer, K then V, each kv head's rows
 # progress(request_index, questions_done, tokens_generated) for answer_many; answer drops the index.
 ManyProgress = Callable[[int, int, int], None]
 

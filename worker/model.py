@@ -117,7 +117,7 @@ class Model:
     # ---- KV caches ------------------------------------------------------------------------------
     def new_kv(self, capacity: int) -> _native.KV:
         """An empty KV with room for `capacity` token positions (memory is touched as rows fill)."""
-        return KV(self.spec.num_layers, self.spec.kv_dim, capacity, self.kv_dtype)
+        return KV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, capacity, self.kv_dtype)
 
     @staticmethod
     def _check_room(kv: _native.KV, n: int) -> None:
