@@ -63,7 +63,7 @@ bench: model
 	$(PIP) install "llama-cpp-python>=0.3"
 	$(PY) bench/engine.py
 	$(PY) bench/docqa.py
-	$(PY) bench/queue.py
+	$(PY) bench/queue_roundtrip.py
 	$(PY) bench/bundle.py
 
 clean:

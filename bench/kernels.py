@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 from seqshare import _native
-from seqshare.worker.quant import QTensor, quantize
+from seqshare.worker.quant import kernel_args, quantize
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
 LAYER = {  # name: (rows, cols)
@@ -35,24 +35,13 @@ def best_time(fn: Callable[[], object], min_time: float) -> float:
     return best
 
 
-def planes(t: QTensor) -> dict[str, object]:
-    p = t.planes
-    if t.fmt in ("f32", "f16", "bf16"):
-        return {"fmt": t.fmt, "data": p["data"]}
-    kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
-    if t.fmt == "q4":
-        kw["mins"] = p["mins"]
-        kw["rows"] = t.shape[0]
-    return kw
-
-
 def bench_linear(fmt: str, isa: str, n: int, min_time: float) -> None:
     rng = np.random.default_rng(0)
     total_t, flops, nbytes = 0.0, 0.0, 0
     for rows, cols in LAYER.values():
         t = quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.05, fmt, 32)
         x = rng.standard_normal((n, cols), dtype=np.float32)
-        kw = planes(t)
+        kw = kernel_args(t)
         dt = best_time(lambda x=x, kw=kw: _native.linear(x, isa=isa, **kw), min_time)
         total_t += dt
         flops += 2.0 * n * rows * cols

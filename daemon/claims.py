@@ -27,7 +27,7 @@ from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from ..worker.errors import SeqshareError
+from ..worker.errors import WorkerCrashedError
 from ..worker.routing import Keys, ring, text
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,6 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
 end
 return taken
 """
-
-
-class WorkerCrashedError(SeqshareError):
-    """The job's worker died while running it more often than `queue.max_retries` allows."""
 
 
 class Claims:

@@ -9,7 +9,13 @@ from typing import Any
 
 import click
 
-from ..worker.errors import ConfigError, SeqshareError
+from ..worker.errors import (
+    BundleError,
+    ConfigError,
+    SeqshareError,
+    UnsupportedArchitectureError,
+    UnsupportedQuantError,
+)
 from ..worker.params import SamplingParams
 from .client import Client, make_payload
 
@@ -32,9 +38,10 @@ def worker(config_file: Path | None, bundles: tuple[Path, ...], redis_url: str |
            threads: int | None, name: str | None, burst: bool) -> None:
     """Run a resident worker: load the bundles once, answer jobs from Redis in this process."""
     from .config import load_settings
+    from .engines import load_engines
     from .logs import setup_logging
     from .notify import Heartbeat, Notifier
-    from .worker_main import ResidentWorker, load_engines, unique_name
+    from .worker_main import ResidentWorker, unique_name
 
     models = [{"name": b.stem, "path": b} for b in bundles] or None
     try:
@@ -51,8 +58,9 @@ def worker(config_file: Path | None, bundles: tuple[Path, ...], redis_url: str |
     hb = Heartbeat.from_env(notifier).start()
     try:
         engines = load_engines(settings, progress=hb.progress)
-    except ConfigError as e:
-        click.echo(f"seqshare worker: {e}", err=True)
+    except (ConfigError, BundleError, UnsupportedArchitectureError, UnsupportedQuantError, OSError) as e:
+        # A wrong key, a tampered or missing bundle: restarting cannot fix it, so systemd must not try.
+        click.echo(f"seqshare worker: {type(e).__name__}: {e}", err=True)
         sys.exit(EX_CONFIG)
     except SeqshareError as e:
         raise click.ClickException(str(e)) from e

@@ -121,7 +121,7 @@ class Reloader:
         dropped = [n for n in w.engines.by_name if n not in names]
         loaded: dict[str, Any] = {}
         if to_load:
-            from .worker_main import load_engines
+            from .engines import load_engines
 
             subset = settings.model_copy(update={"models": to_load})
             loaded = dict(load_engines(subset, progress=w.hb.progress, check_memory=False).by_name)

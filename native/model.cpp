@@ -128,9 +128,9 @@ void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   const LayerWeights& L = w_.layers[layer];
   const int N = p.N, qd = d_.q_dim(), kvd = d_.kv_dim();
   rmsnorm(x_.data(), L.attn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
-  linear(L.wq, xn_.data(), N, q_.data(), pool);
-  linear(L.wk, xn_.data(), N, k_.data(), pool);
-  linear(L.wv, xn_.data(), N, v_.data(), pool);
+  const WeightView qkv[3] = {L.wq, L.wk, L.wv};
+  float* const qkv_out[3] = {q_.data(), k_.data(), v_.data()};
+  linear_many(qkv, qkv_out, 3, xn_.data(), N, pool);
   if (d_.qkv_bias) {
     for (int n = 0; n < N; ++n) {
       add_inplace(q_.data() + n * qd, L.bq, qd);
@@ -235,8 +235,9 @@ void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
 void Model::mlp_block(int layer, int N, ThreadPool& pool) {
   const LayerWeights& L = w_.layers[layer];
   rmsnorm(x_.data(), L.ffn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
-  linear(L.w_gate, xn_.data(), N, gate_.data(), pool);
-  linear(L.w_up, xn_.data(), N, up_.data(), pool);
+  const WeightView gate_up[2] = {L.w_gate, L.w_up};
+  float* const gate_up_out[2] = {gate_.data(), up_.data()};
+  linear_many(gate_up, gate_up_out, 2, xn_.data(), N, pool);
   silu_mul(gate_.data(), up_.data(), static_cast<std::size_t>(N) * d_.intermediate);
   linear(L.w_down, gate_.data(), N, xn_.data(), pool);
   add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);

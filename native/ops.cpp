@@ -51,24 +51,58 @@ void check_weight(const WeightView& w) {
   }
 }
 
-void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool) {
-  check_weight(w);
-  if (N <= 0) return;
-  const int fmt = static_cast<int>(w.fmt);
-  if (fmt <= static_cast<int>(WFmt::BF16)) {
-    GemmFn gemm = kt.gemm[fmt];
-    pool.parallel_for(w.rows, kRowGrain, [&](int r0, int r1) { gemm(w, X, N, Y, w.rows, r0, r1); });
-    return;
+// Rows are handed out in chunks that threads claim as they finish: two threads that stream weights
+// from memory do not run at the same speed, and a static half each would leave one waiting.
+void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const* Ys, int n_w, const float* X, int N,
+                      ThreadPool& pool) {
+  if (N <= 0 || n_w <= 0) return;
+  for (int i = 0; i < n_w; ++i) {
+    check_weight(ws[i]);
+    if (ws[i].cols != ws[0].cols || ws[i].fmt != ws[0].fmt || ws[i].group != ws[0].group)
+      throw std::invalid_argument("linear: fused weights must share columns, format and group");
   }
-  // Quantise the activations once per call; every thread reads them for its rows.
-  const bool q8 = w.fmt == WFmt::Q8;
-  const std::size_t rb = kt.qacts_row_bytes(w.cols, w.group, q8);
-  auto* xq = static_cast<std::uint8_t*>(qacts_scratch.get(rb * N));
-  pool.parallel_for(N, 1, [&](int n0, int n1) {
-    for (int n = n0; n < n1; ++n) kt.quantize_acts(X + static_cast<std::size_t>(n) * w.cols, w.cols, w.group, q8, xq + rb * n);
+  const WeightView& w0 = ws[0];
+  const bool quantized = w0.fmt == WFmt::Q8 || w0.fmt == WFmt::Q4, q8 = w0.fmt == WFmt::Q8;
+  const std::uint8_t* xq = nullptr;
+  std::size_t rb = 0;
+  if (quantized) {  // quantise the activations once per call; every thread reads them for its rows
+    rb = kt.qacts_row_bytes(w0.cols, w0.group, q8);
+    auto* buf = static_cast<std::uint8_t*>(qacts_scratch.get(rb * N));
+    pool.parallel_for(N, 1, [&](int n0, int n1) {
+      for (int n = n0; n < n1; ++n) kt.quantize_acts(X + static_cast<std::size_t>(n) * w0.cols, w0.cols, w0.group, q8, buf + rb * n);
+    });
+    xq = buf;
+  }
+  constexpr int kChunk = 4 * kRowGrain;
+  int total = 0;
+  for (int i = 0; i < n_w; ++i) total += (ws[i].rows + kChunk - 1) / kChunk;
+  std::atomic<int> next{0};
+  pool.parallel_for(pool.size(), 1, [&](int, int) {
+    for (int u; (u = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
+      int i = 0;
+      while (u >= (ws[i].rows + kChunk - 1) / kChunk) u -= (ws[i++].rows + kChunk - 1) / kChunk;
+      const WeightView& w = ws[i];
+      const int r0 = u * kChunk, r1 = std::min(w.rows, r0 + kChunk);
+      if (quantized)
+        kt.qgemm[q8 ? 0 : 1](w, xq, N, Ys[i], w.rows, r0, r1);
+      else
+        kt.gemm[static_cast<int>(w.fmt)](w, X, N, Ys[i], w.rows, r0, r1);
+    }
   });
-  QGemmFn qgemm = kt.qgemm[q8 ? 0 : 1];
-  pool.parallel_for(w.rows, kRowGrain, [&](int r0, int r1) { qgemm(w, xq, N, Y, w.rows, r0, r1); });
+}
+
+void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool) {
+  linear_many_with(kt, &w, &Y, 1, X, N, pool);
+}
+
+void linear_many(const WeightView* ws, float* const* Ys, int n_w, const float* X, int N, ThreadPool& pool) {
+  const KernelTable& kt = kernels();
+  for (int i = 1; i < n_w; ++i)
+    if (ws[i].cols != ws[0].cols || ws[i].fmt != ws[0].fmt || ws[i].group != ws[0].group) {
+      for (int j = 0; j < n_w; ++j) linear_with(kt, ws[j], X, N, Ys[j], pool);  // not fusable: one by one
+      return;
+    }
+  linear_many_with(kt, ws, Ys, n_w, X, N, pool);
 }
 
 void linear(const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool) {

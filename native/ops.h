@@ -42,6 +42,10 @@ inline std::size_t q4_group_at(const WeightView& w, int r, int g) {
 // packed weights once); N > 1 is prefill (compute-bound: tiled, int8 dot products where faster).
 void linear(const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool);
 
+// Several weights applied to the same X (q/k/v, gate/up) in one parallel region: Ys[i] (N,
+// ws[i].rows). Weights of different formats, groups or widths are applied one by one.
+void linear_many(const WeightView* ws, float* const* Ys, int n_w, const float* X, int N, ThreadPool& pool);
+
 // Row `token` of an embedding matrix in any format, dequantized: out (N, w.cols).
 void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* out, ThreadPool& pool);
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -50,3 +51,20 @@ def default_gguf() -> Path:
     if not path.exists():
         fetch_default(quiet=True)
     return path
+
+
+# --- the queue and service tests: a tiny real bundle and a `seqshare worker` process on it -------
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from queue_helpers import tiny_bundle_once
+
+    return tiny_bundle_once(tmp_path_factory)
+
+
+@pytest.fixture
+def worker(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> Iterator[Any]:
+    from queue_helpers import WorkerProc
+
+    w = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
+    yield w
+    w.stop()

@@ -79,7 +79,8 @@ def test_cli_fetch_default_prints_path(default_gguf: Path, seqshare_home: Path) 
 def test_cli_help_lists_groups_and_version() -> None:
     runner = CliRunner()
     out = runner.invoke(cli, ["--help"]).output
-    assert "model" in out
+    for group in ("model", "worker", "submit", "qa", "status", "memory-setup", "generate", "bench"):
+        assert f"  {group} " in out, group
     assert runner.invoke(cli, ["--version"]).output.startswith("seqshare, version ")
 
 

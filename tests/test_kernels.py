@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from seqshare import _native
-from seqshare.worker.quant import QTensor, dequantize, quantize
+from seqshare.worker.quant import QTensor, dequantize, kernel_args, quantize
 
 ISAS = ["scalar", "avx2", "avx512"]
 RANK = {name: i for i, name in enumerate(ISAS)}
@@ -31,17 +31,6 @@ def runnable() -> list[str]:
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.max(np.abs(got.astype(np.float64) - want)) / max(np.max(np.abs(want)), 1e-30))
-
-
-def planes(t: QTensor) -> dict[str, object]:
-    p = t.planes
-    if t.fmt in ("f32", "f16", "bf16"):
-        return {"fmt": t.fmt, "data": p["data"]}
-    kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
-    if t.fmt == "q4":
-        kw["mins"] = p["mins"]
-        kw["rows"] = t.shape[0]
-    return kw
 
 
 def int8_path_reference(x: np.ndarray, t: QTensor) -> np.ndarray:
@@ -70,7 +59,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int) -> None:
     x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
     want = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
     for isa in runnable():
-        got = _native.linear(x, isa=isa, **planes(t))
+        got = _native.linear(x, isa=isa, **kernel_args(t))
         assert got.shape == (n, rows)
         assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
@@ -90,7 +79,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
     bound = INT16_ACT_QUANT_RTOL if fmt == "q8" else INT8_ACT_QUANT_RTOL
     assert rel_err(want.astype(np.float32), exact) < bound
     for isa in runnable():
-        got = _native.linear(x, isa=isa, **planes(t))
+        got = _native.linear(x, isa=isa, **kernel_args(t))
         assert rel_err(got, want) < INT8_PATH_RTOL, isa
 
 
@@ -100,10 +89,10 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
     before = _native.get_threads()
     try:
         _native.set_threads(1)
-        one = _native.linear(x, **planes(t))
+        one = _native.linear(x, **kernel_args(t))
         _native.set_threads(2)
         assert _native.get_threads() == 2
-        two = _native.linear(x, **planes(t))
+        two = _native.linear(x, **kernel_args(t))
     finally:
         _native.set_threads(before)
     np.testing.assert_array_equal(one, two)
@@ -116,9 +105,10 @@ def test_linear_rows_do_not_depend_on_the_batch(fmt: str) -> None:
     t = weight(fmt, 45, 576, 32, 11)
     x = np.random.default_rng(3).standard_normal((37, 576), dtype=np.float32)
     for isa in runnable():
-        whole = _native.linear(x, isa=isa, **planes(t))
+        whole = _native.linear(x, isa=isa, **kernel_args(t))
         for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
-            np.testing.assert_array_equal(_native.linear(x[n0:n1], isa=isa, **planes(t)), whole[n0:n1], err_msg=isa)
+            part = _native.linear(x[n0:n1], isa=isa, **kernel_args(t))
+            np.testing.assert_array_equal(part, whole[n0:n1], err_msg=isa)
 
 
 def test_bad_weights_are_value_errors() -> None:
@@ -135,10 +125,10 @@ def test_bad_weights_are_value_errors() -> None:
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
-    got = _native.embedding(tokens, **planes(t))
+    got = _native.embedding(tokens, **kernel_args(t))
     np.testing.assert_array_equal(got, dequantize(t)[tokens])
     with pytest.raises(ValueError, match="out of range"):
-        _native.embedding(np.array([50], np.int32), **planes(t))
+        _native.embedding(np.array([50], np.int32), **kernel_args(t))
 
 
 def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, pos0: int,

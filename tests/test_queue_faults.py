@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, SEQSHARE, WorkerProc, read_jsonl, start_qa, tiny_bundle_once, wait_until, write_qa_input
+from queue_helpers import DOCS, SEQSHARE, WorkerProc, read_jsonl, start_qa, wait_until, write_qa_input
 from rq.job import Job
 from rq.registry import FinishedJobRegistry, StartedJobRegistry
 from rq.results import Result
@@ -32,11 +32,6 @@ from seqshare.worker.routing import Keys
 N_DOCS, PER_DOC, TOKENS = 3, 10, 320
 LONG, SHORT = SamplingParams(max_new_tokens=TOKENS), SamplingParams(max_new_tokens=4)
 EXEC_TTL_S = 3  # the workers' liveness and execution TTL with SEQSHARE_HEARTBEAT_S=0.5 (queue_helpers)
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle_once(tmp_path_factory)
 
 
 def thirty_questions(tmp_path: Path) -> tuple[Path, list[str]]:

@@ -9,28 +9,14 @@ from __future__ import annotations
 
 import json
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import redis
-from queue_helpers import DOCS, SEQSHARE, WorkerProc, read_jsonl, tiny_bundle_once
+from queue_helpers import DOCS, SEQSHARE, WorkerProc, read_jsonl
 
 SECRET = "TOPSECRET-93b1"
 ANSWER_FIELDS = {"custom_id", "answer", "finish_reason", "context_tokens", "question_tokens", "generated_tokens",
                  "first_token_s", "total_s", "cache_hit", "job_id", "worker"}
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle_once(tmp_path_factory)
-
-
-@pytest.fixture
-def worker(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> Iterator[WorkerProc]:
-    w = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
-    yield w
-    w.stop()
 
 
 def qa(url: str, inp: Path, out: Path, *extra: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, WorkerProc, tiny_bundle_once, wait_until
+from queue_helpers import DOCS, WorkerProc, wait_until
 from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
@@ -22,11 +22,6 @@ from seqshare.worker.executor import JOB_FUNCTION
 from seqshare.worker.params import SamplingParams
 
 LONG, SHORT = SamplingParams(max_new_tokens=330), SamplingParams(max_new_tokens=8)
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle_once(tmp_path_factory)
 
 
 @pytest.fixture

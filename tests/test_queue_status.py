@@ -13,17 +13,12 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, SEQSHARE, WorkerProc, tiny_bundle_once, wait_until
+from queue_helpers import DOCS, SEQSHARE, WorkerProc, wait_until
 from seqshare.daemon.client import Client
 from seqshare.worker.params import SamplingParams
 
 # One sample line of the Prometheus text format: name, optional {label="value",...}, a float.
 SAMPLE = re.compile(r'^(seqshare_[a-z_]+)(\{[a-z_]+="[^"]*"(,[a-z_]+="[^"]*")*\})? (\S+)$')
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle_once(tmp_path_factory)
 
 
 def status(url: str, *flags: str) -> str:

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, WorkerProc, tiny_bundle_once
+from queue_helpers import DOCS, WorkerProc
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
@@ -23,18 +22,6 @@ from seqshare.worker.jobs import Question
 from seqshare.worker.params import SamplingParams
 
 LONG_TOKENS = 330  # the tiny random model never stops early
-
-
-@pytest.fixture(scope="session")
-def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_bundle_once(tmp_path_factory)
-
-
-@pytest.fixture
-def worker(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> Iterator[WorkerProc]:
-    w = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
-    yield w
-    w.stop()
 
 
 def long_job(client: Client, n: int = 24) -> str:
@@ -171,3 +158,17 @@ def test_worker_names_are_unique_and_a_live_name_is_not_taken_twice(redis_url: s
     assert "a worker named w1 is already running" in twin.log()
     assert worker.proc.poll() is None
     assert Client(redis_url).submit(DOCS[0], [("x", "Who?")], params=SamplingParams(max_new_tokens=2)).wait(30)
+
+
+def test_a_bundle_that_cannot_be_loaded_exits_78_naming_why(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> None:
+    """A wrong key (or a tampered bundle) cannot be fixed by a restart: EX_CONFIG, with the reason."""
+    from seqshare.worker.crypto import encrypt_file, generate_key_file
+
+    right, wrong = tmp_path / "right.key", tmp_path / "wrong.key"
+    generate_key_file(right)
+    generate_key_file(wrong)
+    sealed = tmp_path / "sealed.bundle"
+    encrypt_file(tiny_bundle, sealed, bytes.fromhex(right.read_text().strip()))
+    w = WorkerProc(redis_url, sealed, tmp_path, "locked", "--key-file", str(wrong))
+    assert w.wait(60) == 78, w.log()
+    assert "WrongKeyError" in w.log()

@@ -144,7 +144,10 @@ class DocQA:
             by_key: dict[str, tuple[Entry | None, str, int, float]] = {}
             for j, p in enumerate(prepared):
                 if p.key not in by_key:
-                    by_key[p.key] = self._acquire(p) if reuse else (None, "off", 0, 0.0)
+                    # Between prefill chunks too, so a long document keeps the watchdog fed and a
+                    # stop request is honoured within about a second.
+                    tick = None if progress is None else (lambda _d, _t, j=j: progress(j, 0, 0))
+                    by_key[p.key] = self._acquire(p, tick) if reuse else (None, "off", 0, 0.0)
                     if (entry := by_key[p.key][0]) is not None:
                         held.append(entry)
                 else:
@@ -190,8 +193,9 @@ class DocQA:
                            r.cache_salt)
         return _Prepared(r, prompt, key)
 
-    def _acquire(self, p: _Prepared) -> tuple[Entry, str, int, float]:
-        """(referenced entry, how it was obtained, context tokens computed, seconds)."""
+    def _acquire(self, p: _Prepared, tick: Callable[[int, int], Any] | None = None) -> tuple[Entry, str, int, float]:
+        """(referenced entry, how it was obtained, context tokens computed, seconds). `tick(done, total)`
+        runs between prefill chunks; an exception it raises abandons the prefix."""
         t0 = time.perf_counter()
         ids = p.prompt.context_ids
         if (entry := self.cache.acquire(p.key)) is not None:
@@ -207,7 +211,7 @@ class DocQA:
             start, how = kv.length, "partial"
         else:
             kv, start, how = self.model.new_kv(len(ids)), 0, "miss"
-        self.model.prefill(ids[start:], kv, want_logits=False)
+        self.model.prefill(ids[start:], kv, want_logits=False, progress=tick)
         entry = self.cache.insert(p.key, ids, PrefixKV(kv, self.binding, self.spill), kv.nbytes)
         return entry, how, len(ids) - start, time.perf_counter() - t0
 
@@ -254,7 +258,10 @@ class DocQA:
                 progress(j, done[j], tokens[j])
 
         def on_token(s: Sequence) -> None:
-            tokens[s.tag[0]] += 1
+            j = s.tag[0]
+            tokens[j] += 1
+            if progress is not None:  # per token: the caller rate-limits what it publishes
+                progress(j, done[j], tokens[j])
 
         (self.batch if reuse else self.alone).run(seqs, on_done, on_token)
         for d, answers in zip(docs, slots, strict=True):

@@ -97,6 +97,10 @@ class QueueTimeoutError(SeqshareError):
     """A job did not finish within the time the caller waited."""
 
 
+class WorkerCrashedError(SeqshareError):
+    """The job's worker died while running it more often than `queue.max_retries` allows."""
+
+
 # --- service: memory plan, memory locking, device partition ----------------------------------
 class MemoryBudgetError(ConfigError):
     """The configured models, KV arena and caches need more memory than the machine or cgroup allows."""

@@ -109,6 +109,18 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
 PANEL = 8  # rows per q4 panel
 
 
+def kernel_args(t: QTensor) -> dict[str, object]:
+    """The keyword arguments of `_native.linear` / `_native.embedding` for a weight (tests, benchmarks)."""
+    p = t.planes
+    if t.fmt in ("f32", "f16", "bf16"):
+        return {"fmt": t.fmt, "data": p["data"]}
+    kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
+    if t.fmt == "q4":
+        kw["mins"] = p["mins"]
+        kw["rows"] = t.shape[0]
+    return kw
+
+
 def q4_tensor(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
     """A q4 QTensor from values q [rows, cols] in 0..15 and float16 scales/mins [rows, cols // G]."""
     rows, cols = q.shape

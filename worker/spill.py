@@ -316,11 +316,14 @@ class Spill:
         """Index the files already there (a restart), oldest use first; clear stale temp files."""
         found = []
         for p in self.directory.iterdir():
-            if _FILE_RE.match(p.name):
-                st = p.stat()
-                found.append((st.st_mtime, p.name, st.st_size))
-            elif p.name.endswith(".tmp") and p.name.startswith(".") and time.time() - p.stat().st_mtime > 3600:
-                p.unlink(missing_ok=True)
+            try:  # another process sharing the directory may remove a file between listing and stat
+                if _FILE_RE.match(p.name):
+                    st = p.stat()
+                    found.append((st.st_mtime, p.name, st.st_size))
+                elif p.name.endswith(".tmp") and p.name.startswith(".") and time.time() - p.stat().st_mtime > 3600:
+                    p.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
         for _, name, size in sorted(found):
             self._files[name] = size
 

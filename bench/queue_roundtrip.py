@@ -1,6 +1,6 @@
 """Queue benchmarks: job round-trip overhead (p50, p99) and enqueue rate, against plain rq.
 
-    .venv/bin/python bench/queue.py [--quick] [--round-trips N] [--enqueue N]
+    .venv/bin/python bench/queue_roundtrip.py [--quick] [--round-trips N] [--enqueue N]
 
 Everything runs against one private redis-server on a unix socket (the embedded one), on an empty DB.
 
