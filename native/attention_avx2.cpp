@@ -28,72 +28,53 @@ struct Tile {
   float* v;   // (kKeys, D) values
 };
 
-// Addresses of the K and V rows (kv head `kvh`) of the keys at absolute positions [t + lo, t + hi):
-// at most two runs of consecutive rows, one per span.
-template <int D, typename E>
-void key_rows(const AttnArgs& a, int kvh, int t, int lo, int hi, const E** kp, const E** vp) {
-  const KeySpans& ks = a.job->keys;
-  for (int i = lo; i < hi;) {
-    int row;
-    const KVSpan& sp = key_span(ks, t + i, row);
-    const int end = std::min(hi, sp.pos0 + sp.len - t);
-    const std::size_t off = static_cast<std::size_t>(row) * sp.row_stride + kvh * sp.head_stride;
-    const E* k = static_cast<const E*>(sp.k) + off;
-    const E* v = static_cast<const E*>(sp.v) + off;
-    for (; i < end; ++i, k += sp.row_stride, v += sp.row_stride) {
-      kp[i] = k;
-      vp[i] = v;
-    }
-  }
-}
-
 inline __m256 load8(const std::uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline float load1(const std::uint16_t* p) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p))); }
+inline float load1(const float* p) { return *p; }
+
+// The K tile block (head_dim x 32, kv head `kvh`) of a span's cache tile that holds the keys at
+// absolute positions [t, t + 32): the cache's tiles sit at those positions (KVSpan::phase).
+template <int D, typename E>
+const E* k_block(const KVSpan& sp, int kvh, int t) {
+  const std::size_t tile = static_cast<std::size_t>(t - sp.pos0 + sp.phase) / kKeys;
+  return static_cast<const E*>(sp.k) + kvh * sp.head_stride + tile * (static_cast<std::size_t>(D) * kKeys);
+}
 
 // Keys/values at absolute positions [t + lo, t + hi) into the tile (lanes lo..hi); the other lanes
 // of K are zero (their scores are masked). E is the cache's element type (float16 bits or float).
+// K needs no transposing: the cache stores it as the tile wants it. A tile straddling the end of
+// a shared prefix takes its first lanes from the prefix's cache and the rest from the sequence's.
 template <int D, typename E>
 void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
-  const E* kp[kKeys];
-  const E* vp[kKeys];
-  key_rows<D>(a, kvh, t, lo, hi, kp, vp);
-  const bool full = lo == 0 && hi == kKeys;
-  for (int h = 0; h < kKeys / 8; ++h) {
-    for (int d0 = 0; d0 < D; d0 += 8) {
-      __m256 r[8];
-      if (full) {
+  const KeySpans& ks = a.job->keys;
+  int row0;
+  const KVSpan& first = key_span(ks, t + lo, row0);
+  const int split = std::min(hi, first.pos0 + first.len - t);  // lanes [lo, split) from `first`
+  const E* kb[2] = {k_block<D, E>(first, kvh, t), nullptr};
+  if (split < hi) kb[1] = k_block<D, E>(ks.span[1], kvh, t);
+  for (int c = 0; c < kKeys / 8; ++c) {
+    const int g0 = std::max(lo, 8 * c), g1 = std::min(hi, 8 * c + 8);
+    if (g0 >= g1) {
+      for (int d = 0; d < D; ++d) _mm256_store_ps(tile.kt + d * kKeys + 8 * c, _mm256_setzero_ps());
+    } else if (g0 == 8 * c && g1 == 8 * c + 8 && (g1 <= split || g0 >= split)) {
+      const E* src = kb[g0 >= split ? 1 : 0] + 8 * c;
 #pragma GCC unroll 8
-        for (int i = 0; i < 8; ++i) r[i] = load8(kp[8 * h + i] + d0);
-      } else {
-        for (int i = 0; i < 8; ++i) {
-          const int key = 8 * h + i;
-          r[i] = key >= lo && key < hi ? load8(kp[key] + d0) : _mm256_setzero_ps();
-        }
-      }
-      avx2::transpose8(r);
-#pragma GCC unroll 8
-      for (int i = 0; i < 8; ++i) _mm256_store_ps(tile.kt + (d0 + i) * kKeys + 8 * h, r[i]);
+      for (int d = 0; d < D; ++d) _mm256_store_ps(tile.kt + d * kKeys + 8 * c, load8(src + d * kKeys));
+    } else {  // a group the range or the prefix boundary cuts: lane by lane
+      for (int d = 0; d < D; ++d)
+        for (int l = 8 * c; l < 8 * c + 8; ++l)
+          tile.kt[d * kKeys + l] = l >= g0 && l < g1 ? load1(kb[l >= split ? 1 : 0] + d * kKeys + l) : 0.0f;
     }
   }
-  for (int key = lo; key < hi; ++key)
+  for (int l = lo; l < hi;) {  // V: runs of consecutive rows, one run per span
+    int row;
+    const KVSpan& sp = key_span(ks, t + l, row);
+    const int end = std::min(hi, sp.pos0 + sp.len - t);
+    const E* v = static_cast<const E*>(sp.v) + kvh * sp.head_stride + static_cast<std::size_t>(row + sp.phase) * D;
+    for (; l < end; ++l, v += D)
 #pragma GCC unroll 16
-    for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + key * D + d0, load8(vp[key] + d0));
-}
-
-// Ask for the rows of a later tile (every kv head) while this one is computed.
-template <int D, typename E>
-void prefetch_tile(const AttnArgs& a, int t, int hi) {
-  if (hi <= 0) return;
-  const E* kp[kKeys];
-  const E* vp[kKeys];
-  constexpr int kLine = 64 / sizeof(E);
-  for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
-    key_rows<D>(a, kvh, t, 0, hi, kp, vp);
-    for (int i = 0; i < hi; ++i)
-      for (int d = 0; d < D; d += kLine) {
-        _mm_prefetch(reinterpret_cast<const char*>(kp[i] + d), _MM_HINT_T1);
-        _mm_prefetch(reinterpret_cast<const char*>(vp[i] + d), _MM_HINT_T1);
-      }
+      for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + l * D + d0, load8(v + d0));
   }
 }
 
@@ -202,7 +183,6 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   }
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
     const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
-    prefetch_tile<D, E>(a, t + 2 * kKeys, std::min(kKeys, end - t - 2 * kKeys));
     for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
       load_tile<D, E>(a, kvh, t, lo, hi, tile);
       for (int r = kvh * per_kvh; r < (kvh + 1) * per_kvh; r += kRows) {

@@ -36,9 +36,12 @@ void attention_ref(const AttnArgs& a, int n0, int n1, int b) {
       for (int p = bk.lo; p < limit; ++p) {
         int row;
         const KVSpan& sp = key_span(job.keys, p, row);
-        const std::size_t base = static_cast<std::size_t>(row) * sp.row_stride + kvh * sp.head_stride;
+        const std::size_t slot = static_cast<std::size_t>(row + sp.phase);
+        const std::size_t kbase = kvh * sp.head_stride + (slot / kAttnTile) * (static_cast<std::size_t>(D) * kAttnTile) +
+                                  slot % kAttnTile;  // + i * kAttnTile: K tiles are transposed
+        const std::size_t base = kvh * sp.head_stride + slot * D;
         double sc = 0.0;
-        for (int i = 0; i < D; ++i) sc += static_cast<double>(q[i]) * kv_at(sp.k, sp.f16, base + i);
+        for (int i = 0; i < D; ++i) sc += static_cast<double>(q[i]) * kv_at(sp.k, sp.f16, kbase + i * kAttnTile);
         sc *= a.scale;
         const double m_new = std::max(static_cast<double>(m), sc);
         const double c = std::exp(static_cast<double>(m) - m_new);  // 0 while nothing was seen

@@ -145,10 +145,19 @@ static void bind_kernels(py::module_& m) {
       if (k.shape(i) != v.shape(i)) throw std::invalid_argument("attention: k and v shapes differ");
     if (k.shape(2) != q.shape(2) || q_pos.size() != q.shape(0))
       throw std::invalid_argument("attention: head_dim or q_pos length mismatch");
+    if (pos0 < 0) throw std::invalid_argument("attention: pos0 must be >= 0");
+    // The keys go into a real KV cache (its layout is what the kernels read), float16 or float32
+    // like the arrays; float16 values survive the float32 round trip exactly.
     const bool f16 = k.itemsize() == 2;
-    KVSpan span{raw(k, "k", f16 ? "fu" : "f", f16 ? 2 : 4), raw(v, "v", f16 ? "fu" : "f", f16 ? 2 : 4),
-                static_cast<int>(k.shape(0)), pos0, f16, static_cast<std::size_t>(k.shape(1) * k.shape(2)),
-                static_cast<std::size_t>(k.shape(2))};
+    const int L = static_cast<int>(k.shape(0)), KVH0 = static_cast<int>(k.shape(1));
+    KVCache cache(1, KVH0, static_cast<int>(k.shape(2)), L, f16, pos0 % kKVTile);
+    {
+      auto as_f32 = [](const py::array& a) { return py::array_t<float, py::array::c_style | py::array::forcecast>(a); };
+      auto k32 = as_f32(k), v32 = as_f32(v);
+      kv_store(cache, 0, 0, k32.data(), v32.data(), L);
+      cache.advance(L);
+    }
+    KVSpan span{cache.k(0), cache.v(0), L, pos0, f16, cache.phase(), cache.head_stride()};
     const KernelTable& kt = table_arg(isa);
     const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
     py::array_t<float> out({N, H, D});
@@ -244,22 +253,16 @@ static void bind_kernels(py::module_& m) {
     return r;
   }, py::arg("y"), py::arg("x"), py::arg("isa") = "", "y + x (the residual add_inplace kernel).");
 
-  m.def("kv_store", [](py::array cache, int row0, Dense<float> src) {
-    if (cache.ndim() != 3 || src.ndim() != 2 || src.shape(1) != cache.shape(0) * cache.shape(2))
-      throw std::invalid_argument("kv_store: cache (n_kv_heads, capacity, head_dim) and src (N, kv_dim) expected");
-    if (!cache.writeable()) throw std::invalid_argument("kv_store: cache is read-only");
-    if (row0 < 0 || row0 + src.shape(0) > cache.shape(1)) throw std::invalid_argument("kv_store: rows out of range");
-    const bool f16 = cache.itemsize() == 2;
-    void* pc = const_cast<void*>(raw(cache, "cache", f16 ? "fu" : "f", f16 ? 2 : 4));
-    const float* ps = src.data();
-    const int N = static_cast<int>(src.shape(0)), H = static_cast<int>(cache.shape(0)), D = static_cast<int>(cache.shape(2));
-    const std::size_t head_stride = static_cast<std::size_t>(cache.shape(1)) * D;
-    {
-      py::gil_scoped_release nogil;
-      kv_store(pc, f16, row0, ps, N, H, D, head_stride);
-    }
-  }, py::arg("cache"), py::arg("row0"), py::arg("src"),
-     "Write rows into one float16 or float32 head-major KV plane (n_kv_heads, capacity, head_dim) in place.");
+  m.def("kv_store", [](KVCache& kv, int layer, Dense<float> k, Dense<float> v) {
+    if (k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != kv.kv_dim() || v.shape(0) != k.shape(0) ||
+        v.shape(1) != kv.kv_dim())
+      throw std::invalid_argument("kv_store: k and v must be (N, kv_dim)");
+    if (layer < 0 || layer >= kv.n_layers()) throw std::invalid_argument("kv_store: layer out of range");
+    const int N = static_cast<int>(k.shape(0));
+    kv_store(kv, layer, kv.length(), k.data(), v.data(), N);
+    kv.advance(N);
+  }, py::arg("kv"), py::arg("layer"), py::arg("k"), py::arg("v"),
+     "Append K and V rows (N, kv_dim) float32 to one layer of a KV cache (the model's store; tests).");
 }
 
 // ---- model: the forward pass and its KV caches (native/model.h, native/kv.h) -------------------
@@ -398,16 +401,19 @@ static void kv_import(KVCache& kv, const py::buffer& b, int length) {
 
 static void bind_model(py::module_& m) {
   py::class_<KVCache, std::unique_ptr<KVCache>>(m, "KV", "KV cache rows of every layer (float16 or float32).")
-      .def(py::init([](int n_layers, int n_kv_heads, int head_dim, int capacity, const std::string& dtype) {
+      .def(py::init([](int n_layers, int n_kv_heads, int head_dim, int capacity, const std::string& dtype, int start) {
              if (dtype != "f16" && dtype != "f32") throw std::invalid_argument("KV dtype must be 'f16' or 'f32'");
-             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16");
+             if (start < 0) throw std::invalid_argument("KV start must be >= 0");
+             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16", start % kKVTile);
            }),
            py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("capacity"),
-           py::arg("dtype") = "f16")
+           py::arg("dtype") = "f16", py::arg("start") = 0,
+           "`start`: the absolute position of row 0 (the length of the prefix the rows follow).")
       .def_property_readonly("n_layers", &KVCache::n_layers)
       .def_property_readonly("kv_dim", &KVCache::kv_dim)
       .def_property_readonly("n_kv_heads", &KVCache::n_kv_heads)
       .def_property_readonly("head_dim", &KVCache::head_dim)
+      .def_property_readonly("phase", &KVCache::phase, "start % 32: where row 0 sits in its K tile.")
       .def_property_readonly("capacity", &KVCache::capacity)
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("dtype", [](const KVCache& kv) { return std::string(kv.f16() ? "f16" : "f32"); })

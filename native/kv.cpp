@@ -34,10 +34,17 @@ std::uint8_t* alloc_bytes(std::size_t n) {
 }
 }  // namespace
 
-KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16)
-    : n_layers_(n_layers), n_kv_heads_(n_kv_heads), head_dim_(head_dim), capacity_(capacity), f16_(f16) {
+KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase)
+    : n_layers_(n_layers),
+      n_kv_heads_(n_kv_heads),
+      head_dim_(head_dim),
+      capacity_(capacity),
+      phase_(phase),
+      slots_((capacity + phase + kKVTile - 1) / kKVTile * kKVTile),
+      f16_(f16) {
   if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
+  if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
   base_ = alloc_bytes(nbytes());
 }
 
@@ -57,29 +64,46 @@ void KVCache::advance(int n) {
 
 void KVCache::reserve(int capacity) {
   if (capacity <= capacity_) return;
-  KVCache bigger(n_layers_, n_kv_heads_, head_dim_, capacity, f16_);
+  KVCache bigger(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_);
   bigger.append(*this);
   std::swap(base_, bigger.base_);
   std::swap(capacity_, bigger.capacity_);
+  std::swap(slots_, bigger.slots_);
 }
 
 std::unique_ptr<KVCache> KVCache::copy(int capacity) const {
   if (capacity < length_) throw std::invalid_argument("KV: copy capacity below the valid length");
-  auto c = std::make_unique<KVCache>(n_layers_, n_kv_heads_, head_dim_, capacity, f16_);
+  auto c = std::make_unique<KVCache>(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_);
   c->append(*this);
   return c;
 }
 
+// V rows are contiguous per head; K rows are strided inside tiles, and whole tiles can be copied
+// when both caches put the rows at the same lane (the common case: a copy of a cache).
 void KVCache::copy_rows(const KVCache& src, int s0, KVCache& dst, int d0, int n) {
-  const std::size_t row = static_cast<std::size_t>(src.head_dim_) * src.elem_bytes();
-  for (int l = 0; l < src.n_layers_; ++l)
-    for (int which = 0; which < 2; ++which) {
-      const auto* sp = static_cast<const std::uint8_t*>(which ? src.v(l) : src.k(l));
-      auto* dp = static_cast<std::uint8_t*>(which ? dst.v(l) : dst.k(l));
-      for (int h = 0; h < src.n_kv_heads_; ++h)
-        std::memcpy(dp + (h * dst.head_stride() * dst.elem_bytes()) + d0 * row,
-                    sp + (h * src.head_stride() * src.elem_bytes()) + s0 * row, n * row);
+  if (n <= 0) return;
+  const std::size_t eb = src.elem_bytes(), D = static_cast<std::size_t>(src.head_dim_);
+  const bool same_lanes = (s0 + src.phase_) % kKVTile == (d0 + dst.phase_) % kKVTile;
+  for (int l = 0; l < src.n_layers_; ++l) {
+    const auto* sk = static_cast<const std::uint8_t*>(src.k(l));
+    const auto* sv = static_cast<const std::uint8_t*>(src.v(l));
+    auto* dk = static_cast<std::uint8_t*>(dst.k(l));
+    auto* dv = static_cast<std::uint8_t*>(dst.v(l));
+    for (int h = 0; h < src.n_kv_heads_; ++h) {
+      std::memcpy(dv + dst.elem_offset(1, d0, h, 0), sv + src.elem_offset(1, s0, h, 0), n * D * eb);
+      if (same_lanes) {  // the tiles holding rows [s0, s0 + n), lanes outside the rows included
+        const int first = (s0 + src.phase_) / kKVTile, last = (s0 + n - 1 + src.phase_) / kKVTile;
+        const std::size_t tile = D * kKVTile * eb;
+        const std::size_t sfirst = h * src.head_stride() * eb + first * tile;
+        const std::size_t dfirst = h * dst.head_stride() * eb + ((d0 + dst.phase_) / kKVTile) * tile;
+        std::memcpy(dk + dfirst, sk + sfirst, (last - first + 1) * tile);
+        continue;
+      }
+      for (int r = 0; r < n; ++r)
+        for (int d = 0; d < src.head_dim_; ++d)
+          std::memcpy(dk + dst.elem_offset(0, d0 + r, h, d), sk + src.elem_offset(0, s0 + r, h, d), eb);
     }
+  }
 }
 
 void KVCache::append(const KVCache& other) {
@@ -96,26 +120,45 @@ void KVCache::append(const KVCache& other) {
 
 void KVCache::export_to(void* dst) const {
   auto* out = static_cast<std::uint8_t*>(dst);
-  const std::size_t n = static_cast<std::size_t>(length_) * head_dim_ * elem_bytes();
+  const std::size_t eb = elem_bytes();
   for (int l = 0; l < n_layers_; ++l)
-    for (int which = 0; which < 2; ++which)
-      for (int h = 0; h < n_kv_heads_; ++h, out += n)
-        std::memcpy(out, static_cast<const std::uint8_t*>(which ? v(l) : k(l)) + h * head_stride() * elem_bytes(), n);
+    for (int which = 0; which < 2; ++which) {
+      const auto* plane = static_cast<const std::uint8_t*>(which ? v(l) : k(l));
+      for (int h = 0; h < n_kv_heads_; ++h) {
+        if (which) {
+          const std::size_t n = static_cast<std::size_t>(length_) * head_dim_ * eb;
+          std::memcpy(out, plane + elem_offset(1, 0, h, 0), n);
+          out += n;
+          continue;
+        }
+        for (int r = 0; r < length_; ++r)
+          for (int d = 0; d < head_dim_; ++d, out += eb) std::memcpy(out, plane + elem_offset(0, r, h, d), eb);
+      }
+    }
 }
 
 void KVCache::import_from(const void* src, std::size_t bytes, int length) {
   if (length < 0 || length > capacity_)
     throw std::invalid_argument("KV: import of " + std::to_string(length) + " rows exceeds capacity " +
                                 std::to_string(capacity_));
-  const std::size_t n = static_cast<std::size_t>(length) * head_dim_ * elem_bytes();
+  const std::size_t eb = elem_bytes(), n = static_cast<std::size_t>(length) * head_dim_ * eb;
   const std::size_t want = 2 * n * n_kv_heads_ * n_layers_;
   if (bytes != want)
     throw std::invalid_argument("KV: import expects " + std::to_string(want) + " bytes, got " + std::to_string(bytes));
   const auto* in = static_cast<const std::uint8_t*>(src);
   for (int l = 0; l < n_layers_; ++l)
-    for (int which = 0; which < 2; ++which)
-      for (int h = 0; h < n_kv_heads_; ++h, in += n)
-        std::memcpy(static_cast<std::uint8_t*>(which ? v(l) : k(l)) + h * head_stride() * elem_bytes(), in, n);
+    for (int which = 0; which < 2; ++which) {
+      auto* plane = static_cast<std::uint8_t*>(which ? v(l) : k(l));
+      for (int h = 0; h < n_kv_heads_; ++h) {
+        if (which) {
+          std::memcpy(plane + elem_offset(1, 0, h, 0), in, n);
+          in += n;
+          continue;
+        }
+        for (int r = 0; r < length; ++r)
+          for (int d = 0; d < head_dim_; ++d, in += eb) std::memcpy(plane + elem_offset(0, r, h, d), in, eb);
+      }
+    }
   length_ = length;
 }
 
@@ -124,13 +167,12 @@ void KVCache::rows_f32(int layer, int which, float* dst) const {
   const void* plane = which == 0 ? k(layer) : v(layer);
   const int D = head_dim_, kvd = kv_dim();
   for (int h = 0; h < n_kv_heads_; ++h)
-    for (int r = 0; r < length_; ++r) {
-      const std::size_t src = h * head_stride() + static_cast<std::size_t>(r) * D;
-      float* out = dst + static_cast<std::size_t>(r) * kvd + h * D;
-      for (int d = 0; d < D; ++d)
-        out[d] = f16_ ? f16_to_f32(static_cast<const std::uint16_t*>(plane)[src + d])
-                      : static_cast<const float*>(plane)[src + d];
-    }
+    for (int r = 0; r < length_; ++r)
+      for (int d = 0; d < D; ++d) {
+        const std::size_t i = which ? v_index(r, h, d) : k_index(r, h, d);
+        dst[static_cast<std::size_t>(r) * kvd + h * D + d] =
+            f16_ ? f16_to_f32(static_cast<const std::uint16_t*>(plane)[i]) : static_cast<const float*>(plane)[i];
+      }
 }
 
 }  // namespace seqshare

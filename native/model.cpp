@@ -68,6 +68,11 @@ void Model::check(const SeqRef* seqs, int n_seqs, int N, const std::int32_t* log
         throw std::invalid_argument("forward: a KV of sequence " + str(s) + " does not match the model's shape");
     }
     if (q.prefix == q.kv) throw std::invalid_argument("forward: a sequence's prefix is its own KV");
+    const int start = q.prefix ? q.prefix->length() : 0;  // absolute position of the KV's row 0
+    if (q.prefix && q.prefix->phase() != 0) throw std::invalid_argument("forward: a prefix KV must start at position 0");
+    if (q.kv->phase() != start % kKVTile)
+      throw std::invalid_argument("forward: the KV of sequence " + str(s) + " has phase " + str(q.kv->phase()) +
+                                  " but its rows start at position " + str(start) + ": create it with that start");
     if (q.kv->length() + q.n_tokens > q.kv->capacity())
       throw std::invalid_argument("forward: sequence " + str(s) + " needs " + str(q.kv->length() + q.n_tokens) +
                                   " KV rows, capacity is " + str(q.kv->capacity()));
@@ -147,9 +152,7 @@ void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   for (int s = 0; s < p.n_seqs; ++s) {
     KVCache* kv = p.seqs[s].kv;
     const std::size_t r = static_cast<std::size_t>(p.row0[s]) * kvd;
-    const int n = p.seqs[s].n_tokens;
-    kv_store(kv->k(layer), kv->f16(), p.past[s], k_.data() + r, n, d_.n_kv_heads, d_.head_dim, kv->head_stride());
-    kv_store(kv->v(layer), kv->f16(), p.past[s], v_.data() + r, n, d_.n_kv_heads, d_.head_dim, kv->head_stride());
+    kv_store(*kv, layer, p.past[s], k_.data() + r, v_.data() + r, p.seqs[s].n_tokens);
   }
   attend(layer, p, pool);
   linear(L.wo, att_.data(), N, xn_.data(), pool);
@@ -172,12 +175,11 @@ void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
   st.data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(states_.data()) + 31) & ~std::uintptr_t(31));
   auto own_span = [&](int s) {
     const KVCache* kv = p.seqs[s].kv;
-    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16(),
-                  static_cast<std::size_t>(D), kv->head_stride()};
+    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16(), kv->phase(),
+                  kv->head_stride()};
   };
   auto prefix_span = [&](const KVCache* pre) {
-    return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16(), static_cast<std::size_t>(D),
-                  pre->head_stride()};
+    return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16(), pre->phase(), pre->head_stride()};
   };
   auto split_of = [](int prefix_len) { return prefix_len - prefix_len % kAttnTile; };
 

@@ -297,18 +297,26 @@ void attention(const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
   attention_with(kernels(), q, N, n_heads, n_kv_heads, head_dim, q_pos, span, scale, out, lse, pool);
 }
 
-void kv_store(void* plane, bool f16, int row0, const float* src, int N, int n_kv_heads, int head_dim,
-              std::size_t head_stride) {
+void kv_store(KVCache& kv, int layer, int row0, const float* k, const float* v, int N) {
+  if (row0 < 0 || row0 + N > kv.capacity()) throw std::invalid_argument("kv_store: rows past the capacity");
   const KernelTable& kt = kernels();
-  const std::size_t D = static_cast<std::size_t>(head_dim);
+  const int H = kv.n_kv_heads(), D = kv.head_dim();
+  std::uint16_t half[512];
+  if (D > 512) throw std::invalid_argument("kv_store: head_dim too large");
   for (int n = 0; n < N; ++n)
-    for (int h = 0; h < n_kv_heads; ++h) {
-      const float* s = src + (static_cast<std::size_t>(n) * n_kv_heads + h) * D;
-      const std::size_t off = h * head_stride + static_cast<std::size_t>(row0 + n) * D;
-      if (f16)
-        kt.f32_to_f16(s, static_cast<std::uint16_t*>(plane) + off, D);
-      else
-        std::memcpy(static_cast<float*>(plane) + off, s, D * sizeof(float));
+    for (int h = 0; h < H; ++h) {
+      const std::size_t src = (static_cast<std::size_t>(n) * H + h) * D;
+      const std::size_t vi = kv.v_index(row0 + n, h, 0);
+      if (kv.f16()) {
+        kt.f32_to_f16(v + src, static_cast<std::uint16_t*>(kv.v(layer)) + vi, D);
+        kt.f32_to_f16(k + src, half, D);
+        auto* kp = static_cast<std::uint16_t*>(kv.k(layer));
+        for (int d = 0; d < D; ++d) kp[kv.k_index(row0 + n, h, d)] = half[d];
+      } else {
+        std::memcpy(static_cast<float*>(kv.v(layer)) + vi, v + src, D * sizeof(float));
+        auto* kp = static_cast<float*>(kv.k(layer));
+        for (int d = 0; d < D; ++d) kp[kv.k_index(row0 + n, h, d)] = k[src + d];
+      }
     }
 }
 

@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kv.h"
 #include "threadpool.h"
 
 namespace seqshare {
@@ -63,17 +64,17 @@ void silu_mul(float* gate, const float* up, std::size_t n);
 void add_inplace(float* y, const float* x, std::size_t n);
 
 // ---- attention ------------------------------------------------------------------------------
-// A run of cached keys/values for one layer: rows [0, len), `pos0` the absolute position of row 0,
-// stored as float16 bits or float32. Element (row, kv head, d) is at row * row_stride + kv head *
-// head_stride + d: a KVCache has head-major planes (row_stride = head_dim), an array of
-// (len, n_kv_heads, head_dim) has row_stride = n_kv_heads * head_dim and head_stride = head_dim.
+// A run of cached keys/values of one layer of a KVCache (kv.h): rows [0, len) at absolute positions
+// [pos0, pos0 + len), float16 bits or float32; K in transposed tiles of 32 slots, V in rows, row j
+// in slot j + phase with pos0 % 32 == phase (so the cache's tiles are the canonical ones).
 struct KVSpan {
   const void* k = nullptr;
   const void* v = nullptr;
   int len = 0;
   int pos0 = 0;
   bool f16 = true;
-  std::size_t row_stride = 0, head_stride = 0;
+  int phase = 0;
+  std::size_t head_stride = 0;  // elements between kv heads (slots * head_dim)
 };
 
 // The keys one query set may attend to, by absolute position: span[0], then (n == 2) span[1],
@@ -138,9 +139,8 @@ void attention(const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
 void attention_merge(float* out_a, float* lse_a, const float* out_b, const float* lse_b,
                      int N, int n_heads, int head_dim);
 
-// Store K or V rows (N, n_kv_heads * head_dim) float32 into a head-major cache plane (n_kv_heads,
-// capacity, head_dim; head_stride = capacity * head_dim elements) at row `row0`, as f16 or f32.
-void kv_store(void* plane, bool f16, int row0, const float* src, int N, int n_kv_heads, int head_dim,
-              std::size_t head_stride);
+// Store the K and V rows (N, n_kv_heads * head_dim) float32 of one layer into a cache at row
+// `row0`, as its dtype: V into its rows, K into its transposed tiles.
+void kv_store(KVCache& kv, int layer, int row0, const float* k, const float* v, int N);
 
 }  // namespace seqshare

@@ -95,7 +95,9 @@ def test_prefix_and_batch_give_the_same_logits_bit_for_bit(q4_model: Model) -> N
     qs = [np.asarray(m.encode(" " + q, add_special_tokens=False), np.int32) for q in questions[:3]]
     prefix = m.new_kv(len(ctx))
     m.prefill(ctx, prefix, want_logits=False)
-    own = [m.new_kv(len(q) + 8) for q in qs]
+    with pytest.raises(ValueError, match="phase"):  # rows after a prefix must know where they start
+        m.prefill(qs[0], m.new_kv(len(qs[0])), prefix=prefix)
+    own = [m.new_kv(len(q) + 8, start=len(ctx)) for q in qs]
     rows = np.cumsum([len(q) for q in qs]) - 1
     batch = m.forward(np.concatenate(qs), [(prefix, kv, len(q)) for kv, q in zip(own, qs, strict=True)], rows)
     alone_kv = [m.new_kv(len(ctx) + len(q) + 8) for q in qs]

@@ -224,11 +224,25 @@ def test_rope_rotates_halves_like_transformers() -> None:
     np.testing.assert_allclose(_native.rope(x, pos, 10000.0), want, atol=ROPE_ATOL)
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
-def test_kv_store_writes_rows_in_place(dtype: type) -> None:
-    cache = np.zeros((3, 10, 64), dtype)  # head-major: (n_kv_heads, capacity, head_dim)
-    src = np.random.default_rng(0).standard_normal((3, 192), dtype=np.float32) * 100
-    src[0, 0] = 1e-7  # a float16 subnormal
-    _native.kv_store(cache, 4, src)
-    np.testing.assert_array_equal(cache[:, 4:7].transpose(1, 0, 2).reshape(3, 192), src.astype(dtype))
-    assert not np.any(cache[:, :4]) and not np.any(cache[:, 7:])
+@pytest.mark.parametrize("start", [0, 5, 31, 70])
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_kv_store_rows_read_back_exactly_whatever_the_phase(dtype: str, start: int) -> None:
+    """K lives in transposed 32-row tiles aligned to absolute positions, V in rows: what is stored
+    reads back (as float16 when the cache is float16), also across a tile boundary and a copy."""
+    kv = _native.KV(2, 3, 64, 40, dtype, start=start)
+    assert kv.phase == start % 32
+    rng = np.random.default_rng(start)
+    k, v = (rng.standard_normal((37, 192), dtype=np.float32) * 100 for _ in range(2))
+    k[0, 0] = 1e-7  # a float16 subnormal
+    _native.kv_store(kv, 1, k[:30], v[:30])
+    _native.kv_store(kv, 1, k[30:], v[30:])
+    cast = np.float16 if dtype == "f16" else np.float32
+    got_k, got_v = kv.layer_f32(1)
+    np.testing.assert_array_equal(got_k, k.astype(cast).astype(np.float32))
+    np.testing.assert_array_equal(got_v, v.astype(cast).astype(np.float32))
+    twin = kv.copy(45)
+    assert twin.phase == kv.phase and twin.length == 37
+    np.testing.assert_array_equal(twin.layer_f32(1)[0], got_k)
+    restored = _native.KV(2, 3, 64, 37, dtype, start=start)
+    restored.import_bytes(kv.export_bytes(), 37)
+    np.testing.assert_array_equal(restored.layer_f32(1)[1], got_v)

@@ -244,7 +244,7 @@ def test_batch_decode_equals_each_alone(which: str, request: pytest.FixtureReque
     m.prefill(prefix_ids, prefix, want_logits=False)
     seqs = []
     for pre, ids in ((None, prompts["short"]), (None, prompts["medium"]), (prefix, tails[0]), (prefix, tails[1])):
-        kv = m.new_kv(len(ids) + steps)
+        kv = m.new_kv(len(ids) + steps, start=0 if pre is None else pre.length)
         m.prefill(ids, kv, prefix=pre, want_logits=False)
         seqs.append((pre, kv))
     got = np.stack([m.decode(forced[:, s], seqs) for s in range(steps)])  # (steps, 4, vocab)

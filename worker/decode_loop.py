@@ -101,7 +101,7 @@ class DecodeLoop:
         rows = 0
         for s in admitted:
             s.t_start = t0
-            s.kv = self.model.new_kv(s.capacity)
+            s.kv = self.model.new_kv(s.capacity, start=0 if s.prefix is None else s.prefix.length)
             s.sampler = make_sampler(s.params)
             if len(s.prompt) > self.model.max_tokens:
                 logits = self.model.prefill(s.prompt, s.kv, prefix=s.prefix, want_logits=True)

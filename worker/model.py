@@ -115,9 +115,10 @@ class Model:
         return cls(source, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch, chunk=chunk)
 
     # ---- KV caches ------------------------------------------------------------------------------
-    def new_kv(self, capacity: int) -> _native.KV:
-        """An empty KV with room for `capacity` token positions (memory is touched as rows fill)."""
-        return KV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, capacity, self.kv_dtype)
+    def new_kv(self, capacity: int, start: int = 0) -> _native.KV:
+        """An empty KV with room for `capacity` token positions. `start` is the absolute position of
+        its first row: the length of the prefix KV its rows will follow (0 for a whole prompt)."""
+        return KV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, capacity, self.kv_dtype, start)
 
     @staticmethod
     def _check_room(kv: _native.KV, n: int) -> None:
