@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -26,19 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from seqshare.daemon.cli_bench import SeqshareEngine, measure, rss_bytes
+
 HERE = Path(__file__).resolve().parent
 STEP_ROOM = 128  # KV rows past the prompt: room for the decode steps (>= --steps)
-
-
-def rss_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def prompt_ids(gguf: Path, n: int) -> list[int]:
@@ -59,23 +49,6 @@ def prompt_ids(gguf: Path, n: int) -> list[int]:
 
 
 # ---- the engines, one per child process -------------------------------------------------------
-class Seqshare:
-    def __init__(self, bundle: Path, threads: int):
-        from seqshare.worker.loader import load_bundle
-        from seqshare.worker.model import Model
-
-        self.model = Model(load_bundle(bundle), threads=threads, max_batch=1)
-        self.kv: Any = None
-
-    def prefill(self, ids: list[int]) -> int:
-        self.kv = None  # free the previous prompt's cache first, as llama.cpp's reset() reuses its own
-        self.kv = self.model.new_kv(len(ids) + STEP_ROOM)  # what llama.cpp's n_ctx leaves too
-        return int(self.model.prefill(ids, self.kv).argmax())
-
-    def step(self, tok: int) -> int:
-        return int(self.model.decode([tok], [(None, self.kv)])[0].argmax())
-
-
 class LlamaCpp:
     def __init__(self, gguf: Path, threads: int, n_ctx: int, flash_attn: bool):
         from llama_cpp import Llama
@@ -132,29 +105,15 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     ids = json.loads(Path(args.ids).read_text())
     t0 = time.perf_counter()
     if args.child == "seqshare":
-        eng: Any = Seqshare(Path(args.bundle), args.threads)
+        from seqshare.worker.loader import load_bundle
+
+        eng: Any = SeqshareEngine(load_bundle(Path(args.bundle)), args.threads, STEP_ROOM)
     elif args.child.startswith("llama"):
         eng = LlamaCpp(Path(args.gguf), args.threads, max(lengths + after) + STEP_ROOM, args.child == "llama-fa")
     else:
         eng = Transformers(Path(args.gguf), args.threads)
-    out: dict[str, Any] = {"load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes(), "prefill": {},
-                           "decode": {}}
-    eng.prefill(ids[:64])  # warm-up: threads, allocators, first-touch of the weights
-    for n in lengths:
-        best = float("inf")
-        for _ in range(1 if n > 2048 else 2):
-            t = time.perf_counter()
-            eng.prefill(ids[:n])
-            best = min(best, time.perf_counter() - t)
-        out["prefill"][n] = n / best
-    for n in after:
-        tok = eng.prefill(ids[:n])
-        t = time.perf_counter()
-        for _ in range(args.steps):
-            tok = eng.step(tok)
-        out["decode"][n] = args.steps / (time.perf_counter() - t)
-    out["peak_rss"] = peak_rss_bytes()
-    return out
+    load_s = time.perf_counter() - t0
+    return {"load_s": load_s, "rss_after_load": rss_bytes(), **measure(eng, ids, lengths, after, args.steps)}
 
 
 # ---- the parent: run the children, print the table ---------------------------------------------

@@ -96,7 +96,7 @@ class ResidentWorker:
         self._resync = False  # after a Redis error: jobs may sit in our claimed list unknown to us
         self._proc = proc_entry()  # identifies this process in the procs hash
         self._beat_stop = threading.Event()
-        self._last_meta: dict[str, float] = {}
+        self._last_meta: dict[str, tuple[float, int]] = {}  # job id -> (time, questions done) published
         self.rq = SimpleWorker([Queue(q, connection=conn, serializer=JSONSerializer) for q in self.queues],
                                name=self.name, connection=conn, serializer=JSONSerializer,
                                worker_ttl=self.ttl_s)
@@ -266,8 +266,10 @@ class ResidentWorker:
             self.hb.progress()
             job = group[i].job
             t = time.monotonic()
-            if t - self._last_meta.get(job.id, 0.0) >= META_EVERY_S:
-                self._last_meta[job.id] = t
+            last_t, last_done = self._last_meta.get(job.id, (0.0, -1))
+            # A finished question is published at once; token counts at most every META_EVERY_S.
+            if done != last_done or t - last_t >= META_EVERY_S:
+                self._last_meta[job.id] = (t, done)
                 job.meta["progress"] = {"questions_done": done, "questions": len(group[i].payload.questions),
                                         "tokens_generated": tokens}
                 with contextlib.suppress(ConnectionError, TimeoutError):  # advisory: an outage must not fail it
