@@ -66,7 +66,9 @@ class SeqshareEngine:
     def prefill(self, ids: list[int]) -> int:
         self.kv = None  # free the previous prompt's cache before allocating the next
         self.kv = self.model.new_kv(len(ids) + self.room)
-        return int(self.model.prefill(ids, self.kv).argmax())
+        logits = self.model.prefill(ids, self.kv)
+        assert logits is not None
+        return int(logits.argmax())
 
     def step(self, tok: int) -> int:
         return int(self.model.decode([tok], [(None, self.kv)])[0].argmax())
