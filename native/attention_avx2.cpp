@@ -1,8 +1,9 @@
 // Tiled attention with AVX2: 32 keys per tile, converted from f16 once per tile into L1 (K
-// transposed to (head_dim, 32) so 32 scores are four vectors of FMAs with q broadcast), then for
-// every pair of query rows -- the query heads sharing this kv head, for each query -- an
-// online-softmax update and P.V into the rows' running outputs. K/V are read once per (kv head,
-// query block) and no score matrix exists beyond one 2 x 32 tile.
+// transposed to (head_dim, 32) so scores are vectors of FMAs with q broadcast), then for the query
+// rows sharing this kv head -- the heads of its group, for each query -- scores six rows at a time,
+// an online-softmax update per row, and P.V two rows at a time into the rows' running outputs.
+// K/V are read once per (kv head, query block) and no score matrix exists beyond one rows x 32
+// tile.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -18,9 +19,9 @@ namespace seqshare {
 
 namespace {
 
-// 32 keys x 2 rows: 8 score accumulators + 4 key vectors fit the 16 registers, and the softmax
-// bookkeeping per row (two horizontal reductions, one scalar exp) is paid once per 32 keys.
-constexpr int kKeys = 32, kRows = 2;
+// The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
+// once per 32 keys.
+constexpr int kKeys = 32;
 static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
 
 struct Tile {
@@ -85,73 +86,147 @@ struct RowState {
   int limit;   // positions before `limit` are visible to this row
 };
 
-// One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for NR rows: scores,
-// online softmax, P.V.
+// Scores of NR rows against the tile's 32 keys, 16 keys at a time: per head_dim element two key
+// vectors and NR broadcasts feed 2 NR FMAs, so with NR = 6 the loads no longer outnumber the FMAs.
+// Each score is one FMA chain over head_dim in order, whatever NR: grouping never changes a bit.
 template <int D, int NR>
-void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowState* rs) {
-  constexpr int KV = kKeys / 8;  // score vectors per row
-  __m256 s[NR][KV];
+void tile_scores(const Tile& tile, const RowState* rs, float* sc) {
+  for (int half = 0; half < kKeys; half += 16) {
+    __m256 acc[NR][2];
 #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r)
+    for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int d = 0; d < D; ++d) {
+      const __m256 k0 = _mm256_load_ps(tile.kt + d * kKeys + half), k1 = _mm256_load_ps(tile.kt + d * kKeys + half + 8);
 #pragma GCC unroll 16
-    for (int c = 0; c < KV; ++c) s[r][c] = _mm256_setzero_ps();
-  for (int d = 0; d < D; ++d) {
-    __m256 k[KV];
-#pragma GCC unroll 16
-    for (int c = 0; c < KV; ++c) k[c] = _mm256_load_ps(tile.kt + d * kKeys + 8 * c);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 qb = _mm256_broadcast_ss(rs[r].q + d);
+        acc[r][0] = _mm256_fmadd_ps(qb, k0, acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(qb, k1, acc[r][1]);
+      }
+    }
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) {
-      const __m256 qb = _mm256_broadcast_ss(rs[r].q + d);
-#pragma GCC unroll 16
-      for (int c = 0; c < KV; ++c) s[r][c] = _mm256_fmadd_ps(qb, k[c], s[r][c]);
+      _mm256_store_ps(sc + r * kKeys + half, acc[r][0]);
+      _mm256_store_ps(sc + r * kKeys + half + 8, acc[r][1]);
     }
   }
+}
+
+// Online softmax of one row over key lanes [lo, rhi) of its scores `sc`, turned into weights in
+// place; returns the factor the running output must be scaled by (exactly 1 when the maximum
+// did not move, so the caller can skip the rescale).
+inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row) {
+  constexpr int KV = kKeys / 8;
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m256 scale = _mm256_set1_ps(a.scale);
-  const __m256 lov = _mm256_set1_ps(static_cast<float>(lo));
-  alignas(32) float p[kKeys];
+  // A tile every lane of which this row sees (all but the diagonal and the block edges) skips the
+  // masks; the arithmetic is the same, so the result is bit for bit the masked one.
+  const bool full = lo == 0 && rhi == kKeys;
+  const __m256 lov = _mm256_set1_ps(static_cast<float>(lo)), hiv = _mm256_set1_ps(static_cast<float>(rhi));
+  __m256 mask[KV], x[KV];
+  __m256 mx = ninf;
 #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) {
-    const int rhi = std::min(hi, rs[r].limit - t);
-    if (rhi <= lo) continue;
-    const __m256 hiv = _mm256_set1_ps(static_cast<float>(rhi));
-    __m256 mask[KV], x[KV];
-    __m256 mx = ninf;
-#pragma GCC unroll 16
-    for (int c = 0; c < KV; ++c) {
+  for (int c = 0; c < KV; ++c) {
+    x[c] = _mm256_mul_ps(_mm256_load_ps(sc + 8 * c), _mm256_set1_ps(scale));
+    if (!full) {
       const __m256 idx = _mm256_add_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(8.0f * c));
       mask[c] = _mm256_and_ps(_mm256_cmp_ps(idx, lov, _CMP_GE_OQ), _mm256_cmp_ps(idx, hiv, _CMP_LT_OQ));
-      x[c] = _mm256_blendv_ps(ninf, _mm256_mul_ps(s[r][c], scale), mask[c]);
-      mx = _mm256_max_ps(mx, x[c]);
+      x[c] = _mm256_blendv_ps(ninf, x[c], mask[c]);
     }
-    const float m_new = std::max(rs[r].m, avx2::hmax(mx));
-    const __m256 mv = _mm256_set1_ps(m_new);
-    __m256 sum = _mm256_setzero_ps();
+    mx = _mm256_max_ps(mx, x[c]);
+  }
+  const float m_new = std::max(row.m, avx2::hmax(mx));
+  const __m256 mv = _mm256_set1_ps(m_new);
+  __m256 sum = _mm256_setzero_ps();
 #pragma GCC unroll 16
-    for (int c = 0; c < KV; ++c) {
-      const __m256 pc = _mm256_and_ps(avx2::exp(_mm256_sub_ps(x[c], mv)), mask[c]);
-      _mm256_store_ps(p + 8 * c, pc);
-      sum = _mm256_add_ps(sum, pc);
-    }
-    const float c = std::exp(rs[r].m - m_new);  // 0 when nothing was seen before
-    rs[r].l = rs[r].l * c + avx2::hsum(sum);
-    rs[r].m = m_new;
-    // P.V, 64 output dims (8 registers) at a time.
-    const __m256 cv = _mm256_set1_ps(c);
-    for (int dc = 0; dc < D; dc += 64) {
-      constexpr int W = D < 64 ? D / 8 : 8;
-      __m256 o[W];
+  for (int c = 0; c < KV; ++c) {
+    __m256 pc = avx2::exp(_mm256_sub_ps(x[c], mv));
+    if (!full) pc = _mm256_and_ps(pc, mask[c]);
+    _mm256_store_ps(sc + 8 * c, pc);
+    sum = _mm256_add_ps(sum, pc);
+  }
+  // Once the running maximum settles most tiles leave it unchanged: the factor is then 1.
+  const float c = m_new == row.m ? 1.0f : std::exp(row.m - m_new);  // 0 when nothing was seen before
+  row.l = row.l * c + avx2::hsum(sum);
+  row.m = m_new;
+  return c;
+}
+
+// out_r <- out_r * c_r + sum over keys [lo, rhi) of p_r[k] V[k] for NR rows, 32 output dims at a
+// time: four value vectors serve NR rows, so NR = 2 keeps the FMAs ahead of the loads. Per output
+// element the arithmetic is the same for any NR.
+template <int D, int NR>
+void tile_pv(const Tile& tile, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+  for (int dc = 0; dc < D; dc += 32) {
+    __m256 o[NR][4];
 #pragma GCC unroll 16
-      for (int v = 0; v < W; ++v) o[v] = _mm256_mul_ps(_mm256_loadu_ps(rs[r].o + dc + 8 * v), cv);
-      for (int k = lo; k < rhi; ++k) {
-        const __m256 pb = _mm256_broadcast_ss(p + k);
-        const float* vr = tile.v + k * D + dc;
+    for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
-        for (int v = 0; v < W; ++v) o[v] = _mm256_fmadd_ps(pb, _mm256_load_ps(vr + 8 * v), o[v]);
+      for (int v = 0; v < 4; ++v) {
+        o[r][v] = _mm256_loadu_ps(rows[r]->o + dc + 8 * v);
+        if (c[r] != 1.0f) o[r][v] = _mm256_mul_ps(o[r][v], _mm256_set1_ps(c[r]));
       }
+    for (int k = lo; k < rhi; ++k) {
+      const float* vr = tile.v + k * D + dc;
+      const __m256 v0 = _mm256_load_ps(vr), v1 = _mm256_load_ps(vr + 8), v2 = _mm256_load_ps(vr + 16),
+                   v3 = _mm256_load_ps(vr + 24);
 #pragma GCC unroll 16
-      for (int v = 0; v < W; ++v) _mm256_storeu_ps(rs[r].o + dc + 8 * v, o[v]);
+      for (int r = 0; r < NR; ++r) {
+        const __m256 pb = _mm256_broadcast_ss(p[r] + k);
+        o[r][0] = _mm256_fmadd_ps(pb, v0, o[r][0]);
+        o[r][1] = _mm256_fmadd_ps(pb, v1, o[r][1]);
+        o[r][2] = _mm256_fmadd_ps(pb, v2, o[r][2]);
+        o[r][3] = _mm256_fmadd_ps(pb, v3, o[r][3]);
+      }
     }
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < 4; ++v) _mm256_storeu_ps(rows[r]->o + dc + 8 * v, o[r][v]);
+  }
+}
+
+// One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
+// of one kv head: scores of all of them, then per row the online softmax, then P.V by pairs of
+// rows that see the same keys. `sc` holds (r1 - r0) x kKeys floats.
+template <int D>
+void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowState* rs, int r0, int r1, float* sc) {
+  constexpr int G = 6;
+  int r = r0;
+  for (; r + G <= r1; r += G) tile_scores<D, G>(tile, rs + r, sc + (r - r0) * kKeys);
+  switch (r1 - r) {
+    case 5: tile_scores<D, 5>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    case 4: tile_scores<D, 4>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    case 3: tile_scores<D, 3>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    case 2: tile_scores<D, 2>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    case 1: tile_scores<D, 1>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    default: break;
+  }
+  RowState* pend = nullptr;  // a row waiting for a partner with the same key range
+  const float* pend_p = nullptr;
+  float pend_c = 0.0f;
+  int pend_hi = 0;
+  for (r = r0; r < r1; ++r) {
+    const int rhi = std::min(hi, rs[r].limit - t);
+    if (rhi <= lo) continue;
+    float* p = sc + (r - r0) * kKeys;
+    const float c = row_softmax(a.scale, lo, rhi, p, rs[r]);
+    if (pend && pend_hi == rhi) {
+      RowState* rows[2] = {pend, &rs[r]};
+      const float* ps[2] = {pend_p, p};
+      const float cs[2] = {pend_c, c};
+      tile_pv<D, 2>(tile, lo, rhi, rows, ps, cs);
+      pend = nullptr;
+      continue;
+    }
+    if (pend) {
+      RowState* rows[1] = {pend};
+      tile_pv<D, 1>(tile, lo, pend_hi, rows, &pend_p, &pend_c);
+    }
+    pend = &rs[r], pend_p = p, pend_c = c, pend_hi = rhi;
+  }
+  if (pend) {
+    RowState* rows[1] = {pend};
+    tile_pv<D, 1>(tile, lo, pend_hi, rows, &pend_p, &pend_c);
   }
 }
 
@@ -164,10 +239,11 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   const BlockKeys bk = block_keys(job, b);
   thread_local std::vector<float> buf;
   thread_local std::vector<RowState> rs;
-  buf.resize(2 * kKeys * D + 8);
+  buf.resize(2 * kKeys * D + static_cast<std::size_t>(per_kvh) * kKeys + 8);
   rs.resize(static_cast<std::size_t>(nrows));
   float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
   Tile tile{base, base + kKeys * D};
+  float* sc = base + 2 * kKeys * D;  // scores, then weights, of one kv head's rows
   int end = bk.lo;  // the last visible position of any row, plus one
   for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
     const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
@@ -185,16 +261,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
     const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
     for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
       load_tile<D, E>(a, kvh, t, lo, hi, tile);
-      for (int r = kvh * per_kvh; r < (kvh + 1) * per_kvh; r += kRows) {
-        const int nr = std::min(kRows, (kvh + 1) * per_kvh - r);
-        bool any = false;
-        for (int i = 0; i < nr; ++i) any |= rs[r + i].limit > t + lo;
-        if (!any) continue;
-        if (nr == 2)
-          tile_rows<D, 2>(a, tile, t, lo, hi, &rs[r]);
-        else
-          tile_rows<D, 1>(a, tile, t, lo, hi, &rs[r]);
-      }
+      tile_rows<D>(a, tile, t, lo, hi, rs.data(), kvh * per_kvh, (kvh + 1) * per_kvh, sc);
     }
   }
   for (int i = 0; i < nrows; ++i) {
