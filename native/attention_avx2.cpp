@@ -22,6 +22,8 @@ namespace {
 // The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
 // once per 32 keys.
 constexpr int kKeys = 32;
+// Up to this many query rows per kv head (one score group) read a tile straight from the cache.
+constexpr int kDirectRows = 6;
 static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
 
 struct Tile {
@@ -89,14 +91,14 @@ struct RowState {
 // Scores of NR rows against the tile's 32 keys, 16 keys at a time: per head_dim element two key
 // vectors and NR broadcasts feed 2 NR FMAs, so with NR = 6 the loads no longer outnumber the FMAs.
 // Each score is one FMA chain over head_dim in order, whatever NR: grouping never changes a bit.
-template <int D, int NR>
-void tile_scores(const Tile& tile, const RowState* rs, float* sc) {
+template <int D, int NR, typename E>
+void tile_scores(const E* kt, const RowState* rs, float* sc) {
   for (int half = 0; half < kKeys; half += 16) {
     __m256 acc[NR][2];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int d = 0; d < D; ++d) {
-      const __m256 k0 = _mm256_load_ps(tile.kt + d * kKeys + half), k1 = _mm256_load_ps(tile.kt + d * kKeys + half + 8);
+      const __m256 k0 = load8(kt + d * kKeys + half), k1 = load8(kt + d * kKeys + half + 8);
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m256 qb = _mm256_broadcast_ss(rs[r].q + d);
@@ -154,8 +156,8 @@ inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row)
 // out_r <- out_r * c_r + sum over keys [lo, rhi) of p_r[k] V[k] for NR rows, 32 output dims at a
 // time: four value vectors serve NR rows, so NR = 2 keeps the FMAs ahead of the loads. Per output
 // element the arithmetic is the same for any NR.
-template <int D, int NR>
-void tile_pv(const Tile& tile, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+template <int D, int NR, typename E>
+void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
   for (int dc = 0; dc < D; dc += 32) {
     __m256 o[NR][4];
 #pragma GCC unroll 16
@@ -166,9 +168,8 @@ void tile_pv(const Tile& tile, int lo, int rhi, RowState* const* rows, const flo
         if (c[r] != 1.0f) o[r][v] = _mm256_mul_ps(o[r][v], _mm256_set1_ps(c[r]));
       }
     for (int k = lo; k < rhi; ++k) {
-      const float* vr = tile.v + k * D + dc;
-      const __m256 v0 = _mm256_load_ps(vr), v1 = _mm256_load_ps(vr + 8), v2 = _mm256_load_ps(vr + 16),
-                   v3 = _mm256_load_ps(vr + 24);
+      const E* vr = vlo + (k - lo) * D + dc;
+      const __m256 v0 = load8(vr), v1 = load8(vr + 8), v2 = load8(vr + 16), v3 = load8(vr + 24);
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
         const __m256 pb = _mm256_broadcast_ss(p[r] + k);
@@ -187,18 +188,21 @@ void tile_pv(const Tile& tile, int lo, int rhi, RowState* const* rows, const flo
 
 // One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
 // of one kv head: scores of all of them, then per row the online softmax, then P.V by pairs of
-// rows that see the same keys. `sc` holds (r1 - r0) x kKeys floats.
-template <int D>
-void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowState* rs, int r0, int r1, float* sc) {
+// rows that see the same keys. K is a (D, kKeys) block, `vlo` the value row of lane lo (then one
+// row per lane), either in the cache's own type or staged as f32. `sc` holds (r1 - r0) x kKeys
+// floats.
+template <int D, typename E>
+void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int hi, RowState* rs, int r0, int r1,
+               float* sc) {
   constexpr int G = 6;
   int r = r0;
-  for (; r + G <= r1; r += G) tile_scores<D, G>(tile, rs + r, sc + (r - r0) * kKeys);
+  for (; r + G <= r1; r += G) tile_scores<D, G>(kt, rs + r, sc + (r - r0) * kKeys);
   switch (r1 - r) {
-    case 5: tile_scores<D, 5>(tile, rs + r, sc + (r - r0) * kKeys); break;
-    case 4: tile_scores<D, 4>(tile, rs + r, sc + (r - r0) * kKeys); break;
-    case 3: tile_scores<D, 3>(tile, rs + r, sc + (r - r0) * kKeys); break;
-    case 2: tile_scores<D, 2>(tile, rs + r, sc + (r - r0) * kKeys); break;
-    case 1: tile_scores<D, 1>(tile, rs + r, sc + (r - r0) * kKeys); break;
+    case 5: tile_scores<D, 5>(kt, rs + r, sc + (r - r0) * kKeys); break;
+    case 4: tile_scores<D, 4>(kt, rs + r, sc + (r - r0) * kKeys); break;
+    case 3: tile_scores<D, 3>(kt, rs + r, sc + (r - r0) * kKeys); break;
+    case 2: tile_scores<D, 2>(kt, rs + r, sc + (r - r0) * kKeys); break;
+    case 1: tile_scores<D, 1>(kt, rs + r, sc + (r - r0) * kKeys); break;
     default: break;
   }
   RowState* pend = nullptr;  // a row waiting for a partner with the same key range
@@ -214,19 +218,19 @@ void tile_rows(const AttnArgs& a, const Tile& tile, int t, int lo, int hi, RowSt
       RowState* rows[2] = {pend, &rs[r]};
       const float* ps[2] = {pend_p, p};
       const float cs[2] = {pend_c, c};
-      tile_pv<D, 2>(tile, lo, rhi, rows, ps, cs);
+      tile_pv<D, 2>(vlo, lo, rhi, rows, ps, cs);
       pend = nullptr;
       continue;
     }
     if (pend) {
       RowState* rows[1] = {pend};
-      tile_pv<D, 1>(tile, lo, pend_hi, rows, &pend_p, &pend_c);
+      tile_pv<D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
     }
     pend = &rs[r], pend_p = p, pend_c = c, pend_hi = rhi;
   }
   if (pend) {
     RowState* rows[1] = {pend};
-    tile_pv<D, 1>(tile, lo, pend_hi, rows, &pend_p, &pend_c);
+    tile_pv<D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
   }
 }
 
@@ -244,6 +248,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
   Tile tile{base, base + kKeys * D};
   float* sc = base + 2 * kKeys * D;  // scores, then weights, of one kv head's rows
+  const KeySpans& ks = job.keys;
   int end = bk.lo;  // the last visible position of any row, plus one
   for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
     const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
@@ -260,8 +265,18 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
     const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
     for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
-      load_tile<D, E>(a, kvh, t, lo, hi, tile);
-      tile_rows<D>(a, tile, t, lo, hi, rs.data(), kvh * per_kvh, (kvh + 1) * per_kvh, sc);
+      const int r0 = kvh * per_kvh, r1 = r0 + per_kvh;
+      int row0;
+      const KVSpan& sp = key_span(ks, t + lo, row0);
+      if (per_kvh <= kDirectRows && sp.pos0 + sp.len >= t + hi) {
+        // Few rows per key (decode): converting in registers beats staging the tile. Same
+        // arithmetic either way, so a row's result does not depend on which path ran.
+        const E* v = static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
+        tile_rows<D, E>(a, k_block<D, E>(sp, kvh, t), v, t, lo, hi, rs.data(), r0, r1, sc);
+      } else {
+        load_tile<D, E>(a, kvh, t, lo, hi, tile);
+        tile_rows<D, float>(a, tile.kt, tile.v + lo * D, t, lo, hi, rs.data(), r0, r1, sc);
+      }
     }
   }
   for (int i = 0; i < nrows; ++i) {
