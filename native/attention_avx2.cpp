@@ -3,7 +3,7 @@
 // rows sharing this kv head -- the heads of its group, for each query -- scores six rows at a time,
 // an online-softmax update per row, and P.V two rows at a time into the rows' running outputs.
 // K/V are read once per (kv head, query block) and no score matrix exists beyond one rows x 32
-// tile.
+// tile. With few rows per kv head (decode) the tile is read straight from the cache instead.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -271,7 +271,8 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       if (per_kvh <= kDirectRows && sp.pos0 + sp.len >= t + hi) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
         // arithmetic either way, so a row's result does not depend on which path ran.
-        const E* v = static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
+        const E* v =
+            static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
         tile_rows<D, E>(a, k_block<D, E>(sp, kvh, t), v, t, lo, hi, rs.data(), r0, r1, sc);
       } else {
         load_tile<D, E>(a, kvh, t, lo, hi, tile);
