@@ -300,10 +300,10 @@ def decrypt_file(src: Path, dst: Path, master: bytes) -> None:
     ef = open_encrypted(src)
     aead = ef.file_key(master)
     C = ef.chunk_size
-    out = memoryview(bytearray(C))
+    out, ct = memoryview(bytearray(C)), bytearray(C + TAG)
     with src.open("rb") as fin, _atomic_writer(dst, None) as fout:
         for i in range(ef.chunks):
-            _decrypt_chunks(ef, aead, fin.fileno(), i, i + 1, lambda _i: out)
+            _decrypt_chunk(ef, aead, fin.fileno(), i, ct, out)
             fout.write(out[: min(C, ef.plaintext_bytes - i * C)])
 
 
