@@ -26,6 +26,7 @@ from rq.job import Job, JobStatus
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
 from rq.utils import now
+from rq.worker import BaseWorker
 
 from ..worker.errors import WorkerCrashedError
 from ..worker.routing import Keys, ring, text
@@ -62,8 +63,10 @@ return taken
 class Claims:
     """One worker's claim/finish/recover operations. All writes are pipelined transactions."""
 
-    def __init__(self, conn: Redis, keys: Keys, name: str, ttl_s: int, max_retries: int = 3):
+    def __init__(self, conn: Redis, keys: Keys, name: str, ttl_s: int, max_retries: int = 3,
+                 rq_worker: BaseWorker | None = None):
         self.conn, self.keys, self.name, self.ttl_s, self.max_retries = conn, keys, name, ttl_s, max_retries
+        self.rq_worker = rq_worker  # its counters (`rq info`: finished, failed, working time) count our jobs
         self._claim = conn.register_script(_CLAIM)
         self._take = conn.register_script(_TAKE_GROUP)
 
@@ -147,6 +150,7 @@ class Claims:
                     if not duplicate:
                         self._outcome(p, job, execution, result, error, result_ttl)
                         _count(p, self.keys, self.name, counters)
+                        self._count_in_rq(p, job, ok=error is None)
                     elif execution is not None:
                         execution.delete(job=job, pipeline=p)
                     p.lrem(self.keys.claimed(self.name), 0, job.id)
@@ -172,6 +176,16 @@ class Claims:
             _record_failure(p, job, error, self.name, ex_id, ex_at)
         if execution is not None:
             execution.delete(job=job, pipeline=p)
+
+    def _count_in_rq(self, p: Any, job: Job, ok: bool) -> None:
+        if self.rq_worker is None:
+            return
+        if ok:
+            self.rq_worker.increment_successful_job_count(pipeline=p)
+        else:
+            self.rq_worker.increment_failed_job_count(pipeline=p)
+        if job.started_at is not None and job.ended_at is not None:
+            self.rq_worker.increment_total_working_time(job.ended_at - job.started_at, p)
 
     def forward(self, job: Job, to_queue: str, at_front: bool) -> None:
         """Move a claimed job to another worker's queue (its context lives there)."""

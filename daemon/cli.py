@@ -11,7 +11,7 @@ from .cli_bench import bench
 from .cli_generate import debug, generate
 from .cli_model import model
 from .cli_queue import qa, status, submit, worker
-from .cli_service import memory_setup
+from .cli_service import memory_setup, reload
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -27,6 +27,7 @@ cli.add_command(model)
 cli.add_command(generate)
 cli.add_command(debug)
 cli.add_command(memory_setup)
+cli.add_command(reload)
 cli.add_command(bench)
 for _cmd in (worker, submit, qa, status):
     cli.add_command(_cmd)

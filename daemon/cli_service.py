@@ -1,6 +1,7 @@
-"""`seqshare memory-setup`: compute the memory plan, check it fits, prepare the device partition.
+"""Commands the units run: `seqshare memory-setup` and `seqshare reload`.
 
-Run by seqshare-memory-setup.service before the workers start, or by hand. Exit codes:
+`memory-setup` computes the memory plan, checks it fits and prepares the device partition; it is run
+by seqshare-memory-setup.service before the workers start, or by hand. Exit codes:
   0   the plan fits (and the device partition, if a device tool is configured, is as planned)
   78  EX_CONFIG: the plan does not fit (the shortfall is named) or the configuration is invalid
   75  EX_TEMPFAIL: the device partition was rewritten; reboot the device, then start the workers
@@ -83,3 +84,29 @@ def memory_setup(config_file: Path | None, as_json: bool, workers: int | None, v
     if code == EX_TEMPFAIL:
         _fail(f"{device_msg}", EX_TEMPFAIL)
     raise SystemExit(code)
+
+
+@click.command("reload")
+@click.option("--pid", type=click.IntRange(min=1), required=True, help="The worker's pid ($MAINPID).")
+@click.option("--state-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="Where the worker writes reload.json [default: $RUNTIME_DIRECTORY].")
+@click.option("--timeout", "timeout_s", type=float, default=110.0, show_default=True,
+              help="Seconds to wait; keep it under the unit's TimeoutStartSec=, which bounds ExecReload=.")
+def reload(pid: int, state_dir: Path | None, timeout_s: float) -> None:
+    """Reload a worker and wait for the outcome: exit 0 when it reloaded, 1 when it failed.
+
+    The unit's ExecReload= runs this, so `systemctl reload` reports a failed reload as failed."""
+    from .reload import request_reload, runtime_dir
+
+    where = state_dir or runtime_dir()
+    if where is None:
+        _fail_reload("no --state-dir and no $RUNTIME_DIRECTORY: nowhere to read the outcome from")
+    ok, outcome = request_reload(pid, where, timeout_s)
+    click.echo(f"seqshare reload: {outcome}", err=not ok)
+    if not ok:
+        raise SystemExit(1)
+
+
+def _fail_reload(message: str) -> NoReturn:
+    click.echo(f"seqshare reload: {message}", err=True)
+    raise SystemExit(2)

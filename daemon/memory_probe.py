@@ -150,25 +150,44 @@ def has_cap_ipc_lock(status: Path = Path("/proc/self/status")) -> bool:
     return False
 
 
-def memlock_limit() -> int | None:
-    """The soft RLIMIT_MEMLOCK in bytes; None when unlimited."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
-    return None if soft == resource.RLIM_INFINITY else soft
+def memlock_limits() -> tuple[int | None, int | None]:
+    """(soft, hard) RLIMIT_MEMLOCK in bytes; None where unlimited."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    return tuple(None if v == resource.RLIM_INFINITY else v for v in (soft, hard))  # type: ignore[return-value]
+
+
+def raise_memlock_soft_limit() -> None:
+    """Any process may lift its soft limit up to the hard one: only the hard limit really binds."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
 
 
 def _kib_or_mib(n: int) -> str:
     return f"{n >> 20} MiB" if n >= 1 << 20 else f"{n >> 10} KiB"
 
 
-def check_memlock(needed_bytes: int, limit: int | None, privileged: bool) -> None:
-    """Raise MemoryLockError, naming the limit and the unit setting, when `needed_bytes` cannot be locked."""
-    if privileged or limit is None or limit >= needed_bytes:
+def check_memlock(needed_bytes: int, hard: int | None, privileged: bool, under_systemd: bool) -> None:
+    """Raise MemoryLockError, naming the limit and where to raise it, when `needed_bytes` cannot be locked.
+
+    Under systemd the shipped unit already sets LimitMEMLOCK=infinity: a finite hard limit there means
+    the unit was edited or the cap comes from outside systemd's reach (a container's limit on the
+    service manager itself), and telling the operator to set what is set would send them in circles.
+    """
+    if privileged or hard is None or hard >= needed_bytes:
         return
     mib = -(-needed_bytes // (1 << 20))
+    where = (
+        f"the shipped seqshare-worker@.service sets LimitMEMLOCK=infinity (check `systemctl show -p "
+        f"LimitMEMLOCK seqshare-worker@NAME`; set it again with `systemctl edit seqshare-worker@NAME` if an "
+        f"override lowered it); if it is set and the hard limit is still {_kib_or_mib(hard)}, the cap comes "
+        f"from outside systemd (the container or VM that runs it: raise its memlock limit, e.g. "
+        f"`--rlimit=RLIMIT_MEMLOCK=infinity` for systemd-nspawn or `--ulimit memlock=-1` for docker)"
+        if under_systemd else
+        f"raise it with `ulimit -l {mib * 1024}` (as root, or via /etc/security/limits.conf) before starting"
+    )
     raise MemoryLockError(
-        f"lock_memory needs {mib} MiB locked but RLIMIT_MEMLOCK is {_kib_or_mib(limit)}; "
-        f"set LimitMEMLOCK={mib}M (or infinity) in the seqshare-worker@.service unit "
-        f"(`systemctl edit seqshare-worker@NAME`), or `ulimit -l {mib * 1024}` outside systemd, "
+        f"lock_memory needs {mib} MiB locked but the hard RLIMIT_MEMLOCK is {_kib_or_mib(hard)}; {where}; "
         f"or turn memory.lock_memory off"
     )
 
@@ -179,7 +198,9 @@ def lock_memory(needed_bytes: int) -> None:
     MCL_ONFAULT locks pages as they are first touched instead of populating every reserved mapping
     (thread stacks, malloc arenas) at once; kernels before 4.4 lack it and get plain MCL_FUTURE.
     """
-    check_memlock(needed_bytes, memlock_limit(), has_cap_ipc_lock())
+    raise_memlock_soft_limit()
+    under_systemd = bool(os.environ.get("INVOCATION_ID"))  # systemd sets it for every service it runs
+    check_memlock(needed_bytes, memlock_limits()[1], has_cap_ipc_lock(), under_systemd)
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     for flags in (MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT, MCL_CURRENT | MCL_FUTURE):
         if libc.mlockall(flags) == 0:
@@ -187,7 +208,7 @@ def lock_memory(needed_bytes: int) -> None:
         err = ctypes.get_errno()
         if err != errno.EINVAL:
             break
-    limit = memlock_limit()
+    limit = memlock_limits()[0]
     shown = "unlimited" if limit is None else _kib_or_mib(limit)
     raise MemoryLockError(
         f"mlockall failed: {os.strerror(err)} (RLIMIT_MEMLOCK is {shown}); raise LimitMEMLOCK= in "

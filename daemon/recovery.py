@@ -2,9 +2,9 @@
 
 Every worker runs `recover_own` at start (an earlier process of its name was killed) and
 `recover_dead` at start and every few heartbeats (peers that died). A worker is dead when its
-liveness hash expired or, on this host, when its pid is gone: so a worker killed with -9 is noticed
-at once by a peer or by its own restart, and a live one is not taken for dead while a Redis outage
-longer than the liveness TTL lets its hash expire.
+liveness hash expired, or when a process that shares its PID namespace proves its pid gone (see
+`_alive`): workers in other containers, PID namespaces or sandboxes (ProtectProc=invisible) are
+judged by their heartbeat alone.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
@@ -25,53 +26,109 @@ from .claims import give_back_jobs
 log = logging.getLogger(__name__)
 
 
-def proc_entry(pid: int | None = None) -> str:
-    """"host pid start" for the procs hash; the start time tells a reused pid from the worker's."""
+@dataclass(frozen=True)
+class ProcEntry:
+    """Where a worker process runs, as recorded in the procs hash: "host boot pidns pid start".
+
+    A pid means something only inside its PID namespace of one kernel boot: `boot` (the kernel's
+    boot id) and `pidns` (the inode of /proc/self/ns/pid, unique within a boot) say which. The host
+    name is for people: containers and machines share host names, and the initial PID namespace has
+    the same inode on every Linux box. `start` (clock ticks since boot) tells a reused pid apart.
+    """
+
+    host: str
+    boot: str
+    pidns: str
+    pid: int
+    start: str
+
+    def __str__(self) -> str:
+        return " ".join([self.host, self.boot or "-", self.pidns or "-", str(self.pid), self.start or "-"])
+
+    @classmethod
+    def parse(cls, raw: object) -> ProcEntry | None:
+        """None for what this version did not write (an older worker's "host pid start")."""
+        parts = text(raw).split(" ")
+        if len(parts) != 5 or not parts[3].isdigit():
+            return None
+        host, boot, pidns, pid, start = (p if p != "-" else "" for p in parts)
+        return cls(host, boot, pidns, int(pid), start)
+
+
+def _read(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pidns() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return ""
+
+
+def proc_entry(pid: int | None = None) -> ProcEntry:
     pid = os.getpid() if pid is None else pid
-    return f"{socket.gethostname()} {pid} {_start_time(pid)}"
+    return ProcEntry(socket.gethostname(), _read("/proc/sys/kernel/random/boot_id"), _pidns(), pid,
+                     _start_time(pid))
 
 
 def _start_time(pid: int) -> str:
-    """Field 22 of /proc/PID/stat (clock ticks since boot), "" where there is no /proc or no such pid."""
+    """Field 22 of /proc/PID/stat (clock ticks since boot), "" where this process cannot see it."""
+    stat = _read(f"/proc/{pid}/stat")
+    return stat.rsplit(")", 1)[1].split()[19] if stat else ""
+
+
+def local_verdict(entry: ProcEntry) -> bool | None:
+    """True: the process provably runs; False: provably gone; None: this process cannot tell.
+
+    Only a process in the same PID namespace of the same boot can judge a pid at all. Even there a
+    peer may be invisible in /proc (ProtectProc=invisible, another user namespace): kill(pid, 0)
+    still proves that no such pid exists, but a pid that exists and cannot be read may have been
+    reused, so that is no verdict either. "Cannot see it" never means "dead".
+    """
+    me = proc_entry()
+    if not (entry.boot and entry.pidns) or (entry.boot, entry.pidns) != (me.boot, me.pidns):
+        return None
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return ""
-    return stat.rsplit(")", 1)[1].split()[19]
+        os.kill(entry.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone we may not signal
+    now = _start_time(entry.pid)
+    if not now or not entry.start:
+        return None
+    return now == entry.start
 
 
-def _alive(conn: Redis, keys: Keys, name: str) -> bool:
-    """Alive while its liveness hash has not expired, unless it ran on this host and its process is gone.
+def _alive(conn: Redis, keys: Keys, name: str, trust_expiry: bool = True) -> bool:
+    """Alive while its liveness hash lives, unless this process can prove it gone.
 
-    After the hash expired (a Redis outage longer than the TTL), a process on this host still counts
-    as alive while it runs: it will publish again at its next heartbeat.
+    Every worker can prove it is alive through Redis (its heartbeat); the local check only speeds up
+    the verdict (a worker killed with -9 is noticed at once by a peer in its PID namespace or by its
+    own restart) and keeps a local peer alive whose hash expired in a Redis outage. Without a local
+    verdict, an expired hash means dead only when `trust_expiry`: not while this worker is itself
+    just back from an outage, when its peers have not had a heartbeat's chance to publish again.
     """
     live = bool(conn.exists(keys.info(name)))
     raw = conn.hget(keys.procs(), name)
-    if raw is None:
-        return live
-    host, pid, start = [*text(raw).split(" "), "", ""][:3]
-    if host != socket.gethostname() or not pid.isdigit():
-        return live
-    if not Path("/proc").is_dir():  # no start times to compare: the pid alone
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            pass
-        return True
-    now = _start_time(int(pid))
-    return bool(now) and (not start or now == start)
+    entry = ProcEntry.parse(raw) if raw is not None else None
+    verdict = local_verdict(entry) if entry is not None else None
+    if verdict is not None:
+        return verdict
+    return live or not trust_expiry
 
 
 def recover_own(conn: Redis, keys: Keys, name: str, max_retries: int) -> int:
     """At start: take back what an earlier process of this name left (it was killed), or refuse to
     start when a process of this name still runs. Returns the number of jobs requeued."""
     if _alive(conn, keys, name):
-        host, pid, _ = (text(conn.hget(keys.procs(), name) or "? ?") + " ").split(" ", 2)
-        raise ConfigError(f"a worker named {name} is already running (host {host}, pid {pid}); "
-                          "worker names must be unique")
+        entry = ProcEntry.parse(conn.hget(keys.procs(), name) or "")
+        where = f" (host {entry.host}, pid {entry.pid})" if entry else ""
+        raise ConfigError(f"a worker named {name} is already running{where}; worker names must be unique")
     n = give_back_jobs(conn, keys, name, [text(j) for j in conn.lrange(keys.claimed(name), 0, -1)],
                    crashed=True, max_retries=max_retries)
     with conn.pipeline() as p:  # rq refuses to register a name whose worker hash says it is alive
@@ -83,12 +140,16 @@ def recover_own(conn: Redis, keys: Keys, name: str, max_retries: int) -> int:
     return n
 
 
-def recover_dead(conn: Redis, keys: Keys, me: str, max_retries: int) -> list[str]:
-    """Give back the claimed jobs and per-worker queue of every dead worker; return their names."""
+def recover_dead(conn: Redis, keys: Keys, me: str, max_retries: int, trust_expiry: bool = True) -> list[str]:
+    """Give back the claimed jobs and per-worker queue of every dead worker; return their names.
+
+    `trust_expiry=False` (this worker just had Redis back after an outage): only peers proven gone
+    by a local process check are recovered, not those whose liveness hash merely expired.
+    """
     recovered = []
     for raw in conn.smembers(keys.workers()):
         name = text(raw)
-        if name == me or _alive(conn, keys, name):
+        if name == me or _alive(conn, keys, name, trust_expiry):
             continue
         if not conn.set(keys.recovering(name), me, nx=True, ex=60):
             continue  # a peer is on it

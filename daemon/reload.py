@@ -1,8 +1,11 @@
 """SIGHUP: reread the configuration and reload the bundles whose files changed, keeping the others.
 
-`systemctl reload seqshare-worker@a` (the unit's ExecReload= sends SIGHUP) ends here. The signal
-handler only raises a flag; the worker's loop calls `maybe_reload()` between batches, so no job ever
-sees its engine swapped underneath it. A reload:
+`systemctl reload seqshare-worker@a` ends here. The unit's ExecReload= runs `seqshare reload --pid
+$MAINPID` (`request_reload`), which sends SIGHUP and waits for this reload's outcome in the worker's
+state file (`reload.json` in $RUNTIME_DIRECTORY), so systemctl returns when the reload is done and
+fails when it failed. (Type=notify-reload would wait for READY=1 but has no way to report a failure.)
+The signal handler only raises a flag; the worker's loop calls `maybe_reload()` between batches, so
+no job ever sees its engine swapped underneath it. A reload:
 
   1. tells systemd RELOADING=1;
   2. reads the configuration again from the same file and flags (a bad file: logged, nothing changes);
@@ -10,7 +13,8 @@ sees its engine swapped underneath it. A reload:
   4. loads the models that are new, whose settings changed, or whose bundle file changed (another
      inode, size or mtime), drops the models no longer configured, and keeps every other engine
      object as it is: its weights and its prefix cache with every cached document stay;
-  5. tells systemd READY=1 with the new status, whatever happened.
+  5. tells systemd READY=1 with the new status, whatever happened (a failed reload stays at the front
+     of the STATUS line until a reload succeeds), then writes the outcome to the state file.
 
 Settings that shape the process itself (Redis, name, threads, batch size, KV dtype, queues, cache and
 memory budgets) take effect at the next restart; a reload that changes them says so in the log. The
@@ -22,8 +26,11 @@ prefixes may still come back from the spill directory, which is keyed by that di
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -42,6 +49,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+STATE_FILE = "reload.json"
+ENV_RUNTIME_DIR = "RUNTIME_DIRECTORY"  # set by systemd from the unit's RuntimeDirectory=
 RESTART_ONLY = ("redis_url", "name", "threads", "max_batch", "kv_dtype", "queue", "cache", "memory")
 
 
@@ -66,10 +75,13 @@ class FileStamp:
 class Reloader:
     """Owned by the worker: `request` is the SIGHUP handler, `maybe_reload` runs at a safe point."""
 
-    def __init__(self, worker: ResidentWorker):
+    def __init__(self, worker: ResidentWorker, state_dir: Path | None = None):
         self.worker = worker
         self.pending = False
         self.loaded = self._stamps(worker.settings.models)
+        self.failed: str | None = None  # the last reload's error, until one succeeds
+        self.seq = 0  # reloads done by this process: what `request_reload` waits to see grow
+        self.state_dir = state_dir if state_dir is not None else runtime_dir()
 
     @staticmethod
     def _stamps(models: list[ModelConfig]) -> dict[str, tuple[ModelConfig, FileStamp | None]]:
@@ -88,17 +100,38 @@ class Reloader:
         w = self.worker
         w.notifier.reloading()
         log.info("SIGHUP: reloading the configuration")
+        ok = False
         try:
             outcome = self._apply()
+            ok, self.failed = True, None
             log.info("reload done: %s", outcome)
         except Exception as e:  # the boundary: a failed reload keeps the worker serving the old config
             # A named failure (bad config, over budget, bad bundle) needs no traceback; anything else does.
             log.error("reload failed; still serving the previous configuration: %s", e,
                       exc_info=not isinstance(e, SeqshareError))
+            self.failed = str(e)
             outcome = f"reload failed: {e}"
         finally:
-            w.notifier.ready(w._status_text(f"idle (last reload: {outcome})"))
+            self.seq += 1
+            w.notifier.ready(w._status_text(f"idle (last reload: {outcome})" if ok else "idle"))
+            self._write_state(ok, outcome)  # last: `seqshare reload` returns once systemd has READY=1
         return outcome
+
+    def status_prefix(self) -> str:
+        """Put in front of the STATUS line while the last reload failed."""
+        return f"reload failed, serving the previous configuration: {self.failed}; " if self.failed else ""
+
+    def _write_state(self, ok: bool, outcome: str) -> None:
+        if self.state_dir is None:
+            return
+        state = {"pid": os.getpid(), "seq": self.seq, "ok": ok, "outcome": outcome, "time": time.time()}
+        path = self.state_dir / STATE_FILE
+        tmp = path.with_suffix(".tmp")
+        try:
+            tmp.write_text(json.dumps(state))
+            tmp.replace(path)  # atomic: the waiting `seqshare reload` never reads half a file
+        except OSError as e:
+            log.warning("cannot write the reload outcome to %s: %s", path, e)
 
     def _changed(self, m: ModelConfig) -> bool:
         before = self.loaded.get(m.name)
@@ -136,3 +169,46 @@ class Reloader:
         kept = [n for n in names if n not in loaded]
         return (f"loaded {', '.join(loaded) or 'none'}; kept {', '.join(kept) or 'none'}; "
                 f"dropped {', '.join(dropped) or 'none'}")
+
+
+def runtime_dir() -> Path | None:
+    """The unit's RuntimeDirectory= (the first, if several), where the reload outcome is written."""
+    raw = os.environ.get(ENV_RUNTIME_DIR, "")
+    return Path(raw.split(":")[0]) if raw else None
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def request_reload(pid: int, state_dir: Path, timeout_s: float, poll_s: float = 0.05) -> tuple[bool, str]:
+    """SIGHUP the worker `pid` and wait for the outcome of the reload it causes: (ok, what happened).
+
+    The worker counts its reloads in the state file; the one after our signal is the first with a
+    higher count from the same pid. Two requests at once may share one reload: both see it.
+    """
+    path = state_dir / STATE_FILE
+    before = _read_state(path)
+    seen = int(before.get("seq", 0)) if before.get("pid") == pid else 0
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        return False, f"no worker process {pid}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        state = _read_state(path)
+        if state.get("pid") == pid and int(state.get("seq", 0)) > seen:
+            return bool(state.get("ok")), str(state.get("outcome", ""))
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False, f"worker process {pid} exited before it reloaded"
+        except PermissionError:
+            pass
+        time.sleep(poll_s)
+    return False, (f"no reload outcome from worker {pid} in {path} after {timeout_s:.0f} s "
+                   "(it reloads between batches: is a long batch running?)")

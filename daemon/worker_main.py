@@ -44,7 +44,8 @@ from ..worker.jobs import JobPayload
 from ..worker.routing import Keys, own_or_forward, refresh_routes
 from .claims import Claims
 from .config import Settings
-from .logs import job_context
+from .hold import JobHold
+from .logs import job_context, job_finished_line, job_started_line
 from .notify import Heartbeat, Notifier, format_status
 from .recovery import drain_queue, proc_entry, recover_dead, recover_own
 from .reload import Reloader
@@ -85,21 +86,26 @@ class ResidentWorker:
         self.ttl_s = max(3, int(self.beat_s * 5))
         self.route_ttl_s = max(60, self.ttl_s * 4)
         self.max_retries = settings.queue.max_retries
-        self.claims = Claims(conn, self.keys, self.name, self.ttl_s, self.max_retries)
         self.notifier = notifier or Notifier()
         self.hb = heartbeat or Heartbeat.from_env(self.notifier)
         self.stats = WorkerStats()
+        self.hold = JobHold.from_env(conn, self.keys, self.name)  # test-only gate, off unless SEQSHARE_TEST_HOLD=1
         self.held: OrderedDict[str, None] = OrderedDict()  # context keys whose prefix we computed
         self.running: list[tuple[Job, Execution]] = []
         self._lock = threading.Lock()
         self._stop = self._abort = False
         self._resync = False  # after a Redis error: jobs may sit in our claimed list unknown to us
-        self._proc = proc_entry()  # identifies this process in the procs hash
+        self._proc = str(proc_entry())  # identifies this process in the procs hash
+        # When Redis last failed us: peers' expired hashes prove nothing until they could beat again.
+        self._outage_at = -float("inf")
+        self._peers_checked_at = 0.0  # wall time of the last look for dead peers (published: operators, tests)
         self._beat_stop = threading.Event()
         self._last_meta: dict[str, tuple[float, int]] = {}  # job id -> (time, questions done) published
         self.rq = SimpleWorker([Queue(q, connection=conn, serializer=JSONSerializer) for q in self.queues],
                                name=self.name, connection=conn, serializer=JSONSerializer,
                                worker_ttl=self.ttl_s)
+        self.claims = Claims(conn, self.keys, self.name, self.ttl_s, self.max_retries, rq_worker=self.rq)
+        self.reloader = Reloader(self)  # SIGHUP: reread the config, reload changed bundles (daemon/reload.py)
 
     # --- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
@@ -127,7 +133,6 @@ class ResidentWorker:
         return 0
 
     def _install_signals(self) -> None:
-        self.reloader = Reloader(self)  # SIGHUP: reread the config, reload changed bundles (daemon/reload.py)
         if threading.current_thread() is not threading.main_thread():
             return
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -184,6 +189,7 @@ class ResidentWorker:
             except (ConnectionError, TimeoutError) as e:
                 log.warning("Redis unreachable (%s); retrying in %.1f s", e, wait)
                 self._resync = True
+                self._outage_at = time.monotonic()
                 deadline = time.monotonic() + wait  # slept in slices: a stop signal is not kept waiting
                 while not self._stop and time.monotonic() < deadline:
                     time.sleep(0.1)
@@ -217,7 +223,7 @@ class ResidentWorker:
         except Exception as e:  # SeqshareError, or rq's DeserializationError on non-JSON data
             err = e if isinstance(e, SeqshareError) else SeqshareError("job data is not a JSON rq job")
             log.warning("job %s refused: %s", job.id, err)
-            self._finish(job, None, None, describe_error(err))
+            self._finish(job, None, None, describe_error(err), route=None, started=time.monotonic())
             return None
         ctx = payload.context_key()
         owner = own_or_forward(self.conn, self.keys, ctx, self.name, self.route_ttl_s) if forward else self.name
@@ -229,6 +235,10 @@ class ResidentWorker:
 
     def _run(self, group: list[Item]) -> None:
         execs = self.claims.start([it.job for it in group], group[0].ctx)
+        started = time.monotonic()
+        for it in group:
+            with job_context(it.job.id, it.ctx):
+                log.info("%s", job_started_line(it.job.id, it.payload, len(group)))
         with self._lock:
             self.running = [(it.job, execs[it.job.id]) for it in group]
         try:
@@ -237,9 +247,9 @@ class ResidentWorker:
             outcomes = self._compute(group)
             for it, out in zip(group, outcomes, strict=True):
                 if isinstance(out, BaseException):
-                    self._finish(it.job, execs[it.job.id], None, describe_error(out))
+                    self._finish(it.job, execs[it.job.id], None, describe_error(out), it.ctx, started)
                 else:
-                    self._finish(it.job, execs[it.job.id], out, None)
+                    self._finish(it.job, execs[it.job.id], out, None, it.ctx, started)
                     self._hold(it.ctx)
         finally:
             with self._lock:
@@ -261,9 +271,7 @@ class ResidentWorker:
 
     def _progress_for(self, group: list[Item]) -> Callable[[int, int, int], None]:
         def progress(i: int, done: int, tokens: int) -> None:
-            if self._abort:
-                raise StopNow()
-            self.hb.progress()
+            self._alive()
             job = group[i].job
             t = time.monotonic()
             last_t, last_done = self._last_meta.get(job.id, (0.0, -1))
@@ -274,11 +282,21 @@ class ResidentWorker:
                                         "tokens_generated": tokens}
                 with contextlib.suppress(ConnectionError, TimeoutError):  # advisory: an outage must not fail it
                     job.save_meta()
+            self.hold.wait(job.id, done, self._alive)  # after the meta: a held job shows where it is
         return progress
 
+    def _alive(self) -> None:
+        """At a safe point of a running job: stop on a second signal, else tell the watchdog we live."""
+        if self._abort:
+            raise StopNow()
+        self.hb.progress()
+
     def _finish(self, job: Job, execution: Execution | None, result: dict[str, Any] | None,
-                error: dict[str, str] | None) -> None:
+                error: dict[str, str] | None, route: str | None, started: float) -> None:
         """Store the outcome; keep retrying through a Redis outage so a computed answer is not lost."""
+        with job_context(job.id, route, result["context_hash"] if result else None):
+            line = job_finished_line(job.id, result, error, time.monotonic() - started)
+            log.log(logging.INFO if error is None else logging.WARNING, "%s", line)
         counters = self.stats.count(result, error)
         wait = 0.5
         while True:
@@ -317,11 +335,14 @@ class ResidentWorker:
                 refresh_routes(self.conn, self.keys, list(self.held), self.name, self.route_ttl_s)
                 if time.monotonic() - last_recover > self.beat_s * 2:
                     last_recover = time.monotonic()
-                    recover_dead(self.conn, self.keys, self.name, self.max_retries)
+                    trust_expiry = time.monotonic() - self._outage_at > self.ttl_s
+                    recover_dead(self.conn, self.keys, self.name, self.max_retries, trust_expiry)
+                    self._peers_checked_at = time.time()
                 self.notifier.status(self._status_text(state))
                 if self.settings.metrics_file is not None:
                     write_metrics(self.conn, self.keys, self.settings.metrics_file)
             except (ConnectionError, TimeoutError) as e:
+                self._outage_at = time.monotonic()
                 log.debug("heartbeat skipped: %s", e)
             except Exception:
                 log.exception("heartbeat failed")
@@ -333,7 +354,8 @@ class ResidentWorker:
         info = self.keys.info(self.name)
         p.hset(info, mapping={"hostname": socket.gethostname(), "pid": os.getpid(), "state": state,
                               "models": ",".join(self.engines.by_name), "cached_prefixes": self._cached_prefixes(),
-                              "queue": self.queues[0], "last_heartbeat": time.time()})
+                              "queue": self.queues[0], "last_heartbeat": time.time(),
+                              "peers_checked_at": self._peers_checked_at})
         p.expire(info, self.ttl_s)
 
     def _cached_prefixes(self) -> int:
@@ -342,5 +364,6 @@ class ResidentWorker:
         return sum(len(c) for c in caches.values()) if caches else len(self.held)
 
     def _status_text(self, state: str) -> str:
-        return format_status(state, list(self.engines.by_name), self._cached_prefixes(), self.stats.jobs_done,
-                             self.stats.hit_rate())
+        status = format_status(state, list(self.engines.by_name), self._cached_prefixes(), self.stats.jobs_done,
+                               self.stats.hit_rate())
+        return self.reloader.status_prefix() + status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import signal
@@ -17,7 +18,9 @@ import pytest
 import redis
 
 SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
-WORKER_ENV = {"SEQSHARE_HEARTBEAT_S": "0.5"}  # liveness TTL 3 s: dead peers are noticed quickly
+# Liveness TTL 3 s: dead peers are noticed quickly. The job gate (daemon/hold.py) is on: a test that
+# needs a job still running holds it there instead of hoping it is slow enough.
+WORKER_ENV = {"SEQSHARE_HEARTBEAT_S": "0.5", "SEQSHARE_TEST_HOLD": "1"}
 # Short documents in the tiny tokenizer's alphabet (it was trained on one English sentence).
 DOCS = [
     "The quick brown fox jumps over the lazy dog. The dog sleeps.",
@@ -69,10 +72,11 @@ class WorkerProc:
     """One `seqshare worker` process with its stderr in a log file."""
 
     def __init__(self, url: str, bundle: Path, log_dir: Path, name: str, *extra: str,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()):
+        """`wrap`: a command the worker runs under (e.g. `unshare --pid --fork --mount-proc`)."""
         self.url, self.name = url, name
         self.log_path = log_dir / f"{name}.log"
-        cmd = [SEQSHARE, "worker", "--bundle", str(bundle), "--redis-url", url, "--name", name,
+        cmd = [*wrap, SEQSHARE, "worker", "--bundle", str(bundle), "--redis-url", url, "--name", name,
                "--threads", "1", *extra]
         # A home (so a prefix spill directory) per worker name, as separate service instances would have.
         full_env = {**os.environ, **WORKER_ENV, "SEQSHARE_HOME": str(log_dir / f"home-{name}"), **(env or {})}
@@ -107,6 +111,8 @@ class WorkerProc:
 
     def stop(self) -> None:
         if self.proc.poll() is None:
+            with contextlib.suppress(redis.RedisError):  # a test that failed holding a job: let it finish
+                redis.Redis.from_url(self.url).delete("seqshare:test:hold")
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -156,3 +162,43 @@ def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "cond
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.005)
     return got
+
+
+class Gate:
+    """The worker's test gate (daemon/hold.py): jobs pause at a known point until released.
+
+    `close(n)`: every running job pauses once it has answered n of its questions (0: at its first
+    progress point); `held()` maps the paused jobs to their workers; `let_through(id)` releases one;
+    `open()` all. A worker killed while its job was held leaves the entry behind: `forget` it.
+    """
+
+    def __init__(self, conn: redis.Redis):
+        self.conn = conn
+
+    def close(self, after_questions: int = 0) -> Gate:
+        self.conn.set("seqshare:test:hold", after_questions)
+        return self
+
+    def open(self) -> None:
+        self.conn.delete("seqshare:test:hold", "seqshare:test:pass")
+
+    def let_through(self, job_id: str) -> None:
+        self.conn.sadd("seqshare:test:pass", job_id)
+
+    def forget(self, job_id: str) -> None:
+        self.conn.hdel("seqshare:test:held", job_id)
+
+    def held(self) -> dict[str, str]:
+        return {k.decode(): v.decode() for k, v in self.conn.hgetall("seqshare:test:held").items()}
+
+    def wait_held(self, job_id: str | None = None, worker: str | None = None, timeout: float = 60.0) -> str:
+        """The id of a job held at the gate (this one, by this worker, if given), once there is one."""
+        def found() -> str | None:
+            return next((j for j, w in self.held().items()
+                         if job_id in (None, j) and worker in (None, w)), None)
+        return wait_until(found, timeout, what=f"job {job_id or '(any)'} to be held at the gate")
+
+    def holder(self, job_id: str, timeout: float = 60.0) -> str:
+        """Once the job is held: the name of the worker holding it."""
+        held = self.wait_held(job_id, timeout=timeout)
+        return self.held()[held]

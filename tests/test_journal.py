@@ -1,5 +1,5 @@
-"""Logging: structured journald records (WORKER, JOB_ID, CONTEXT_HASH) when stderr is the journal,
-plain lines on stderr otherwise.
+"""Logging: structured journald records (SEQSHARE_WORKER, SEQSHARE_JOB_ID, SEQSHARE_ROUTE_KEY,
+SEQSHARE_CONTEXT_HASH) when stderr is the journal, plain lines on stderr otherwise.
 
 The journal test is real on both ends: the worker runs in its own mount namespace where
 /run/systemd/journal/socket is a datagram socket of the test, so systemd-python's JournalHandler sends
@@ -17,13 +17,14 @@ import socket
 import struct
 import subprocess
 import tempfile
-import time
+import threading
 from pathlib import Path
 
 import pytest
-from queue_helpers import DOCS, WORKER_ENV
+from queue_helpers import DOCS, WORKER_ENV, wait_until
 from seqshare.daemon.client import Client, make_payload
 from seqshare.daemon.logs import job_context, setup_logging, stderr_is_journal
+from seqshare.worker.errors import JobFailedError
 from service_helpers import SEQSHARE, tiny_bundles
 
 
@@ -87,6 +88,20 @@ def test_worker_logs_structured_records_to_the_journal(redis_url: str, tmp_path:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(fake_run / "journal/socket"))
     sock.settimeout(0.2)
+    # Read while the worker runs: a datagram socket queues only a few records (net.unix.max_dgram_qlen),
+    # and the sender blocks on a full one as it would on a stalled journald.
+    records: list[dict[str, str]] = []
+    done = threading.Event()
+
+    def read() -> None:
+        while not done.is_set():
+            try:
+                records.append(parse_journal_datagram(sock.recv(1 << 20)))
+            except TimeoutError:
+                continue
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     stderr_path = tmp_path / "stderr"
     try:
         with stderr_path.open("wb") as err:
@@ -101,29 +116,38 @@ def test_worker_logs_structured_records_to_the_journal(redis_url: str, tmp_path:
             proc = subprocess.Popen(cmd, stdout=err, stderr=err, env=env)
             try:
                 handle = Client(redis_url).submit(DOCS[0], [("q", "What jumps?")])
-                handle.wait(90)
+                result = handle.wait(90)
+                bad = Client(redis_url).submit(DOCS[1], [("m", "Who?")], model="no-such-model")
+                with pytest.raises(JobFailedError):
+                    bad.wait(30)
             finally:
                 proc.terminate()
                 proc.wait(30)
-        records = []
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            try:
-                records.append(parse_journal_datagram(sock.recv(1 << 20)))
-            except TimeoutError:
-                if records and records[-1].get("MESSAGE", "").startswith("SIGTERM"):
-                    break
+        wait_until(lambda: any(r["MESSAGE"].startswith("SIGTERM") for r in records), timeout=10,
+                   what="the worker's last record")
     finally:
+        done.set()
+        reader.join(5)
         sock.close()
         shutil.rmtree(fake_run)
     assert proc.returncode == 0, stderr_path.read_text()
     assert records, "nothing reached the journal socket"
-    assert all(r["SYSLOG_IDENTIFIER"] == "seqshare" and r["WORKER"] == "jw" for r in records)
-    in_job = [r for r in records if r.get("JOB_ID")]
-    assert in_job, [r["MESSAGE"] for r in records]
+    assert all(r["SYSLOG_IDENTIFIER"] == "seqshare" and r["SEQSHARE_WORKER"] == "jw" for r in records)
+    assert not any("JOB_ID" in r or "CONTEXT_HASH" in r for r in records)  # systemd's own field names stay its own
+    in_job = [r for r in records if r.get("SEQSHARE_JOB_ID") == handle.id]
+    route = make_payload(DOCS[0], [("q", "What jumps?")]).context_key()
+    assert in_job and all(r["SEQSHARE_ROUTE_KEY"] == route for r in in_job), [r["MESSAGE"] for r in records]
     hang = next(r for r in in_job if "debug hang" in r["MESSAGE"])
-    assert hang["JOB_ID"] == handle.id and hang["PRIORITY"] == "4"  # a warning
-    assert hang["CONTEXT_HASH"] == make_payload(DOCS[0], [("q", "What jumps?")]).context_key()
-    assert not any(r.get("JOB_ID") for r in records if "listening on" in r["MESSAGE"])
+    assert hang["PRIORITY"] == "4"  # a warning
+    # One line as the job starts and one as it ends; the end carries the hash `submit --json` shows.
+    started = [r for r in in_job if r["MESSAGE"].startswith(f"job {handle.id} started")]
+    finished = [r for r in in_job if r["MESSAGE"].startswith(f"job {handle.id} finished")]
+    assert len(started) == 1 and len(finished) == 1, [r["MESSAGE"] for r in in_job]
+    assert "1 question(s)" in started[0]["MESSAGE"]
+    assert finished[0]["SEQSHARE_CONTEXT_HASH"] == result["context_hash"] and len(result["context_hash"]) == 64
+    assert "prefix miss" in finished[0]["MESSAGE"] and "token(s) generated" in finished[0]["MESSAGE"]
+    failed = [r for r in records if r.get("SEQSHARE_JOB_ID") == bad.id and "failed" in r["MESSAGE"]]
+    assert len(failed) == 1 and "UnknownModelError" in failed[0]["MESSAGE"] and failed[0]["PRIORITY"] == "4"
+    assert not any(r.get("SEQSHARE_JOB_ID") for r in records if "listening on" in r["MESSAGE"])
     # journald gets the records; stderr (the journal stream) carries no duplicate plain lines.
     assert "debug hang" not in stderr_path.read_text()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -140,16 +141,43 @@ def test_worker_refuses_when_memory_setup_found_the_workers_do_not_fit(bundles: 
     assert "memory-setup's plan" in out.stderr and "1000000 workers" in out.stderr
 
 
-def test_lock_memory_refuses_a_too_low_memlock_limit(bundles: dict[str, Path], tmp_path: Path) -> None:
-    cfg = write_config(tmp_path, [("a", bundles["a"])], memory="lock_memory = true")
-    # 64 KiB of RLIMIT_MEMLOCK, and as root also no CAP_IPC_LOCK (which would lift the limit).
-    prefix = ["prlimit", "--memlock=65536:65536"]
+def _no_ipc_lock(memlock: str) -> list[str]:
+    """prlimit to `memlock` (soft:hard), and as root also no CAP_IPC_LOCK (which would lift the limit)."""
+    prefix = ["prlimit", f"--memlock={memlock}"]
     if os.geteuid() == 0:
         prefix = ["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock", *prefix]
-    out = _worker(cfg, tmp_path, prefix=prefix)
+    return prefix
+
+
+@pytest.mark.parametrize("under_systemd", [False, True], ids=["shell", "systemd-unit"])
+def test_lock_memory_refuses_a_too_low_hard_memlock_limit(bundles: dict[str, Path], tmp_path: Path,
+                                                          under_systemd: bool) -> None:
+    cfg = write_config(tmp_path, [("a", bundles["a"])], memory="lock_memory = true")
+    env = {"INVOCATION_ID": "0" * 32} if under_systemd else {}
+    out = _worker(cfg, tmp_path, env=env, prefix=_no_ipc_lock("65536:65536"))
     assert out.returncode == 78, out.stderr
-    assert "lock_memory needs" in out.stderr and "RLIMIT_MEMLOCK is 64 KiB;" in out.stderr
-    assert "LimitMEMLOCK=" in out.stderr
+    assert "lock_memory needs" in out.stderr and "hard RLIMIT_MEMLOCK is 64 KiB;" in out.stderr
+    if under_systemd:  # the unit already says infinity: the operator is told where the cap really is
+        assert "sets LimitMEMLOCK=infinity" in out.stderr and "from outside systemd" in out.stderr
+        assert "ulimit -l" not in out.stderr
+    else:
+        assert "ulimit -l" in out.stderr
+
+
+def test_lock_memory_raises_a_low_soft_limit_up_to_the_hard_one() -> None:
+    # A low soft limit under a high enough hard one is no reason to refuse: the worker lifts it itself.
+    hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)[1]
+    hard = 64 << 20 if hard == resource.RLIM_INFINITY else hard
+    if hard < 1 << 20:
+        pytest.skip(f"the hard RLIMIT_MEMLOCK here is only {hard} bytes")
+    # The worker's check before mlockall (the call itself would lock all of Python's mappings too).
+    code = ("from seqshare.daemon.memory_probe import check_memlock, memlock_limits, raise_memlock_soft_limit; "
+            f"raise_memlock_soft_limit(); check_memlock({hard // 2}, memlock_limits()[1], False, False); "
+            "print(memlock_limits()[0])")
+    out = subprocess.run([*_no_ipc_lock(f"65536:{hard}"), sys.executable, "-c", code], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == hard  # the soft limit was raised to the hard one
 
 
 def test_lock_memory_locks_when_the_limit_allows() -> None:

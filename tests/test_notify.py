@@ -83,6 +83,11 @@ def _ask(client: Client, model: str, doc: str, n: int = 1, tokens: int = 4) -> d
     return client.submit(doc, qs, model=model).wait(120)
 
 
+def _reload(proc: subprocess.Popen[bytes], tmp: Path) -> subprocess.CompletedProcess[str]:
+    """What the unit's ExecReload= runs: signal the worker, wait for its outcome."""
+    return run_cli("reload", "--pid", str(proc.pid), "--state-dir", str(tmp / "run"), "--timeout", "60")
+
+
 def _sigterm_and_wait(proc: subprocess.Popen[bytes]) -> int:
     proc.send_signal(signal.SIGTERM)
     return proc.wait(60)
@@ -95,7 +100,9 @@ def test_worker_speaks_sd_notify(redis_url: str, bundles: dict[str, Path], tmp_p
     assert setup.returncode == 0, setup.stderr
     env = {**os.environ, **WORKER_ENV, **cred_env, "SEQSHARE_HOME": str(tmp_path / "home"),
            "NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": str(int(WATCHDOG_S * 1e6)),
-           "SEQSHARE_WATCHDOG_STALL_S": str(STALL_S), "SEQSHARE_DEBUG": "1", "SEQSHARE_DEBUG_HANG_MS": str(HANG_MS)}
+           "SEQSHARE_WATCHDOG_STALL_S": str(STALL_S), "SEQSHARE_DEBUG": "1", "SEQSHARE_DEBUG_HANG_MS": str(HANG_MS),
+           "RUNTIME_DIRECTORY": str(tmp_path / "run")}  # as the unit's RuntimeDirectory= sets it
+    (tmp_path / "run").mkdir()
     log_path = tmp_path / "worker.log"
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen([SEQSHARE, "worker", "--config", str(cfg), "--redis-url", redis_url,
@@ -158,28 +165,40 @@ def _life(proc: subprocess.Popen[bytes], notify: NotifySocket, url: str, cfg: Pa
     status = notify.wait_for(lambda n: "jobs done: 7" in (n.get("STATUS") or ""), 10, what="STATUS with 7 jobs")
     assert "cached prefixes: 6" in (status.get("STATUS") or "")
 
-    # --- SIGHUP: b's bundle was rebuilt with other limits; a is untouched and keeps its prefix -------
+    # --- reload (ExecReload=: `seqshare reload`): b's bundle was rebuilt with other limits; a is
+    # untouched and keeps its prefix; the command returns once the worker has reloaded --------------
     b_path = tmp / "b.bundle"
     write_bundle(load_checkpoint(bundles["hf"], "f16", 32), b_path, Limits(150, 40, 300))
     h0 = time.monotonic()
-    proc.send_signal(signal.SIGHUP)
-    reloading = notify.wait_for(lambda n: n.get("RELOADING") == "1", 20, after=h0, what="RELOADING=1")
+    reload = _reload(proc, tmp)
+    assert reload.returncode == 0 and "loaded b; kept a" in reload.stdout, reload.stdout + reload.stderr
+    reloading = notify.wait_for(lambda n: n.get("RELOADING") == "1", 1, after=h0, what="RELOADING=1")
     assert reloading.get("MONOTONIC_USEC")
-    done = notify.wait_for(lambda n: n.get("READY") == "1", 60, after=reloading.t, what="READY=1 after reload")
+    done = notify.wait_for(lambda n: n.get("READY") == "1", 1, after=reloading.t, what="READY=1 after reload")
     assert "loaded b; kept a" in (done.get("STATUS") or "") and "cached prefixes: 3" in (done.get("STATUS") or "")
     assert b'"seq_length": 300' in conn.hget("seqshare:models", "b")
     assert _ask(client, "a", DOCS[0])["prefix"] == "hit"  # a's engine and cache were kept
     assert _ask(client, "b", DOCS[1])["prefix"] == "miss"  # b was loaded again, with an empty cache
 
-    # --- a broken config on SIGHUP: reported, READY=1 again, nothing changes --------------------------
+    # --- a broken config: the reload command fails, READY=1 again, nothing changes, and the STATUS
+    # line keeps saying so (also in the periodic updates) until a reload succeeds ------------------------
     good = cfg.read_text()
     cfg.write_text(good + "\nthis is not toml =\n")
     h1 = time.monotonic()
-    proc.send_signal(signal.SIGHUP)
-    notify.wait_for(lambda n: n.get("RELOADING") == "1", 20, after=h1, what="second RELOADING=1")
-    failed = notify.wait_for(lambda n: n.get("READY") == "1", 30, after=h1, what="READY=1 after a failed reload")
-    assert "reload failed" in (failed.get("STATUS") or "")
+    reload = _reload(proc, tmp)
+    assert reload.returncode == 1 and "reload failed" in reload.stderr, reload.stdout + reload.stderr
+    notify.wait_for(lambda n: n.get("RELOADING") == "1", 1, after=h1, what="second RELOADING=1")
+    failed = notify.wait_for(lambda n: n.get("READY") == "1", 1, after=h1, what="READY=1 after a failed reload")
+    assert (failed.get("STATUS") or "").startswith("reload failed")
     assert _ask(client, "a", DOCS[0])["prefix"] == "hit"
+    later = notify.wait_for(lambda n: "jobs done: 10" in (n.get("STATUS") or ""), 10, after=failed.t,
+                            what="a periodic STATUS after the failed reload")
+    assert (later.get("STATUS") or "").startswith("reload failed")
+    cfg.write_text(good)
+    h2 = time.monotonic()
+    assert _reload(proc, tmp).returncode == 0
+    ok = notify.wait_for(lambda n: n.get("READY") == "1", 1, after=h2, what="READY=1 after the fixed reload")
+    assert "reload failed" not in (ok.get("STATUS") or "") and "kept a, b" in (ok.get("STATUS") or "")
 
     # --- SIGTERM: STOPPING=1, exit 0 -----------------------------------------------------------------
     s0 = time.monotonic()

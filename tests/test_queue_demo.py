@@ -9,10 +9,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+import redis
+from queue_helpers import Gate
+from seqshare.daemon.redis_server import ENV_URL
 
 DEMO = Path(__file__).resolve().parent.parent / "scripts" / "demo.py"
 
@@ -76,19 +78,24 @@ def test_demo_reduced_set_compiles_encrypts_answers_and_reuses_the_bundle(tmp_pa
 
 
 def test_demo_interrupted_stops_worker_and_redis(tmp_path: Path, default_gguf: Path) -> None:
-    env = {**os.environ, "SEQSHARE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    # The worker inherits the test gate: the first job is held, so Ctrl-C lands inside `seqshare qa`.
+    env = {**os.environ, "SEQSHARE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", "SEQSHARE_TEST_HOLD": "1"}
     proc = subprocess.Popen([sys.executable, str(DEMO), "--gguf", str(default_gguf), "--docs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     lines = []
-    deadline = time.monotonic() + 300
+    given = os.environ.get(ENV_URL)  # else the demo says where its private server is
+    gate = Gate(redis.Redis.from_url(given)).close(after_questions=0) if given else None
     for line in proc.stdout:
         lines.append(line)
+        if (m := re.search(r"private redis-server on (\S+)", line)) is not None:
+            gate = Gate(redis.Redis.from_url(m.group(1))).close(after_questions=0)
         if line.startswith("[4/5]"):
-            time.sleep(1.0)  # into the first `seqshare qa`
+            assert gate is not None, "".join(lines)
+            gate.wait_held(timeout=300)  # into the first `seqshare qa`, its first job running
             proc.send_signal(signal.SIGINT)  # what Ctrl-C in a terminal sends the demo
+            gate.open()  # the worker's first SIGTERM finishes its batch: let it
             break
-        assert time.monotonic() < deadline
     rest, _ = proc.communicate(timeout=120)
     out = "".join(lines) + rest
     assert proc.returncode == 130, out

@@ -1,9 +1,10 @@
 """Faults with the worker in a real process: kill -9 mid-run, Redis restarting mid-run.
 
-Each test runs `seqshare qa` on 30 questions (3 documents x 10, so 3 jobs of most of a second each on
-the tiny bundle; answers of staggered lengths, so progress shows how far a job is) and checks that
-every answer arrives exactly once: 30 output lines with 30 distinct custom_ids, no errors, one stored
-result per job, and the job counters counted once each.
+Each test runs `seqshare qa` on 30 questions (3 documents x 10, so 3 jobs; answers of staggered
+lengths, so progress shows how far a job is) and checks that every answer arrives exactly once: 30
+output lines with 30 distinct custom_ids, no errors, one stored result per job, and the job counters
+counted once each. "Mid-run" is made by the worker's test gate (queue_helpers.Gate), not by the
+jobs being slow: one job is let through to the end, the next is held after its first answer.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, SEQSHARE, WorkerProc, read_jsonl, start_qa, wait_until, write_qa_input
+from queue_helpers import DOCS, SEQSHARE, Gate, WorkerProc, read_jsonl, start_qa, wait_until, write_qa_input
 from rq.job import Job
-from rq.registry import FinishedJobRegistry, StartedJobRegistry
+from rq.registry import StartedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 from seqshare.daemon.claims import CRASHES_FIELD
@@ -40,17 +41,12 @@ def thirty_questions(tmp_path: Path) -> tuple[Path, list[str]]:
     return path, write_qa_input(path, docs, PER_DOC, max_new_tokens=TOKENS, stagger=25)
 
 
-def mid_run(conn: redis.Redis) -> str | None:
-    """Once a job has finished and another has answered 1-3 of its 10 questions (its longest answer
-    is then at most half done): that one's id."""
-    if not FinishedJobRegistry("seqshare", connection=conn).get_job_ids(cleanup=False):
-        return None
-    for jid in StartedJobRegistry("seqshare", connection=conn).get_job_ids(cleanup=False):
-        meta = conn.hget(Job.key_for(jid), "meta")
-        done = json.loads(meta).get("progress", {}).get("questions_done", 0) if meta else 0
-        if 0 < done <= 3:
-            return jid
-    return None
+def mid_run(conn: redis.Redis, gate: Gate) -> str:
+    """With the gate closed after one answer: let the first job finish, hold the next one; its id."""
+    first = gate.wait_held()
+    gate.let_through(first)
+    wait_until(lambda: conn.hget(Job.key_for(first), "status") == b"finished", what="the first job to finish")
+    return wait_until(lambda: next((j for j in gate.held() if j != first), None), what="a second job held")
 
 
 def assert_each_answer_once(conn: redis.Redis, out: Path, ids: list[str], qa_stderr: str) -> list[dict]:
@@ -85,11 +81,13 @@ def test_kill9_mid_run_then_restart_every_answer_arrives_once(redis_url: str, ti
     conn = redis.Redis.from_url(redis_url)
     inp, ids = thirty_questions(tmp_path)
     out = tmp_path / "out.jsonl"
+    gate = Gate(conn).close(after_questions=1)
     w1 = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
     qa = start_qa(redis_url, inp, out)
     try:
-        in_flight = wait_until(lambda: mid_run(conn), what="a finished job and one half done")
+        in_flight = mid_run(conn, gate)
         w1.kill9()
+        gate.open()
         assert conn.hget(Job.key_for(in_flight), "status") == b"started"
         assert conn.lrange("seqshare:claimed:w1", 0, -1) == [in_flight.encode()]
         if rq_cleanup_first:
@@ -122,14 +120,15 @@ def test_a_job_that_kills_every_worker_fails_after_max_retries(redis_url: str, t
     conn = redis.Redis.from_url(redis_url)
     client = Client(redis_url)
     env = {"SEQSHARE_QUEUE__MAX_RETRIES": "1"}
-    jid = client.submit(DOCS[0], [(f"q{i}", "Why?") for i in range(8)], params=LONG).id
+    gate = Gate(conn).close(after_questions=0)
+    jid = client.submit(DOCS[0], [(f"q{i}", "Why?") for i in range(8)], params=SHORT).id
     for attempt in range(2):
         name = f"c{attempt}"
         w = WorkerProc(redis_url, tiny_bundle, tmp_path, name, env=env).wait_ready()
-        started_by = [b"started", name.encode()]
-        wait_until(lambda s=started_by: conn.hmget(Job.key_for(jid), ["status", "worker_name"]) == s,
-                   what=f"{name} to start the job")
+        gate.wait_held(jid, worker=name)
         w.kill9()
+        gate.forget(jid)
+    gate.open()
     survivor = WorkerProc(redis_url, tiny_bundle, tmp_path, "c2", env=env).wait_ready()
     try:
         wait_until(lambda: conn.hget(Job.key_for(jid), "status") == b"failed", what="the job to fail")
@@ -150,13 +149,15 @@ def test_redis_restart_mid_run_worker_reconnects_and_nothing_is_lost(tiny_bundle
     conn = redis.Redis.from_url(server.url)
     inp, ids = thirty_questions(tmp_path)
     out = tmp_path / "out.jsonl"
+    gate = Gate(conn).close(after_questions=1)
     worker = WorkerProc(server.url, tiny_bundle, tmp_path, "w1").wait_ready()
     qa = start_qa(server.url, inp, out)
     try:
-        wait_until(lambda: mid_run(conn), what="a finished job and one half done")
-        server.stop()
+        mid_run(conn, gate)
+        server.stop()  # the held job stays held through the outage (the hold key is in the AOF)
         time.sleep(EXEC_TTL_S + 1)  # the liveness hash expires during the outage
         server.start()
+        gate.open()
         _, err = qa.communicate(timeout=120)
         assert qa.returncode == 0, err
         assert worker.proc.poll() is None, worker.log()  # the same process, still serving
@@ -179,20 +180,20 @@ def test_a_job_running_longer_than_the_liveness_ttl_is_not_taken_for_abandoned(r
     thread computes: rq's cleanup and a peer's recovery, run in the middle of it, leave it alone."""
     conn = redis.Redis.from_url(redis_url)
     client = Client(redis_url)
+    gate = Gate(conn).close(after_questions=1)
     w = WorkerProc(redis_url, tiny_bundle, tmp_path, "w1").wait_ready()
     try:
-        jid = client.submit(DOCS[0], [(f"q{i}", f"Question {i}?") for i in range(96)], params=LONG).id
-        wait_until(lambda: conn.hget(Job.key_for(jid), "status") == b"started", what="the job to start")
-        t0 = time.monotonic()
-        time.sleep(EXEC_TTL_S + 1)
-        assert conn.hget(Job.key_for(jid), "status") == b"started", "the job finished too soon to show anything"
+        jid = client.submit(DOCS[0], [(f"q{i}", f"Question {i}?") for i in range(8)], params=SHORT).id
+        gate.wait_held(jid)  # running, by construction, for as long as the test needs
+        time.sleep(EXEC_TTL_S + 1)  # longer than the execution and liveness TTLs
+        assert conn.hget(Job.key_for(jid), "status") == b"started"
         StartedJobRegistry("seqshare", connection=conn, serializer=JSONSerializer).cleanup()  # as `rq info` does
         recover_dead(conn, Keys(), "a-peer", max_retries=3)
         assert conn.hget(Job.key_for(jid), "status") == b"started"
         assert conn.llen("rq:queue:seqshare") == 0 and conn.sismember("seqshare:workers", "w1")
-        res = client.submit(DOCS[1], [("after", "Who?")], params=SHORT)  # queued behind the long job
-        assert len(JobHandle(jid, conn).wait(120)["answers"]) == 96
-        assert time.monotonic() - t0 > EXEC_TTL_S
+        res = client.submit(DOCS[1], [("after", "Who?")], params=SHORT)  # queued behind the held job
+        gate.open()
+        assert len(JobHandle(jid, conn).wait(120)["answers"]) == 8
         assert res.wait(30)["worker"] == "w1"
         assert conn.xlen(Result.get_key(jid)) == 1 and conn.hget(Job.key_for(jid), CRASHES_FIELD) is None
     finally:
@@ -209,7 +210,7 @@ def test_sigterm_while_redis_is_down_exits_0_and_the_restarted_worker_answers(ti
     worker = WorkerProc(server.url, tiny_bundle, tmp_path, "w1").wait_ready()
     try:
         server.stop()
-        time.sleep(1.0)  # the worker notices: its idle loop's commands now fail
+        wait_until(lambda: "Redis unreachable" in worker.log(), what="the worker to notice the outage")
         worker.signal(signal.SIGTERM)
         assert worker.wait(30) == 0, worker.log()
         server.start()

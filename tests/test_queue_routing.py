@@ -13,15 +13,14 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, WorkerProc, wait_until
+from queue_helpers import DOCS, Gate, WorkerProc, wait_until
 from rq import Queue
-from rq.job import Job
 from rq.serializers import JSONSerializer
 from seqshare.daemon.client import Client, JobHandle, make_payload
 from seqshare.worker.executor import JOB_FUNCTION
 from seqshare.worker.params import SamplingParams
 
-LONG, SHORT = SamplingParams(max_new_tokens=330), SamplingParams(max_new_tokens=8)
+SHORT = SamplingParams(max_new_tokens=8)
 
 
 @pytest.fixture
@@ -36,14 +35,6 @@ def two_workers(redis_url: str, tiny_bundle: Path, tmp_path: Path) -> Iterator[l
             w.stop()
 
 
-def started_by(conn: redis.Redis, job_id: str) -> str:
-    """Wait until the job runs; the name of the worker running it."""
-    def who() -> str | None:
-        status, worker = conn.hmget(Job.key_for(job_id), ["status", "worker_name"])
-        return worker.decode() if status == b"started" and worker else None
-    return str(wait_until(who, what=f"job {job_id} to start"))
-
-
 def wstats(conn: redis.Redis, worker: str) -> dict[str, int]:
     return {k.decode(): int(v) for k, v in conn.hgetall(f"seqshare:wstats:{worker}").items()}
 
@@ -54,18 +45,20 @@ def test_two_workers_two_documents_interleaved_each_prefilled_once(redis_url: st
     client = Client(redis_url)
     docs = [DOCS[0], DOCS[2]]
     handles: dict[str, tuple[int, JobHandle]] = {}
-    # The first question of each document is long, so its owner is still busy when the other
-    # document's first question arrives: the idle worker takes that one, and both workers serve.
+    # The first question of each document is held at the gate, so its owner is still busy when the
+    # other document's first question arrives: the idle worker takes that one, and both workers serve.
+    gate = Gate(conn).close(after_questions=0)
     owners = []
     for d in (0, 1):
-        h = client.submit(docs[d], [(f"d{d}-q0", "What jumps over the dog?")], params=LONG)
+        h = client.submit(docs[d], [(f"d{d}-q0", "What jumps over the dog?")], params=SHORT)
         handles[h.id] = (d, h)
-        owners.append(started_by(conn, h.id))
+        owners.append(gate.holder(h.id))
     assert sorted(owners) == ["wa", "wb"]
     for q in range(1, 10):  # the other 18 questions, interleaved, one job each
         for d in (0, 1):
             h = client.submit(docs[d], [(f"d{d}-q{q}", f"What jumps over the dog {q}?")], params=SHORT)
             handles[h.id] = (d, h)
+    gate.open()
 
     results = {jid: (d, h.wait(60)) for jid, (d, h) in handles.items()}
     for d in (0, 1):
@@ -95,19 +88,21 @@ def test_a_job_taken_by_the_wrong_worker_is_forwarded_to_the_owner(redis_url: st
     busy: the idle worker that takes it forwards it instead of prefilling the document a second time."""
     conn = redis.Redis.from_url(redis_url)
     client = Client(redis_url)
-    # Busy for seconds: idle workers look at the shared queue at least once a second even when no
-    # bell rings (a plain rq producer rings none), so the other worker takes the plain job first.
-    first = client.submit(DOCS[1], [(f"long{i}", "What jumps?") for i in range(64)], params=LONG)
-    owner = started_by(conn, first.id)
+    # The owner is held at the gate; idle workers look at the shared queue at least once a second even
+    # when no bell rings (a plain rq producer rings none), so the other worker takes the plain job.
+    gate = Gate(conn).close(after_questions=0)
+    first = client.submit(DOCS[1], [(f"q{i}", "What jumps?") for i in range(4)], params=SHORT)
+    owner = gate.holder(first.id)
     other = {"wa": "wb", "wb": "wa"}[owner]
     payload = make_payload(DOCS[1], [("plain", "Who sleeps?")], params=SHORT)
     plain = Queue("seqshare", connection=conn, serializer=JSONSerializer).enqueue(JOB_FUNCTION, payload.to_json())
+    other_worker = {w.name: w for w in two_workers}[other]
+    wait_until(lambda: f"is cached by {owner}; forwarding" in other_worker.log(), what="the forward")
+    gate.open()
     res = JobHandle(plain.id, conn).wait(60)
     assert res["worker"] == owner and res["prefix"] == "hit" and res["prefix_computed_tokens"] == 0
     assert first.wait(60)["prefix"] == "miss"
     assert wstats(conn, other).get("jobs_done", 0) == 0
-    log = {w.name: w for w in two_workers}[other].log()
-    assert f"is cached by {owner}; forwarding" in log
 
 
 def test_jobs_queued_together_with_one_context_are_decoded_together(redis_url: str, tiny_bundle: Path,
@@ -135,18 +130,23 @@ def test_jobs_routed_to_an_owner_that_goes_away_are_answered_by_the_other(redis_
     queue as it leaves) or dies (the other worker recovers the queue and the running job)."""
     conn = redis.Redis.from_url(redis_url)
     client = Client(redis_url)
-    first = client.submit(DOCS[0], [(f"long{i}", "What jumps?") for i in range(64)], params=LONG)
-    owner = started_by(conn, first.id)
+    gate = Gate(conn).close(after_questions=0)
+    first = client.submit(DOCS[0], [(f"q{i}", "What jumps?") for i in range(4)], params=SHORT)
+    owner = gate.holder(first.id)
     other = {"wa": "wb", "wb": "wa"}[owner]
     routed = [client.submit(DOCS[0], [(f"r{i}", "Who sleeps?")], params=SHORT) for i in range(3)]
     assert conn.llen(f"rq:queue:seqshare:w:{owner}") == 3  # the producer routed them to the owner
     w = {w.name: w for w in two_workers}[owner]
     if how == "sigterm":
         w.signal(signal.SIGTERM)
+        wait_until(lambda: "finishing the current batch" in w.log(), what="the SIGTERM to be handled")
+        gate.open()
         assert w.wait(60) == 0
         assert first.wait(5)["worker"] == owner  # it finished its batch before leaving
     else:
         w.kill9()
+        gate.forget(first.id)
+        gate.open()
         assert first.wait(60)["worker"] == other  # recovered and run again by the other worker
     results = [h.wait(60) for h in routed]
     assert {r["worker"] for r in results} == {other}

@@ -74,7 +74,11 @@ def test_status_shows_queues_workers_cache_figures_and_prometheus(redis_url: str
         saved = sum(len(r["answers"]) * r["answers"][0]["context_tokens"] for r in results) - prefilled
         assert hits >= 1  # the third job reuses the first's document
 
-        assert 0 < redis.Redis.from_url(redis_url).ttl(f"rq:results:{handles[0].id}") <= 600  # from the file
+        conn = redis.Redis.from_url(redis_url)
+        assert 0 < conn.ttl(f"rq:results:{handles[0].id}") <= 600  # from the file
+        # The worker's hash is written by its heartbeat: wait for the beat after the last job.
+        wait_until(lambda: conn.hmget("seqshare:worker:w1", ["state", "cached_prefixes"]) == [b"idle", b"2"],
+                   timeout=10, what="the heartbeat after the last job")
         snap = json.loads(status(redis_url, "--json"))
         t = snap["totals"]
         assert t["jobs_done"] == 3 and t["jobs_failed"] == 0 and t["questions"] == len(answers) == 4

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, WorkerProc
+from queue_helpers import DOCS, Gate, WorkerProc, wait_until
 from rq import Queue, Worker
 from rq.job import Job
 from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
+from rq.results import Result
 from rq.serializers import JSONSerializer
-from seqshare.daemon.client import Client
+from seqshare.daemon.client import Client, JobHandle
 from seqshare.daemon.worker_main import unique_name
 from seqshare.worker.errors import JobFailedError, LimitExceededError
 from seqshare.worker.executor import JOB_FUNCTION
@@ -29,13 +30,6 @@ def long_job(client: Client, n: int = 24) -> str:
     qs = [Question(custom_id=f"q{i}", text=f"Question {i} about the fox?",
                    params=SamplingParams(max_new_tokens=LONG_TOKENS - (i % 24) * 10)) for i in range(n)]
     return client.submit(DOCS[0], qs).id
-
-
-def wait_started(conn: redis.Redis, job_id: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while conn.hget(Job.key_for(job_id), "status") != b"started":
-        assert time.monotonic() < deadline, "job never started"
-        time.sleep(0.005)
 
 
 def test_round_trip_cache_hit_progress_and_rq_bookkeeping(redis_url: str, worker: WorkerProc) -> None:
@@ -53,15 +47,16 @@ def test_round_trip_cache_hit_progress_and_rq_bookkeeping(redis_url: str, worker
     # greedy on the same prefix: the same question gives the same answer
     assert again["answers"][0]["answer"] == res["answers"][0]["answer"]
 
-    # progress in the job's meta while it runs, final figures when done
+    # progress in the job's meta while it runs (held at the gate after one answer), final figures when done
     conn = client.connection
+    gate = Gate(conn).close(after_questions=1)
     jid = long_job(client)
-    wait_started(conn, jid)
-    seen = {}
-    while client.statuses([jid])[0] == "started":
-        seen = Job.fetch(jid, connection=conn, serializer=JSONSerializer).get_meta().get("progress", seen)
-        time.sleep(0.01)
-    assert seen and seen["tokens_generated"] > 0
+    gate.wait_held(jid)
+    seen = Job.fetch(jid, connection=conn, serializer=JSONSerializer).get_meta()["progress"]
+    assert client.statuses([jid]) == ["started"]
+    assert 1 <= seen["questions_done"] < 24 and seen["questions"] == 24 and seen["tokens_generated"] > 0
+    gate.open()
+    JobHandle(jid, conn).wait(60)
     final = Job.fetch(jid, connection=conn, serializer=JSONSerializer).get_meta()["progress"]
     assert final == {"questions_done": 24, "questions": 24,
                      "tokens_generated": sum(LONG_TOKENS - i * 10 for i in range(24))}
@@ -117,9 +112,13 @@ def test_bad_jobs_fail_with_their_reason_and_the_worker_goes_on(redis_url: str, 
 
 def test_first_sigterm_finishes_the_batch_and_exits_0(redis_url: str, worker: WorkerProc) -> None:
     client = Client(redis_url)
+    gate = Gate(client.connection).close(after_questions=1)
     jid = long_job(client)
-    wait_started(client.connection, jid)
+    gate.wait_held(jid)
     worker.signal(signal.SIGTERM)
+    wait_until(lambda: "finishing the current batch" in worker.log(), what="the first SIGTERM to be handled")
+    assert worker.proc.poll() is None  # still running: the batch is not done
+    gate.open()
     assert worker.wait(60) == 0
     assert client.statuses([jid]) == ["finished"]
     assert len(client.outcome(jid)[1]["answers"]) == 24  # type: ignore[arg-type]
@@ -129,23 +128,26 @@ def test_first_sigterm_finishes_the_batch_and_exits_0(redis_url: str, worker: Wo
 def test_second_sigterm_stops_early_and_requeues(redis_url: str, tiny_bundle: Path, worker: WorkerProc,
                                                  tmp_path: Path) -> None:
     client = Client(redis_url)
+    gate = Gate(client.connection).close(after_questions=1)
     jid = long_job(client, n=64)
-    wait_started(client.connection, jid)
-    t0 = time.monotonic()
+    gate.wait_held(jid)
     worker.signal(signal.SIGTERM)
-    time.sleep(0.05)
+    # Signals are not queued: the second is sent once the first was handled, or they would merge.
+    wait_until(lambda: "finishing the current batch" in worker.log(), what="the first SIGTERM to be handled")
     worker.signal(signal.SIGTERM)
     assert worker.wait(30) == 0
-    stopped_after = time.monotonic() - t0
+    assert "stopped mid-batch on a second signal" in worker.log()
     assert client.statuses([jid]) == ["queued"]
     assert jid in Queue("seqshare", connection=client.connection, serializer=JSONSerializer).job_ids
     assert len(StartedJobRegistry("seqshare", connection=client.connection)) == 0
-    # a fresh worker answers it; it takes longer than the stop did, so the stop did cut the batch short
-    t1 = time.monotonic()
+    assert client.connection.xlen(Result.get_key(jid)) == 0  # nothing was stored by the stopped run
+    # a fresh worker answers it, whole
+    gate.open()
     w2 = WorkerProc(redis_url, tiny_bundle, tmp_path, "w2", "--burst")
     assert w2.wait(60) == 0
     assert client.statuses([jid]) == ["finished"]
-    assert stopped_after < time.monotonic() - t1
+    assert len(client.outcome(jid)[1]["answers"]) == 64  # type: ignore[arg-type]
+    assert client.connection.xlen(Result.get_key(jid)) == 1
 
 
 def test_worker_names_are_unique_and_a_live_name_is_not_taken_twice(redis_url: str, tiny_bundle: Path,

@@ -171,7 +171,9 @@ def test_worker_unit_contract(root: Path) -> None:
     assert int(one["WatchdogSec"]) > 0 and one["KillMode"] == "mixed" and int(one["TimeoutStopSec"]) >= 600
     assert one["Restart"] == "on-failure" and "78" in one["RestartPreventExitStatus"].split()
     assert int(one["StartLimitBurst"]) > 0 and int(one["StartLimitIntervalSec"]) > 0
-    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # The reload's outcome reaches systemctl: the command waits for it in the RuntimeDirectory=.
+    assert one["ExecReload"] == f"{PREFIX}/bin/seqshare reload --pid $MAINPID"
+    assert one["RuntimeDirectory"] == "seqshare/%i" and one["RuntimeDirectoryMode"] == "0700"
     assert one["LoadCredentialEncrypted"] == "seqshare-model-key:/etc/credstore.encrypted/seqshare-model-key"
     assert one["MemorySwapMax"] == "0" and one["LimitMEMLOCK"] == "infinity"
     assert one["User"] == "seqshare" and one["ProtectSystem"] == "strict" and one["NoNewPrivileges"] == "yes"
@@ -238,6 +240,7 @@ def test_queue_acl_lets_the_worker_and_producer_in_and_nothing_else(queue: tuple
         worker.stop()
     assert worker.proc.returncode == 0, worker.log()
     assert "NOPERM" not in worker.log() and "Traceback" not in worker.log()
+    assert "not supported" not in worker.log()  # rq's CLIENT SETNAME/LIST at registration are allowed
 
 
 # --- the hardening, against what the worker really does -------------------------------------------------

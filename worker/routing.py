@@ -107,6 +107,22 @@ class Keys:
     def recovering(worker: str) -> str:
         return f"{NS}recovering:{worker}"
 
+    # --- the test-only job gate (daemon/hold.py; honoured only with SEQSHARE_TEST_HOLD=1) ---
+    @staticmethod
+    def test_hold() -> str:
+        """String N: a running job that has answered N questions pauses before its next step."""
+        return f"{NS}test:hold"
+
+    @staticmethod
+    def test_pass() -> str:
+        """Set of job ids the hold lets through."""
+        return f"{NS}test:pass"
+
+    @staticmethod
+    def test_held() -> str:
+        """Hash job id -> worker name of the jobs paused by the hold right now."""
+        return f"{NS}test:held"
+
     # --- figures ---
     @staticmethod
     def models() -> str:
