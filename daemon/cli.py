@@ -10,7 +10,7 @@ import click
 from .cli_bench import bench
 from .cli_generate import debug, generate
 from .cli_model import model
-from .cli_queue import qa, status, submit, worker
+from .cli_queue import qa, result, status, submit, worker
 from .cli_service import memory_setup, reload
 
 
@@ -29,7 +29,7 @@ cli.add_command(debug)
 cli.add_command(memory_setup)
 cli.add_command(reload)
 cli.add_command(bench)
-for _cmd in (worker, submit, qa, status):
+for _cmd in (worker, submit, result, qa, status):
     cli.add_command(_cmd)
 
 

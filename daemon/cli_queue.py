@@ -1,4 +1,4 @@
-"""`seqshare worker`, `seqshare submit`, `seqshare qa`, `seqshare status`: the queue from a shell."""
+"""`seqshare worker`, `submit`, `result`, `qa`, `status`: the queue from a shell."""
 
 from __future__ import annotations
 
@@ -114,11 +114,31 @@ def submit(document: Path | None, context: str | None, questions: tuple[str, ...
         raise click.ClickException(str(e)) from e
     except ValueError as e:  # pydantic's ValidationError of --params
         raise click.ClickException(f"invalid parameters: {e}") from e
+    _print_result(handle.id, result, as_json)
+
+
+@click.command("result")
+@click.argument("job_id")
+@click.option("--timeout", type=float, default=None, help="Seconds to wait [default: until it is done].")
+@click.option("--json", "as_json", is_flag=True)
+@_url
+def result(job_id: str, timeout: float | None, as_json: bool, redis_url: str | None) -> None:
+    """Wait for a job submitted with --no-wait and print its answers (exit 1 if it failed)."""
+    from .client import JobHandle, connect
+
+    try:
+        answers = JobHandle(job_id, connect(redis_url)).wait(timeout)
+    except SeqshareError as e:
+        raise click.ClickException(str(e)) from e
+    _print_result(job_id, answers, as_json)
+
+
+def _print_result(job_id: str, result: dict[str, Any], as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps({"job_id": handle.id, **result}, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({"job_id": job_id, **result}, indent=2, ensure_ascii=False))
         return
     for a in result["answers"]:
-        click.echo(f"[{a['custom_id']}] {a['answer']}")
+        click.echo(f"[{a['custom_id']}] {a.get('answer', a.get('error'))}")
 
 
 @click.command("qa")

@@ -223,11 +223,11 @@ class Heartbeat:
                 self.notifier.alert = f"stalled: no progress for {idle:.0f} s"
                 self.notifier.status("watchdog pings withheld")
             return
-        if self._stalled:
-            self._stalled = False
-            self.notifier.alert = None
-            log.warning("progress resumed; watchdog pings resume")
         if self._starting:
             self.notifier.extend_timeout(START_EXTEND_S)
         if self.interval_s is not None:
             self.notifier.watchdog()
+        if self._stalled:  # after the ping: no STATUS without "stalled" comes before it
+            self._stalled = False
+            self.notifier.alert = None
+            log.warning("progress resumed; watchdog pings resume")

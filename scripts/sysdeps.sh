@@ -2,9 +2,11 @@
 # Install the system packages seqshare needs to build and test (Debian/Ubuntu).
 #   libsystemd-dev, pkg-config : systemd-python builds from source against them
 #   systemd                    : systemd-analyze, for the unit tests (a container may lack it)
+#   systemd-container          : systemd-nspawn, to boot a real systemd for the service test
+#   util-linux                 : nsenter and unshare, for the same and the namespace tests
 #   g++, cmake                 : the native module
 set -euo pipefail
-pkgs=(libsystemd-dev pkg-config systemd g++ cmake)
+pkgs=(libsystemd-dev pkg-config systemd systemd-container util-linux g++ cmake)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

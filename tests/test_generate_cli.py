@@ -90,7 +90,8 @@ def test_document_questions_shared_prefix_equals_no_reuse_f32(default_gguf: Path
         for a in out["answers"]:
             assert set(a) >= ANSWER_KEYS
             assert 0 < a["generated_tokens"] == len(a["token_ids"]) <= 16
-            assert a["first_token_s"] > 0 and a["total_s"] >= a["first_token_s"] and a["cache_hit"] is False
+            # first_token_s is rounded to 0.1 ms: a fast machine may show 0.0
+            assert a["first_token_s"] >= 0 and a["total_s"] >= a["first_token_s"] and a["cache_hit"] is False
         t = out["totals"]
         assert t["questions"] == 3 and t["generated_tokens"] == sum(a["generated_tokens"] for a in out["answers"])
         assert t["context_tokens"] == out["answers"][0]["context_tokens"] > 100

@@ -117,14 +117,14 @@ def test_fuzz_arbitrary_json_is_accepted_or_refused_by_name(data: dict[str, Any]
     assert isinstance(p, JobPayload) and p.questions
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=200))
 def test_fuzz_raw_bytes_are_refused_by_name(raw: bytes) -> None:
     with contextlib.suppress(InvalidJobError):  # any other exception fails the test
         parse_payload(raw)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1,
                         max_size=12), min_size=1, max_size=8),
        st.text(min_size=1, max_size=200))

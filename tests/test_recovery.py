@@ -25,7 +25,8 @@ from seqshare.worker.params import SamplingParams
 from seqshare.worker.routing import Keys
 
 SHORT = SamplingParams(max_new_tokens=4)
-UNSHARE = ("unshare", "--pid", "--fork", "--mount-proc")
+# --kill-child: the worker (pid 1 of the namespace) must not outlive a test that fails half way.
+UNSHARE = ("unshare", "--pid", "--fork", "--kill-child", "--mount-proc")
 
 
 # --- the local verdict ---------------------------------------------------------------------------------
@@ -124,4 +125,6 @@ def test_workers_in_separate_pid_namespaces_never_take_each_other_for_dead(redis
         assert "worker boxed-w is dead" in host.log()
     finally:
         host.stop()
+        if boxed.proc.poll() is None:  # unshare does not pass SIGTERM on: stop the worker itself
+            os.kill(_namespace_init(boxed.proc), signal.SIGTERM)
         boxed.stop()

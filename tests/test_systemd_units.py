@@ -202,13 +202,16 @@ def queue(root: Path, tmp_path: Path) -> Iterator[tuple[str, str]]:
     password = re.search(r"seqshare:(\w+)@", (conf / "worker.env").read_text())[1]  # type: ignore[index]
     try:
         client = redis.Redis(unix_socket_path=str(sock), username="seqshare", password=password)
-        for _ in range(100):
+        deadline = time.monotonic() + 30
+        while True:
             try:
                 client.ping()
                 break
             except (redis.ConnectionError, FileNotFoundError):
                 if proc.poll() is not None:
                     pytest.fail(f"{server} exited: {proc.stdout.read().decode() if proc.stdout else ''}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{server} did not answer on {sock} within 30 s")
                 time.sleep(0.05)
         yield str(sock), password
     finally:
