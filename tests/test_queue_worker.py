@@ -61,9 +61,10 @@ def test_round_trip_cache_hit_progress_and_rq_bookkeeping(redis_url: str, worker
     assert final == {"questions_done": 24, "questions": 24,
                      "tokens_generated": sum(LONG_TOKENS - i * 10 for i in range(24))}
 
-    # rq's own tools see our jobs and our worker
+    # rq's own tools see our jobs and our worker, and count the jobs it finished
     assert first.id in FinishedJobRegistry("seqshare", connection=conn).get_job_ids()
-    assert any(w.name == "w1" for w in Worker.all(connection=conn))
+    (me,) = [w for w in Worker.all(connection=conn) if w.name == "w1"]
+    assert me.successful_job_count == 3 and me.failed_job_count == 0 and me.total_working_time > 0
     assert len(StartedJobRegistry("seqshare", connection=conn)) == 0
 
 
@@ -108,6 +109,9 @@ def test_bad_jobs_fail_with_their_reason_and_the_worker_goes_on(redis_url: str, 
     with pytest.raises(LimitExceededError, match="seq_length"):
         client.submit(DOCS[1], [("x", "Who?")], params=SamplingParams(max_new_tokens=1000))
     assert worker.proc.poll() is None
+    # rq's worker counters: five refused (the second unknown model too), `good` and `too_long` answered
+    (me,) = [w for w in Worker.all(connection=conn) if w.name == "w1"]
+    assert (me.failed_job_count, me.successful_job_count) == (5, 2)
 
 
 def test_first_sigterm_finishes_the_batch_and_exits_0(redis_url: str, worker: WorkerProc) -> None:
