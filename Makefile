@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NATIVE := $(wildcard native/*.cpp native/*.h native/*.pyi) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps install model demo test test-slow test-all lint bench clean
+.PHONY: setup sysdeps install model demo test test-slow test-all lint bench bench-matrix clean
 
 setup: model
 
@@ -65,6 +65,12 @@ bench: model
 	$(PY) bench/docqa.py
 	$(PY) bench/queue_roundtrip.py
 	$(PY) bench/bundle.py
+
+# seqshare vs llama.cpp at the shapes of real edge models in every common GGUF format (hours on 2
+# cores for the whole matrix; MATRIX_ARGS="--shapes qwen2.5-0.5b --formats Q4_0" runs a part).
+bench-matrix: model
+	$(PIP) install "llama-cpp-python>=0.3"
+	$(PY) bench/matrix.py $(MATRIX_ARGS)
 
 clean:
 	rm -rf build $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -3,7 +3,8 @@
 // rows sharing this kv head -- the heads of its group, for each query -- scores six rows at a time,
 // an online-softmax update per row, and P.V two rows at a time into the rows' running outputs.
 // K/V are read once per (kv head, query block) and no score matrix exists beyond one rows x 32
-// tile. With few rows per kv head (decode) the tile is read straight from the cache instead.
+// tile. With up to 8 rows per kv head (decode, GQA groups of real models) the tile is read straight
+// from the cache instead.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -22,8 +23,12 @@ namespace {
 // The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
 // once per 32 keys.
 constexpr int kKeys = 32;
-// Up to this many query rows per kv head (one score group) read a tile straight from the cache.
-constexpr int kDirectRows = 6;
+// Query rows scored together against one key tile: 2 x 6 accumulators and two key vectors of the
+// 16 registers.
+constexpr int kScoreRows = 6;
+// Up to this many query rows per kv head read a tile straight from the cache: decode with the
+// GQA groups of real models (Qwen2.5: 6-8 query heads per kv head), in at most two score groups.
+constexpr int kDirectRows = 8;
 static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
 
 struct Tile {
@@ -194,17 +199,23 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
 template <int D, typename E>
 void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int hi, RowState* rs, int r0, int r1,
                float* sc) {
-  constexpr int G = 6;
-  int r = r0;
-  for (; r + G <= r1; r += G) tile_scores<D, G>(kt, rs + r, sc + (r - r0) * kKeys);
-  switch (r1 - r) {
-    case 5: tile_scores<D, 5>(kt, rs + r, sc + (r - r0) * kKeys); break;
-    case 4: tile_scores<D, 4>(kt, rs + r, sc + (r - r0) * kKeys); break;
-    case 3: tile_scores<D, 3>(kt, rs + r, sc + (r - r0) * kKeys); break;
-    case 2: tile_scores<D, 2>(kt, rs + r, sc + (r - r0) * kKeys); break;
-    case 1: tile_scores<D, 1>(kt, rs + r, sc + (r - r0) * kKeys); break;
-    default: break;
+  // Score groups as even as the register budget allows (7 rows: 4 + 3, not 6 + 1): each group
+  // reads the key tile once, and a group of one would read it for a single row.
+  const int n = r1 - r0, groups = (n + kScoreRows - 1) / kScoreRows;
+  for (int gi = 0, r = r0; gi < groups; ++gi) {
+    const int size = (n - (r - r0)) / (groups - gi) + ((n - (r - r0)) % (groups - gi) != 0);
+    float* out = sc + (r - r0) * kKeys;
+    switch (size) {
+      case 6: tile_scores<D, 6>(kt, rs + r, out); break;
+      case 5: tile_scores<D, 5>(kt, rs + r, out); break;
+      case 4: tile_scores<D, 4>(kt, rs + r, out); break;
+      case 3: tile_scores<D, 3>(kt, rs + r, out); break;
+      case 2: tile_scores<D, 2>(kt, rs + r, out); break;
+      default: tile_scores<D, 1>(kt, rs + r, out); break;
+    }
+    r += size;
   }
+  int r;
   RowState* pend = nullptr;  // a row waiting for a partner with the same key range
   const float* pend_p = nullptr;
   float pend_c = 0.0f;

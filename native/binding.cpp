@@ -26,7 +26,7 @@ static Isa isa_arg(const std::string& name) {
 }
 
 static void check_isa_available(Isa isa) {
-  if (static_cast<int>(isa) > static_cast<int>(best_isa()))
+  if (!cpu_runs(isa) || static_cast<int>(isa) > static_cast<int>(best_isa()))
     throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
 }
 
@@ -459,10 +459,16 @@ PYBIND11_MODULE(_native, m) {
   }, "CPU features seen at start-up.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
         "The best kernel variant this CPU can run (capped by SEQSHARE_ISA).");
+  m.def("runnable_isas", [] {
+    py::list out;
+    for (int i = 0; i <= static_cast<int>(best_isa()); ++i)
+      if (cpu_runs(static_cast<Isa>(i))) out.append(isa_name(static_cast<Isa>(i)));
+    return out;
+  }, "The kernel variants this CPU runs, lowest first (capped by SEQSHARE_ISA).");
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); },
         "The kernel variant in force.");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("isa"),
-        "Select a kernel variant (scalar, avx2, avx512); ValueError if this CPU cannot run it.");
+        "Select a kernel variant (scalar, avx2, avxvnni, avx512); ValueError if this CPU cannot run it.");
 
   m.def("dot_f32", [](Dense<float> a, Dense<float> b, const std::string& isa) {
     if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0))

@@ -26,19 +26,26 @@ const CpuFeatures& cpu_features() {
   return f;
 }
 
-static Isa detect() {
+bool cpu_runs(Isa isa) {
   const CpuFeatures& c = cpu_features();
-  Isa best = Isa::Scalar;
-  if (c.avx2 && c.fma) best = Isa::Avx2;
-  // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
-  if (best == Isa::Avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni &&
-      c.avx512bf16)
-    best = Isa::Avx512;
-  if (const char* cap = std::getenv("SEQSHARE_ISA")) {
-    Isa want = isa_from_name(cap);
-    if (static_cast<int>(want) < static_cast<int>(best)) best = want;
+  const bool avx2 = c.avx2 && c.fma && c.f16c;
+  switch (isa) {
+    case Isa::Scalar: return true;
+    case Isa::Avx2: return avx2;
+    case Isa::AvxVnni: return avx2 && c.avxvnni;
+    // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
+    case Isa::Avx512:
+      return avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni && c.avx512bf16;
   }
-  return best;
+  return false;
+}
+
+static Isa detect() {
+  int cap = kIsaCount - 1;
+  if (const char* want = std::getenv("SEQSHARE_ISA")) cap = static_cast<int>(isa_from_name(want));
+  for (int i = cap; i > 0; --i)
+    if (cpu_runs(static_cast<Isa>(i))) return static_cast<Isa>(i);
+  return Isa::Scalar;
 }
 
 Isa best_isa() {
@@ -54,7 +61,7 @@ static Isa& active_ref() {
 Isa active_isa() { return active_ref(); }
 
 void set_isa(Isa isa) {
-  if (static_cast<int>(isa) > static_cast<int>(best_isa()))
+  if (!cpu_runs(isa) || static_cast<int>(isa) > static_cast<int>(best_isa()))
     throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) +
                                 " kernels (best: " + isa_name(best_isa()) + ")");
   active_ref() = isa;
@@ -64,6 +71,7 @@ const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::Scalar: return "scalar";
     case Isa::Avx2: return "avx2";
+    case Isa::AvxVnni: return "avxvnni";
     case Isa::Avx512: return "avx512";
   }
   return "?";
@@ -72,8 +80,9 @@ const char* isa_name(Isa isa) {
 Isa isa_from_name(const std::string& name) {
   if (name == "scalar") return Isa::Scalar;
   if (name == "avx2") return Isa::Avx2;
+  if (name == "avxvnni") return Isa::AvxVnni;
   if (name == "avx512") return Isa::Avx512;
-  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2 or avx512)");
+  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avxvnni or avx512)");
 }
 
 }  // namespace seqshare

@@ -4,7 +4,11 @@
 
 namespace seqshare {
 
-enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
+// Ranked: each level runs on CPUs with the features it names. avxvnni is AVX2 plus the VEX-encoded
+// VNNI of Alder Lake / Zen 5; avx512 needs AVX512-VNNI/BF16 but not AVX-VNNI (Zen 4 lacks it), so
+// its kernels never use VEX VNNI and a lower level is not always runnable where a higher one is.
+enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3 };
+constexpr int kIsaCount = 4;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
@@ -13,11 +17,14 @@ struct CpuFeatures {
 };
 
 const CpuFeatures& cpu_features();
-// The best variant this CPU runs; SEQSHARE_ISA=scalar|avx2|avx512 caps it (for tests and bisecting).
+// Whether this CPU can run the kernels of `isa`.
+bool cpu_runs(Isa isa);
+// The best variant this CPU runs; SEQSHARE_ISA=scalar|avx2|avxvnni|avx512 caps it (for tests and
+// bisecting): the best runnable level at or below the cap.
 Isa best_isa();
 // The variant in force: best_isa() unless set_isa() lowered it.
 Isa active_isa();
-// Select a variant; throws std::invalid_argument if this CPU cannot run it.
+// Select a variant; throws std::invalid_argument if this CPU cannot run it or it is above best_isa().
 void set_isa(Isa isa);
 const char* isa_name(Isa isa);
 Isa isa_from_name(const std::string& name);

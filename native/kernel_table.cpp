@@ -1,5 +1,6 @@
-// One dispatch table per ISA, built once. A variant missing for an ISA falls back to the next
-// lower one, ending at the scalar reference.
+// One dispatch table per ISA, built once. A variant missing for an ISA falls back to a lower one
+// that the same CPUs run (avx512 skips avxvnni: Zen 4 has AVX-512 but not AVX-VNNI), ending at the
+// scalar reference.
 #include "kernels.h"
 
 namespace seqshare {
@@ -41,16 +42,22 @@ static KernelTable make_table(Isa isa) {
     t.f32_to_f16 = f32_to_f16_avx2;
     t.f16_to_f32 = f16_to_f32_avx2;
   }
+  if (isa == Isa::AvxVnni) {
+    t.qgemm[0] = qgemm_q8_avxvnni;
+    t.qgemm[1] = qgemm_q4_avxvnni;
+  }
   if (isa >= Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
+    t.qgemm[0] = qgemm_q8_avx512;
+    t.qgemm[1] = qgemm_q4_avx512;
   }
 #endif
   return t;
 }
 
 const KernelTable& kernel_table(Isa isa) {
-  static const KernelTable tables[3] = {make_table(Isa::Scalar), make_table(Isa::Avx2),
-                                        make_table(Isa::Avx512)};
+  static const KernelTable tables[kIsaCount] = {make_table(Isa::Scalar), make_table(Isa::Avx2),
+                                                make_table(Isa::AvxVnni), make_table(Isa::Avx512)};
   return tables[static_cast<int>(isa)];
 }
 

@@ -116,7 +116,11 @@ void silu_mul_avx2(float* gate, const float* up, std::size_t n);
 void add_avx2(float* y, const float* x, std::size_t n);
 void f32_to_f16_avx2(const float* src, std::uint16_t* dst, std::size_t n);
 void f16_to_f32_avx2(const std::uint16_t* src, float* dst, std::size_t n);
+void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
+void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }

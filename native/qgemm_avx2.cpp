@@ -1,8 +1,6 @@
 // Activation quantisation for the integer kernels, and q8 weights x int16 activations with AVX2
-// (q4 weights x int8 activations: qgemm_panel_avx2.cpp), register-tiled over R rows x T tokens:
-// weights sign-extended to int16 and multiplied pairwise into int32 (vpmaddwd). Every output
-// element is the same float sequence (8 lanes per group, summed once at the end) for any number of
-// tokens.
+// (the tile is in qgemm_q8.h; q4 weights x int8 activations: qgemm_panel.h): weights sign-extended
+// to int16 and multiplied pairwise into int32 with vpmaddwd.
 //
 // Layout of one quantised activation row (private to this file):
 //   q4: int8 q[cols]    natural column order        q8: int16 q[cols]
@@ -16,6 +14,7 @@
 
 #include "avx2.h"
 #include "kernels.h"
+#include "qgemm_q8.h"
 
 namespace seqshare {
 
@@ -96,94 +95,17 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
 
 namespace {
 
-struct Ctx {
-  const WeightView* w;
-  const std::uint8_t* xq;
-  std::size_t x_stride;  // bytes per quantised token row
-  int ng;
-  float* Y;
-  int ldy;
+struct MaddwdDot {
+  static constexpr int kR = 3, kT = 3;  // 9 accumulators of 16 registers
+  static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
+  template <int G>
+  static __m256i group(const std::int8_t* w, const std::int16_t* x) { return dot256<MaddwdDot, G>(w, x); }
 };
-
-// int32 lanes of sum(w * x) over one group of G columns of one row (int8) and one token (int16).
-template <int G>
-inline __m256i group_dot(const std::int8_t* w, const std::int16_t* x) {
-  __m256i acc = _mm256_setzero_si256();
-#pragma GCC unroll 8
-  for (int b = 0; b < G / 16; ++b) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b)));
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b));
-    acc = _mm256_add_epi32(acc, _mm256_madd_epi16(wv, xv));
-  }
-  return acc;
-}
-
-inline __m256 h16_scalar(std::uint16_t h) { return _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))); }
-
-// Y[n + j, r + i] for i < R, j < T.
-template <int G, int R, int T>
-void tile(const Ctx& c, int r, int n) {
-  __m256 acc[R][T];
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
-  const std::size_t K = static_cast<std::size_t>(c.w->cols);
-  const auto* W = static_cast<const std::int8_t*>(c.w->data);
-  const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
-  for (int g = 0; g < c.ng; ++g) {
-#pragma GCC unroll 16
-    for (int i = 0; i < R; ++i) {
-      const std::int8_t* wg = W + static_cast<std::size_t>(r + i) * K + static_cast<std::size_t>(g) * G;
-      const __m256 dw = h16_scalar(c.w->scales[static_cast<std::size_t>(r + i) * c.ng + g]);
-#pragma GCC unroll 16
-      for (int j = 0; j < T; ++j) {
-        const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride);
-        const __m256i s = group_dot<G>(wg, x + static_cast<std::size_t>(g) * G);
-        const __m256 dx = _mm256_broadcast_ss(reinterpret_cast<const float*>(x + K) + g);
-        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[i][j]);
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < R; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < T; ++j) c.Y[static_cast<std::size_t>(n + j) * c.ldy + r + i] = avx2::hsum(acc[i][j]);
-}
-
-constexpr int kR = 3, kT = 3, kTokBlock = 12;
-
-template <int G, int R>
-void tile_tokens(const Ctx& c, int r, int n0, int n1) {
-  int n = n0;
-  for (; n + kT <= n1; n += kT) tile<G, R, kT>(c, r, n);
-  switch (n1 - n) {
-    case 2: tile<G, R, 2>(c, r, n); break;
-    case 1: tile<G, R, 1>(c, r, n); break;
-    default: break;
-  }
-}
-
-template <int G>
-void qgemm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  const Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G, true), w.cols / G, Y, ldy};
-  // Tokens outer in blocks that stay in L1; rows inner, each row tile's weights read once per block.
-  for (int nb = 0; nb < N; nb += kTokBlock) {
-    const int ne = N - nb < kTokBlock ? N : nb + kTokBlock;
-    int r = r0;
-    for (; r + kR <= r1; r += kR) tile_tokens<G, kR>(c, r, nb, ne);
-    for (; r < r1; ++r) tile_tokens<G, 1>(c, r, nb, ne);
-  }
-}
 
 }  // namespace
 
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return qgemm<32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return qgemm<64>(w, xq, N, Y, ldy, r0, r1);
-    default: return qgemm<128>(w, xq, N, Y, ldy, r0, r1);  // check_weight allowed only these
-  }
+  qgemm_q8_rows<MaddwdDot>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

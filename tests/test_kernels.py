@@ -9,8 +9,7 @@ import pytest
 from seqshare import _native
 from seqshare.worker.quant import QTensor, dequantize, kernel_args, quantize
 
-ISAS = ["scalar", "avx2", "avx512"]
-RANK = {name: i for i, name in enumerate(ISAS)}
+ISAS = ["scalar", "avx2", "avxvnni", "avx512"]
 
 # Named tolerances. Relative errors are max|got - want| / max|want|.
 FLOAT_LINEAR_RTOL = 2e-6  # fp32 FMA vs float64 over the same (exactly converted) f32/f16/bf16 weights
@@ -26,7 +25,8 @@ ROPE_ATOL = 2e-6  # float32 angles as transformers computes them; cos/sin roundi
 
 
 def runnable() -> list[str]:
-    return [i for i in ISAS if RANK[i] <= RANK[_native.best_isa()]]
+    """The variants this CPU runs (a lower level is not always runnable: Zen 4 has avx512, not avxvnni)."""
+    return _native.runnable_isas()
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -81,6 +81,20 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
     for isa in runnable():
         got = _native.linear(x, isa=isa, **kernel_args(t))
         assert rel_err(got, want) < INT8_PATH_RTOL, isa
+
+
+@pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
+    """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
+    same: the variants agree bit for bit, at every group size and tile remainder."""
+    if isa not in runnable():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
+    for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 25, 3)]:
+        t = weight(fmt, rows, 1536, group, group + n)
+        x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
+        want = _native.linear(x, isa="avx2", **kernel_args(t))
+        np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
 
 
 def test_linear_same_result_with_one_or_two_threads() -> None:
@@ -162,10 +176,12 @@ def attn_case(n: int, length: int, h: int, kvh: int, d: int, seed: int, f16: boo
 @pytest.mark.parametrize("f16", [True, False])
 @pytest.mark.parametrize(
     ("n", "length", "h", "kvh", "pos0"),
-    [(1, 1000, 9, 3, 0), (40, 40, 9, 3, 0), (5, 300, 4, 4, 100), (33, 70, 6, 2, 7), (1, 7, 2, 1, 3)],
+    [(1, 1000, 9, 3, 0), (40, 40, 9, 3, 0), (5, 300, 4, 4, 100), (33, 70, 6, 2, 7), (1, 7, 2, 1, 3),
+     # Qwen2.5's GQA groups in decode: 7 (0.5B) and 8 (3B) query heads per kv head
+     (1, 700, 14, 2, 0), (1, 300, 16, 2, 40), (2, 300, 14, 2, 0)],
 )
-def test_attention_matches_softmax(f16: bool, n: int, length: int, h: int, kvh: int, pos0: int) -> None:
-    d = 64
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_matches_softmax(f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int) -> None:
     q, k, v = attn_case(n, length, h, kvh, d, n + length, f16)
     q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)  # the last n rows of the span
     q_pos[0] = max(pos0 - 1, 0) if n > 1 else q_pos[0]  # a query that may see nothing (or row 0)
@@ -177,6 +193,19 @@ def test_attention_matches_softmax(f16: bool, n: int, length: int, h: int, kvh: 
         fin = np.isfinite(want_l)
         np.testing.assert_array_equal(np.isfinite(lse), fin)
         np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=ATTN_RTOL)
+
+
+@pytest.mark.parametrize(("h", "kvh", "d"), [(14, 2, 64), (16, 2, 128), (12, 2, 128), (9, 3, 64)])
+def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int) -> None:
+    """A decode row (up to 8 rows per kv head: tiles read straight from the f16 cache) and the same
+    row among more queries (tiles staged as f32) run the same arithmetic: the same bits."""
+    q, k, v = attn_case(3, 500, h, kvh, d, h * d, True)
+    q_pos = np.array([497, 498, 499], np.int32)
+    for isa in runnable():
+        together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
+        alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
+        np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
+        np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
 
 
 def test_attention_merge_of_two_spans_equals_whole() -> None:

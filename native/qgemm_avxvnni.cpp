@@ -1,0 +1,35 @@
+// The integer GEMMs with AVX-VNNI (VEX vpdpbusd / vpdpwssd on 256-bit vectors: Alder Lake and later,
+// Zen 5): q4 panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). The dot products go straight into
+// int32 lanes; the integers, and so the results, are those of the AVX2 path bit for bit.
+#include "qgemm_panel.h"
+#include "qgemm_q8.h"
+
+namespace seqshare {
+
+namespace {
+
+struct AvxVnniDot {
+  static constexpr int tokens(int) { return 6; }  // 6 float + 6 int32 accumulators of 16 registers
+  static __m256i start(__m256i a32) { return a32; }
+  static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
+  static __m256i finish(__m256i, __m256i acc) { return acc; }
+};
+
+struct AvxVnniWordDot {
+  static constexpr int kR = 3, kT = 3;  // 9 accumulators of 16 registers
+  static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
+  template <int G>
+  static __m256i group(const std::int8_t* w, const std::int16_t* x) { return dot256<AvxVnniWordDot, G>(w, x); }
+};
+
+}  // namespace
+
+void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_q4_panels<AvxVnniDot>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_q8_rows<AvxVnniWordDot>(w, xq, N, Y, ldy, r0, r1);
+}
+
+}  // namespace seqshare

@@ -1,0 +1,120 @@
+// q8 weights x int16 activations, register-tiled over R rows x T tokens, for every x86 ISA: written
+// once, instantiated by qgemm_avx2.cpp, qgemm_avxvnni.cpp and qgemm_avx512.cpp with a policy `D`
+// whose `group<G>` gives a group's pairwise int16 products summed into 8 int32 lanes (vpmaddwd +
+// vpaddd, VNNI's vpdpwssd, or 512-bit vpdpwssd folded: the same exact integers). Every output element is the same float sequence (8 lanes per group, summed once
+// at the end) for any number of tokens and any tile shape, so results are bit-identical across
+// ISAs and batches. Internal linkage throughout (see qgemm_panel.h). Activation layout: qgemm_avx2.cpp.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "kernels.h"
+
+namespace seqshare {
+namespace {
+
+struct Q8Ctx {
+  const WeightView* w;
+  const std::uint8_t* xq;
+  std::size_t x_stride;  // bytes per quantised token row
+  int ng;
+  float* Y;
+  int ldy;
+};
+
+inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));  // as avx2::hsum: the same bits
+  return _mm_cvtss_f32(s);
+}
+
+inline __m256 h16_scalar(std::uint16_t h) { return _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))); }
+
+// int32 lanes of sum(w * x) over one group of G columns of one row (int8) and one token (int16),
+// 16 columns per step with 256-bit vectors: lane k sums the column pairs 16b + 2k, 16b + 2k + 1.
+// A policy's `group<G>` returns exactly these lanes (a 512-bit one folds its halves to get them).
+template <class Madd, int G>
+inline __m256i dot256(const std::int8_t* w, const std::int16_t* x) {
+  __m256i acc = _mm256_setzero_si256();
+#pragma GCC unroll 8
+  for (int b = 0; b < G / 16; ++b) {
+    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b)));
+    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b));
+    acc = Madd::madd(acc, wv, xv);
+  }
+  return acc;
+}
+
+// Y[n + j, r + i] for i < R, j < T.
+template <class D, int G, int R, int T>
+void q8_tile(const Q8Ctx& c, int r, int n) {
+  __m256 acc[R][T];
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < T; ++j) acc[i][j] = _mm256_setzero_ps();
+  const std::size_t K = static_cast<std::size_t>(c.w->cols);
+  const auto* W = static_cast<const std::int8_t*>(c.w->data);
+  const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
+  for (int g = 0; g < c.ng; ++g) {
+#pragma GCC unroll 16
+    for (int i = 0; i < R; ++i) {
+      const std::int8_t* wg = W + static_cast<std::size_t>(r + i) * K + static_cast<std::size_t>(g) * G;
+      const __m256 dw = h16_scalar(c.w->scales[static_cast<std::size_t>(r + i) * c.ng + g]);
+#pragma GCC unroll 16
+      for (int j = 0; j < T; ++j) {
+        const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride);
+        const __m256i s = D::template group<G>(wg, x + static_cast<std::size_t>(g) * G);
+        const __m256 dx = _mm256_broadcast_ss(reinterpret_cast<const float*>(x + K) + g);
+        acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < R; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < T; ++j) c.Y[static_cast<std::size_t>(n + j) * c.ldy + r + i] = hsum8(acc[i][j]);
+}
+
+template <class D, int G, int R, int T>
+void q8_rest(int left, const Q8Ctx& c, int r, int n) {
+  if constexpr (T > 1) {
+    if (left == T - 1) return q8_tile<D, G, R, T - 1>(c, r, n);
+    q8_rest<D, G, R, T - 1>(left, c, r, n);
+  }
+}
+
+template <class D, int G, int R>
+void q8_tokens(const Q8Ctx& c, int r, int n0, int n1) {
+  int n = n0;
+  for (; n + D::kT <= n1; n += D::kT) q8_tile<D, G, R, D::kT>(c, r, n);
+  if (n < n1) q8_rest<D, G, R, D::kT>(n1 - n, c, r, n);
+}
+
+constexpr int kQ8TokBlock = 12;
+
+template <class D, int G>
+void q8_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  const Q8Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G, true), w.cols / G, Y, ldy};
+  // Tokens outer in blocks that stay in L1; rows inner, each row tile's weights read once per block.
+  for (int nb = 0; nb < N; nb += kQ8TokBlock) {
+    const int ne = N - nb < kQ8TokBlock ? N : nb + kQ8TokBlock;
+    int r = r0;
+    for (; r + D::kR <= r1; r += D::kR) q8_tokens<D, G, D::kR>(c, r, nb, ne);
+    for (; r < r1; ++r) q8_tokens<D, G, 1>(c, r, nb, ne);
+  }
+}
+
+template <class D>
+void qgemm_q8_rows(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  switch (w.group) {
+    case 32: return q8_run<D, 32>(w, xq, N, Y, ldy, r0, r1);
+    case 64: return q8_run<D, 64>(w, xq, N, Y, ldy, r0, r1);
+    default: return q8_run<D, 128>(w, xq, N, Y, ldy, r0, r1);  // check_weight allowed only these
+  }
+}
+
+}  // namespace
+}  // namespace seqshare
