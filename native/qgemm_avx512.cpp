@@ -16,20 +16,11 @@ struct Avx512ByteDot {
   static __m256i finish(__m256i, __m256i acc) { return acc; }
 };
 
-// 32 columns per vpdpwssd on 512-bit vectors: lanes 0-7 sum the even 16-column blocks and lanes
-// 8-15 the odd ones, so adding the halves gives the AVX2 path's 8 lanes, integer for integer.
 struct Avx512WordDot {
   static constexpr int kR = 4, kT = 4;  // 16 accumulators
+  static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(acc, w, x); }
   template <int G>
-  static __m256i group(const std::int8_t* w, const std::int16_t* x) {
-    __m512i acc = _mm512_setzero_si512();
-#pragma GCC unroll 4
-    for (int b = 0; b < G / 32; ++b) {
-      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + 32 * b)));
-      acc = _mm512_dpwssd_epi32(acc, wv, _mm512_loadu_si512(x + 32 * b));
-    }
-    return _mm256_add_epi32(_mm512_castsi512_si256(acc), _mm512_extracti64x4_epi64(acc, 1));
-  }
+  static __m256i group(const std::int8_t* w, const std::int16_t* x) { return dot256<Avx512WordDot, G>(w, x); }
 };
 
 }  // namespace
