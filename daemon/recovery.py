@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,13 +123,21 @@ def _alive(conn: Redis, keys: Keys, name: str, trust_expiry: bool = True) -> boo
     return live or not trust_expiry
 
 
-def recover_own(conn: Redis, keys: Keys, name: str, max_retries: int) -> int:
+def recover_own(conn: Redis, keys: Keys, name: str, max_retries: int, ttl_s: float) -> int:
     """At start: take back what an earlier process of this name left (it was killed), or refuse to
-    start when a process of this name still runs. Returns the number of jobs requeued."""
-    if _alive(conn, keys, name):
-        entry = ProcEntry.parse(conn.hget(keys.procs(), name) or "")
-        where = f" (host {entry.host}, pid {entry.pid})" if entry else ""
-        raise ConfigError(f"a worker named {name} is already running{where}; worker names must be unique")
+    start when a process of this name still runs. Returns the number of jobs requeued.
+
+    An earlier process this one cannot judge (another PID namespace: a restarted container) is
+    given one liveness TTL to prove itself alive by its heartbeat before its jobs are taken back.
+    """
+    deadline = time.monotonic() + ttl_s + 1.0
+    while _alive(conn, keys, name):
+        raw = conn.hget(keys.procs(), name)
+        entry = ProcEntry.parse(raw) if raw is not None else None
+        if (entry is not None and local_verdict(entry)) or time.monotonic() > deadline:
+            where = f" (host {entry.host}, pid {entry.pid})" if entry else ""
+            raise ConfigError(f"a worker named {name} is already running{where}; worker names must be unique")
+        time.sleep(0.1)  # its hash expires within the TTL unless it beats
     n = give_back_jobs(conn, keys, name, [text(j) for j in conn.lrange(keys.claimed(name), 0, -1)],
                    crashed=True, max_retries=max_retries)
     with conn.pipeline() as p:  # rq refuses to register a name whose worker hash says it is alive

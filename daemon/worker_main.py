@@ -110,7 +110,7 @@ class ResidentWorker:
     # --- lifecycle -------------------------------------------------------------------------------
     def run(self) -> int:
         self._install_signals()
-        recover_own(self.conn, self.keys, self.name, self.max_retries)
+        recover_own(self.conn, self.keys, self.name, self.max_retries, self.ttl_s)
         recover_dead(self.conn, self.keys, self.name, self.max_retries)
         self._register()
         executor.install(self.engines)

@@ -128,3 +128,29 @@ def test_workers_in_separate_pid_namespaces_never_take_each_other_for_dead(redis
         if boxed.proc.poll() is None:  # unshare does not pass SIGTERM on: stop the worker itself
             os.kill(_namespace_init(boxed.proc), signal.SIGTERM)
         boxed.stop()
+
+
+def test_a_restart_under_the_same_name_in_another_pid_namespace_takes_back_the_jobs(
+        redis_url: str, tiny_bundle: Path, tmp_path: Path) -> None:
+    """A restarted container: the new process cannot judge its predecessor's pid, so it waits out the
+    liveness TTL instead of refusing to start (exit 78, which systemd would not restart)."""
+    if (why := _can_unshare_pid()) is not None:
+        pytest.skip(why)
+    conn = redis.Redis.from_url(redis_url)
+    gate = Gate(conn).close(after_questions=0)
+    (tmp_path / "one").mkdir()
+    first = WorkerProc(redis_url, tiny_bundle, tmp_path / "one", "same", wrap=UNSHARE).wait_ready()
+    job = Client(redis_url).submit(DOCS[0], [("q", "Who?")], params=SHORT)
+    assert gate.holder(job.id) == "same"
+    os.kill(_namespace_init(first.proc), signal.SIGKILL)
+    first.proc.wait(10)
+    gate.forget(job.id)
+    gate.open()
+    (tmp_path / "two").mkdir()
+    again = WorkerProc(redis_url, tiny_bundle, tmp_path / "two", "same").wait_ready(timeout=60)
+    try:
+        assert job.wait(60)["worker"] == "same"
+        assert "an earlier worker named same died: requeued 1" in again.log()
+        assert conn.xlen(Result.get_key(job.id)) == 1
+    finally:
+        again.stop()
