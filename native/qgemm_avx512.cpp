@@ -19,8 +19,6 @@ struct Avx512ByteDot {
 struct Avx512WordDot {
   static constexpr int kR = 4, kT = 4;  // 16 accumulators
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(acc, w, x); }
-  template <int G>
-  static __m256i group(const std::int8_t* w, const std::int16_t* x) { return dot256<Avx512WordDot, G>(w, x); }
 };
 
 }  // namespace

@@ -18,8 +18,6 @@ struct AvxVnniDot {
 struct AvxVnniWordDot {
   static constexpr int kR = 3, kT = 3;  // 9 accumulators of 16 registers
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
-  template <int G>
-  static __m256i group(const std::int8_t* w, const std::int16_t* x) { return dot256<AvxVnniWordDot, G>(w, x); }
 };
 
 }  // namespace

@@ -1,7 +1,7 @@
 // q8 weights x int16 activations, register-tiled over R rows x T tokens, for every x86 ISA: written
 // once, instantiated by qgemm_avx2.cpp, qgemm_avxvnni.cpp and qgemm_avx512.cpp with a policy `D`
-// whose `group<G>` gives a group's pairwise int16 products summed into 8 int32 lanes (vpmaddwd +
-// vpaddd, VNNI's vpdpwssd, or 512-bit vpdpwssd folded: the same exact integers). Every output element is the same float sequence (8 lanes per group, summed once
+// whose `madd` adds pairwise int16 products into int32 lanes (vpmaddwd + vpaddd, or VNNI's
+// vpdpwssd: the same exact integers). Every output element is the same float sequence (8 lanes per group, summed once
 // at the end) for any number of tokens and any tile shape, so results are bit-identical across
 // ISAs and batches. Internal linkage throughout (see qgemm_panel.h). Activation layout: qgemm_avx2.cpp.
 #pragma once
@@ -32,18 +32,15 @@ inline float hsum8(__m256 v) {
 
 inline __m256 h16_scalar(std::uint16_t h) { return _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))); }
 
-// int32 lanes of sum(w * x) over one group of G columns of one row (int8) and one token (int16),
-// 16 columns per step with 256-bit vectors: lane k sums the column pairs 16b + 2k, 16b + 2k + 1.
-// A policy's `group<G>` returns exactly these lanes (a 512-bit one folds its halves to get them).
+// int32 lanes of sum(w * x) over one group of G columns of one row (int8, sign-extended to int16
+// in `wv`, once for all tokens of a tile) and one token (int16), 16 columns per step: lane k sums
+// the column pairs 16b + 2k, 16b + 2k + 1.
 template <class Madd, int G>
-inline __m256i dot256(const std::int8_t* w, const std::int16_t* x) {
+inline __m256i dot256(const __m256i* wv, const std::int16_t* x) {
   __m256i acc = _mm256_setzero_si256();
 #pragma GCC unroll 8
-  for (int b = 0; b < G / 16; ++b) {
-    const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16 * b)));
-    const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b));
-    acc = Madd::madd(acc, wv, xv);
-  }
+  for (int b = 0; b < G / 16; ++b)
+    acc = Madd::madd(acc, wv[b], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16 * b)));
   return acc;
 }
 
@@ -63,10 +60,14 @@ void q8_tile(const Q8Ctx& c, int r, int n) {
     for (int i = 0; i < R; ++i) {
       const std::int8_t* wg = W + static_cast<std::size_t>(r + i) * K + static_cast<std::size_t>(g) * G;
       const __m256 dw = h16_scalar(c.w->scales[static_cast<std::size_t>(r + i) * c.ng + g]);
+      __m256i wv[G / 16];
+#pragma GCC unroll 8
+      for (int b = 0; b < G / 16; ++b)
+        wv[b] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wg + 16 * b)));
 #pragma GCC unroll 16
       for (int j = 0; j < T; ++j) {
         const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride);
-        const __m256i s = D::template group<G>(wg, x + static_cast<std::size_t>(g) * G);
+        const __m256i s = dot256<D, G>(wv, x + static_cast<std::size_t>(g) * G);
         const __m256 dx = _mm256_broadcast_ss(reinterpret_cast<const float*>(x + K) + g);
         acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, dx), acc[i][j]);
       }
