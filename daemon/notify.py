@@ -186,6 +186,9 @@ class Heartbeat:
 
     def start(self) -> Heartbeat:
         if self.notifier.enabled and self._thread is None:
+            # The first tick here, not in the thread: a start that has begun loading has asked for
+            # more time before anything else can happen, however fast the load.
+            self.beat()
             self._thread = threading.Thread(target=self._run, name="sd-watchdog", daemon=True)
             self._thread.start()
         return self
@@ -207,8 +210,6 @@ class Heartbeat:
         return START_EXTEND_S / 3
 
     def _run(self) -> None:
-        # The first tick at once: a start that has begun loading asks for more time right away.
-        self.beat()
         while not self._stop.wait(self._period()):
             self.beat()
 
