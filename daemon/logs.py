@@ -72,8 +72,8 @@ class _ContextFilter(logging.Filter):
             record.SEQSHARE_ROUTE_KEY = route
         if ctx:
             record.SEQSHARE_CONTEXT_HASH = ctx
-        parts = [p for p in (f"job={job}" if job else "", f"ctx={(ctx or route or '')[:12]}" if ctx or route else "")
-                 if p]
+        shown = ctx or route
+        parts = [p for p in (f"job={job}" if job else "", f"ctx={shown[:12]}" if shown else "") if p]
         record.ctx = f" [{' '.join(parts)}]" if parts else ""
         return True
 

@@ -75,13 +75,13 @@ class FileStamp:
 class Reloader:
     """Owned by the worker: `request` is the SIGHUP handler, `maybe_reload` runs at a safe point."""
 
-    def __init__(self, worker: ResidentWorker, state_dir: Path | None = None):
+    def __init__(self, worker: ResidentWorker):
         self.worker = worker
         self.pending = False
         self.loaded = self._stamps(worker.settings.models)
         self.failed: str | None = None  # the last reload's error, until one succeeds
         self.seq = 0  # reloads done by this process: what `request_reload` waits to see grow
-        self.state_dir = state_dir if state_dir is not None else runtime_dir()
+        self.state_dir = runtime_dir()  # where `seqshare reload` reads the outcome; None outside systemd
 
     @staticmethod
     def _stamps(models: list[ModelConfig]) -> dict[str, tuple[ModelConfig, FileStamp | None]]:
