@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,8 @@ def test_demo_interrupted_stops_worker_and_redis(tmp_path: Path, default_gguf: P
     lines = []
     given = os.environ.get(ENV_URL)  # else the demo says where its private server is
     gate = Gate(redis.Redis.from_url(given)).close(after_questions=0) if given else None
+    stuck = threading.Timer(600, proc.kill)  # a demo that hangs without a line must not hang the suite
+    stuck.start()
     for line in proc.stdout:
         lines.append(line)
         if (m := re.search(r"private redis-server on (\S+)", line)) is not None:
@@ -97,6 +100,7 @@ def test_demo_interrupted_stops_worker_and_redis(tmp_path: Path, default_gguf: P
             gate.open()  # the worker's first SIGTERM finishes its batch: let it
             break
     rest, _ = proc.communicate(timeout=120)
+    stuck.cancel()
     out = "".join(lines) + rest
     assert proc.returncode == 130, out
     assert "interrupted; everything was stopped" in out
