@@ -48,8 +48,11 @@ def _cgroup_dirs(name: str) -> list[Path]:
 
 
 class Container:
-    def __init__(self, name: str):
+    def __init__(self, name: str, binds: tuple[Path, ...] = ()):
+        """`binds`: host folders to show at the same place inside, read-only (the container's /tmp
+        is its own: a checkout or venv there would be missing otherwise)."""
         self.name = name
+        self.binds = binds
         self.state = Path(tempfile.mkdtemp(prefix=f"nspawn-{name}-"))
         self.root = self.state / "root"
         self.console = self.state / "console.log"
@@ -73,7 +76,8 @@ class Container:
 
         cmd = ["systemd-nspawn", "--quiet", f"--directory={self.root}", "--volatile=overlay", "--private-network",
                "--boot", f"--machine={self.name}", "--register=no", "--keep-unit", "--link-journal=no",
-               "--console=read-only", "--kill-signal=SIGRTMIN+4", *[f"systemd.mask={u}" for u in MASKED]]
+               "--console=read-only", "--kill-signal=SIGRTMIN+4", *[f"--bind-ro={b}" for b in self.binds],
+               *[f"systemd.mask={u}" for u in MASKED]]
         with self.console.open("wb") as out:
             self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                          preexec_fn=enter_cgroup, start_new_session=True)

@@ -34,13 +34,18 @@ INSTANCES = ("a", "b")
 WORK = "/root/seqshare-test"  # inside the container: the test's files (in its overlay, gone at poweroff)
 
 
+def _outside_paths() -> tuple[Path, ...]:
+    """What the units and the test run from: this venv, its base Python and the checkout, each once
+    (a folder inside another is covered by it)."""
+    paths = sorted({Path(sys.base_prefix).resolve(), REPO, VENV.resolve()})
+    return tuple(p for p in paths if not any(q != p and p.is_relative_to(q) for q in paths))
+
+
 def _drop_in() -> str:
-    # The units say ProtectHome=yes; this venv's python may live under /root (pyenv) and so may the
-    # checkout. Bind exactly those read-only into the otherwise empty home.
-    under_home = sorted({str(p) for p in (Path(sys.base_prefix).resolve(), REPO, VENV.resolve())
-                         if p.parts[1:2] in (("root",), ("home",))})
+    # The units say ProtectHome=yes and PrivateTmp=yes; this venv's python may live under /root
+    # (pyenv) and the checkout under /tmp or /root (CI's clone). Bind exactly those read-only.
     lines = ["[Service]", "ProtectHome=tmpfs"]
-    lines += [f"BindReadOnlyPaths={p}" for p in under_home]
+    lines += [f"BindReadOnlyPaths={p}" for p in _outside_paths()]
     return "\n".join(lines) + "\n"
 
 
@@ -102,7 +107,7 @@ def box(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Box]:
     crypto.generate_key_file(key_file)
     encrypted = host_tmp / "tiny.bundle"
     crypto.encrypt_file(bundle, encrypted, crypto.parse_key(key_file.read_bytes(), "key"))
-    c = Container("seqshare-test")
+    c = Container("seqshare-test", binds=_outside_paths())
     try:
         c.boot()
         work = c.path(WORK)
