@@ -110,10 +110,13 @@ def _plan_bytes(p: TensorPlan) -> int:
 @_KEY_FILE
 def info_cmd(bundle: Path, as_json: bool, key_file: Path | None) -> None:
     """Architecture, parameters, quant, limits, weight bytes and digest, encryption of a bundle."""
+    from .. import _native
+
     try:
         info = bundle_info(bundle, key_file=key_file)
     except SeqshareError as e:
         raise _fail(e) from e
+    info["kernels"] = _native.best_isa()  # what this machine would run it with (SEQSHARE_ISA caps it)
     if as_json:
         click.echo(json.dumps(info, indent=2))
         return

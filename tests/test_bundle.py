@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from seqshare import _native
 from seqshare.daemon.cli import cli
 from seqshare.worker.bundle import PLANE_ALIGN, Limits, write_bundle
 from seqshare.worker.convert import load_checkpoint
@@ -52,6 +53,7 @@ def test_round_trip_plain_and_encrypted(quant: str, tiny_dir: Path, tmp_path: Pa
     cli_ok("model", "compile", str(tiny_dir), "--out", str(out), "--quant", quant, "--quiet")
     info = json.loads(cli_ok("model", "info", str(out), "--json"))
     assert info["quant"] == quant and info["encrypted"] is False
+    assert info["kernels"] in _native.runnable_isas()
     plain = load_bundle(out, share=False)
     same_tensors(ck.tensors, plain.tensors)
     cli_ok("model", "keygen", "--out", str(tmp_path / "k"))
