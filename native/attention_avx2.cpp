@@ -201,9 +201,9 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
                float* sc) {
   // Score groups as even as the register budget allows (7 rows: 4 + 3, not 6 + 1): each group
   // reads the key tile once, and a group of one would read it for a single row.
-  const int n = r1 - r0, groups = (n + kScoreRows - 1) / kScoreRows;
+  const int groups = (r1 - r0 + kScoreRows - 1) / kScoreRows;
   for (int gi = 0, r = r0; gi < groups; ++gi) {
-    const int size = (n - (r - r0)) / (groups - gi) + ((n - (r - r0)) % (groups - gi) != 0);
+    const int left = groups - gi, size = (r1 - r + left - 1) / left;  // rows left, split evenly
     float* out = sc + (r - r0) * kKeys;
     switch (size) {
       case 6: tile_scores<D, 6>(kt, rs + r, out); break;
@@ -215,12 +215,11 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
     }
     r += size;
   }
-  int r;
   RowState* pend = nullptr;  // a row waiting for a partner with the same key range
   const float* pend_p = nullptr;
   float pend_c = 0.0f;
   int pend_hi = 0;
-  for (r = r0; r < r1; ++r) {
+  for (int r = r0; r < r1; ++r) {
     const int rhi = std::min(hi, rs[r].limit - t);
     if (rhi <= lo) continue;
     float* p = sc + (r - r0) * kKeys;

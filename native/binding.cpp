@@ -26,7 +26,7 @@ static Isa isa_arg(const std::string& name) {
 }
 
 static void check_isa_available(Isa isa) {
-  if (!cpu_runs(isa) || static_cast<int>(isa) > static_cast<int>(best_isa()))
+  if (!isa_selectable(isa))
     throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
 }
 
@@ -461,8 +461,8 @@ PYBIND11_MODULE(_native, m) {
         "The best kernel variant this CPU can run (capped by SEQSHARE_ISA).");
   m.def("runnable_isas", [] {
     py::list out;
-    for (int i = 0; i <= static_cast<int>(best_isa()); ++i)
-      if (cpu_runs(static_cast<Isa>(i))) out.append(isa_name(static_cast<Isa>(i)));
+    for (int i = 0; i < kIsaCount; ++i)
+      if (isa_selectable(static_cast<Isa>(i))) out.append(isa_name(static_cast<Isa>(i)));
     return out;
   }, "The kernel variants this CPU runs, lowest first (capped by SEQSHARE_ISA).");
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); },

@@ -60,8 +60,10 @@ static Isa& active_ref() {
 
 Isa active_isa() { return active_ref(); }
 
+bool isa_selectable(Isa isa) { return cpu_runs(isa) && static_cast<int>(isa) <= static_cast<int>(best_isa()); }
+
 void set_isa(Isa isa) {
-  if (!cpu_runs(isa) || static_cast<int>(isa) > static_cast<int>(best_isa()))
+  if (!isa_selectable(isa))
     throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) +
                                 " kernels (best: " + isa_name(best_isa()) + ")");
   active_ref() = isa;

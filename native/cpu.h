@@ -22,6 +22,8 @@ bool cpu_runs(Isa isa);
 // The best variant this CPU runs; SEQSHARE_ISA=scalar|avx2|avxvnni|avx512 caps it (for tests and
 // bisecting): the best runnable level at or below the cap.
 Isa best_isa();
+// Whether `isa` may be selected: this CPU runs it and it is not above best_isa().
+bool isa_selectable(Isa isa);
 // The variant in force: best_isa() unless set_isa() lowered it.
 Isa active_isa();
 // Select a variant; throws std::invalid_argument if this CPU cannot run it or it is above best_isa().
