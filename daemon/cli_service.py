@@ -26,8 +26,8 @@ EX_TEMPFAIL = 75
 EX_CANTCREAT = 73
 
 
-def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"seqshare memory-setup: {message}", err=True)
+def _fail(message: str, code: int, command: str = "memory-setup") -> NoReturn:
+    click.echo(f"seqshare {command}: {message}", err=True)
     raise SystemExit(code)
 
 
@@ -100,13 +100,9 @@ def reload(pid: int, state_dir: Path | None, timeout_s: float) -> None:
 
     where = state_dir or runtime_dir()
     if where is None:
-        _fail_reload("no --state-dir and no $RUNTIME_DIRECTORY: nowhere to read the outcome from")
+        _fail("no --state-dir and no $RUNTIME_DIRECTORY: nowhere to read the outcome from", 2, "reload")
     ok, outcome = request_reload(pid, where, timeout_s)
     click.echo(f"seqshare reload: {outcome}", err=not ok)
     if not ok:
         raise SystemExit(1)
 
-
-def _fail_reload(message: str) -> NoReturn:
-    click.echo(f"seqshare reload: {message}", err=True)
-    raise SystemExit(2)

@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from typing import Any
 
 import pytest
 import redis
+from seqshare.worker.routing import Keys
 
 SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
 # Liveness TTL 3 s: dead peers are noticed quickly. The job gate (daemon/hold.py) is on: a test that
@@ -112,7 +114,7 @@ class WorkerProc:
     def stop(self) -> None:
         if self.proc.poll() is None:
             with contextlib.suppress(redis.RedisError):  # a test that failed holding a job: let it finish
-                redis.Redis.from_url(self.url).delete("seqshare:test:hold")
+                redis.Redis.from_url(self.url).delete(Keys.test_hold())
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(30)
@@ -176,29 +178,40 @@ class Gate:
         self.conn = conn
 
     def close(self, after_questions: int = 0) -> Gate:
-        self.conn.set("seqshare:test:hold", after_questions)
+        self.conn.set(Keys.test_hold(), after_questions)
         return self
 
     def open(self) -> None:
-        self.conn.delete("seqshare:test:hold", "seqshare:test:pass")
+        self.conn.delete(Keys.test_hold(), Keys.test_pass())
 
     def let_through(self, job_id: str) -> None:
-        self.conn.sadd("seqshare:test:pass", job_id)
+        self.conn.sadd(Keys.test_pass(), job_id)
 
     def forget(self, job_id: str) -> None:
-        self.conn.hdel("seqshare:test:held", job_id)
+        self.conn.hdel(Keys.test_held(), job_id)
 
     def held(self) -> dict[str, str]:
-        return {k.decode(): v.decode() for k, v in self.conn.hgetall("seqshare:test:held").items()}
+        return {k.decode(): v.decode() for k, v in self.conn.hgetall(Keys.test_held()).items()}
+
+    def _wait(self, job_id: str | None, worker: str | None, timeout: float) -> tuple[str, str]:
+        def found() -> tuple[str, str] | None:
+            return next(((j, w) for j, w in self.held().items() if job_id in (None, j) and worker in (None, w)), None)
+        return wait_until(found, timeout, what=f"job {job_id or '(any)'} to be held at the gate")
 
     def wait_held(self, job_id: str | None = None, worker: str | None = None, timeout: float = 60.0) -> str:
         """The id of a job held at the gate (this one, by this worker, if given), once there is one."""
-        def found() -> str | None:
-            return next((j for j, w in self.held().items()
-                         if job_id in (None, j) and worker in (None, w)), None)
-        return wait_until(found, timeout, what=f"job {job_id or '(any)'} to be held at the gate")
+        return self._wait(job_id, worker, timeout)[0]
 
     def holder(self, job_id: str, timeout: float = 60.0) -> str:
         """Once the job is held: the name of the worker holding it."""
-        held = self.wait_held(job_id, timeout=timeout)
-        return self.held()[held]
+        return self._wait(job_id, None, timeout)[1]
+
+
+def unshare_unavailable(*flags: str) -> str | None:
+    """Why `unshare FLAGS true` cannot run here (it needs root), or None."""
+    if os.geteuid() != 0:
+        return f"needs root for unshare {' '.join(flags)}"
+    if shutil.which("unshare") is None:
+        return "unshare(1) is missing"
+    probe = subprocess.run(["unshare", *flags, "true"], capture_output=True, text=True)
+    return None if probe.returncode == 0 else f"unshare {' '.join(flags)} fails here: {probe.stderr.strip()}"

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from queue_helpers import DOCS, WORKER_ENV, wait_until
+from queue_helpers import DOCS, WORKER_ENV, unshare_unavailable, wait_until
 from seqshare.daemon.client import Client, make_payload
 from seqshare.daemon.logs import job_context, setup_logging, stderr_is_journal
 from seqshare.worker.errors import JobFailedError
@@ -69,18 +69,9 @@ def test_plain_lines_carry_job_and_context_in_brackets() -> None:
     assert outside.endswith("WARNING seqshare.test: outside")
 
 
-def _can_unshare() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for a private mount namespace"
-    if shutil.which("unshare") is None:
-        return "unshare(1) is missing"
-    probe = subprocess.run(["unshare", "-m", "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"unshare -m fails here: {probe.stderr.strip()}"
-
-
 def test_worker_logs_structured_records_to_the_journal(redis_url: str, tmp_path: Path,
                                                        tmp_path_factory: pytest.TempPathFactory) -> None:
-    if (why := _can_unshare()) is not None:
+    if (why := unshare_unavailable("-m")) is not None:
         pytest.skip(why)
     bundle = tiny_bundles(tmp_path_factory)["a"]
     fake_run = Path(tempfile.mkdtemp(prefix="sqjournal-"))  # stands for /run/systemd inside the namespace

@@ -9,7 +9,6 @@ but cannot see each other's processes; they must judge each other by heartbeat a
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -17,7 +16,16 @@ from pathlib import Path
 
 import pytest
 import redis
-from queue_helpers import DOCS, Gate, WorkerProc, read_jsonl, start_qa, wait_until, write_qa_input
+from queue_helpers import (
+    DOCS,
+    Gate,
+    WorkerProc,
+    read_jsonl,
+    start_qa,
+    unshare_unavailable,
+    wait_until,
+    write_qa_input,
+)
 from rq.results import Result
 from seqshare.daemon.client import Client
 from seqshare.daemon.recovery import ProcEntry, local_verdict, proc_entry, recover_dead
@@ -59,15 +67,6 @@ def test_another_pid_namespace_or_boot_gives_no_verdict() -> None:
 
 
 # --- workers that cannot see each other ------------------------------------------------------------------
-def _can_unshare_pid() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for a PID namespace"
-    if shutil.which("unshare") is None:
-        return "unshare(1) is missing"
-    probe = subprocess.run([*UNSHARE, "true"], capture_output=True, text=True)
-    return None if probe.returncode == 0 else f"unshare --pid fails here: {probe.stderr.strip()}"
-
-
 def _namespace_init(wrapper: subprocess.Popen[bytes]) -> int:
     """The host pid of the process `unshare --fork` started (pid 1 of its namespace)."""
     children = Path(f"/proc/{wrapper.pid}/task/{wrapper.pid}/children")
@@ -76,7 +75,7 @@ def _namespace_init(wrapper: subprocess.Popen[bytes]) -> int:
 
 def test_workers_in_separate_pid_namespaces_never_take_each_other_for_dead(redis_url: str, tiny_bundle: Path,
                                                                            tmp_path: Path) -> None:
-    if (why := _can_unshare_pid()) is not None:
+    if (why := unshare_unavailable(*UNSHARE[1:])) is not None:
         pytest.skip(why)
     conn = redis.Redis.from_url(redis_url)
     host = WorkerProc(redis_url, tiny_bundle, tmp_path, "host-w").wait_ready()
@@ -134,7 +133,7 @@ def test_a_restart_under_the_same_name_in_another_pid_namespace_takes_back_the_j
         redis_url: str, tiny_bundle: Path, tmp_path: Path) -> None:
     """A restarted container: the new process cannot judge its predecessor's pid, so it waits out the
     liveness TTL instead of refusing to start (exit 78, which systemd would not restart)."""
-    if (why := _can_unshare_pid()) is not None:
+    if (why := unshare_unavailable(*UNSHARE[1:])) is not None:
         pytest.skip(why)
     conn = redis.Redis.from_url(redis_url)
     gate = Gate(conn).close(after_questions=0)

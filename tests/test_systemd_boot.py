@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import redis
 from nspawn import Container, unavailable
-from queue_helpers import DOCS, Gate, compile_tiny_bundle, wait_until
+from queue_helpers import DOCS, Gate, compile_tiny_bundle, wait_until, write_qa_input
 from seqshare.worker import crypto
 
 pytestmark = pytest.mark.skipif(bool(unavailable()), reason=unavailable() or "")
@@ -146,14 +146,15 @@ def _unit(i: str) -> str:
     return f"seqshare-worker@{i}.service"
 
 
-def _qa_lines(n_docs: int, per_doc: int, tag: str) -> tuple[str, list[str]]:
-    rows = [{"custom_id": f"{tag}-d{d}-q{q}", "document": f"{DOCS[d % len(DOCS)]} Part {tag}{d}.",
-             "question": f"What jumps over the dog {q}?", "params": {"max_new_tokens": 6}}
-            for q in range(per_doc) for d in range(n_docs)]
-    return "".join(json.dumps(r) + "\n" for r in rows), [r["custom_id"] for r in rows]
-
-
 def test_two_instances_serve_a_qa_run_with_nothing_run_twice(box: Box) -> None:
+    # memory-setup ran, and succeeded, before the workers (Requires= and After= in the worker unit).
+    setup = box.systemctl("show", "-p", "Result,ExecMainStatus,InactiveEnterTimestampMonotonic",
+                          "seqshare-memory-setup.service")
+    assert "Result=success" in setup and "ExecMainStatus=0" in setup, setup
+    ran = int(setup.split("InactiveEnterTimestampMonotonic=")[1].split()[0])
+    for i in INSTANCES:
+        started = box.systemctl("show", "-p", "ExecMainStartTimestampMonotonic", "--value", _unit(i))
+        assert 0 < ran <= int(started), (ran, started)
     # The shipped sandbox: neither instance can see the other's process.
     for i in INSTANCES:
         shown = box.systemctl("show", "-p", "ProtectProc,PrivateUsers", _unit(i))
@@ -163,8 +164,8 @@ def test_two_instances_serve_a_qa_run_with_nothing_run_twice(box: Box) -> None:
     for name in box.names.values():
         wait_until(lambda n=name: float(box.conn.hget(f"seqshare:worker:{n}", "peers_checked_at") or 0) > since,
                    what=f"{name} to look for dead peers")
-    text, ids = _qa_lines(6, 4, "run")
-    box.c.path(f"{WORK}/in.jsonl").write_text(text)
+    docs = [f"{DOCS[d % len(DOCS)]} Part {d}." for d in range(6)]
+    ids = write_qa_input(box.c.path(f"{WORK}/in.jsonl"), docs, 4)
     code, _, err = box.seqshare("qa", f"{WORK}/in.jsonl", "--out", f"{WORK}/out.jsonl", "--timeout", "120", "--quiet")
     assert code == 0, err
     rows = [json.loads(x) for x in box.c.path(f"{WORK}/out.jsonl").read_text().splitlines()]
