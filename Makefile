@@ -53,13 +53,13 @@ test-slow: model
 test-all: model
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# mypy checks the package as it is imported (seqshare.daemon, seqshare.worker, seqshare._native):
+# mypy checks the package as it is imported (seqshare.daemon, .jobqueue, .worker, .bundle, ._native):
 # a tree of links under build/ gives it that layout without an install it cannot follow.
 MYPY_TREE := build/mypy/seqshare
 lint: install
-	$(VENV)/bin/ruff check daemon worker tests bench scripts
+	$(VENV)/bin/ruff check daemon jobqueue worker bundle tests bench scripts
 	@rm -rf build/mypy && mkdir -p $(MYPY_TREE) && touch $(MYPY_TREE)/__init__.py $(MYPY_TREE)/py.typed
-	@ln -s $(CURDIR)/daemon $(MYPY_TREE)/daemon && ln -s $(CURDIR)/worker $(MYPY_TREE)/worker
+	@for p in daemon jobqueue worker bundle; do ln -s $(CURDIR)/$$p $(MYPY_TREE)/$$p; done
 	@ln -s $(CURDIR)/native/_native.pyi $(MYPY_TREE)/_native.pyi
 	cd build/mypy && $(CURDIR)/$(VENV)/bin/mypy --config-file $(CURDIR)/pyproject.toml -p seqshare
 

@@ -21,8 +21,8 @@ from pathlib import Path
 _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from seqshare.worker.bundle import Limits, write_bundle
-from seqshare.worker.convert import load_checkpoint
+from seqshare.bundle.format import Limits, write_bundle
+from seqshare.bundle.convert import load_checkpoint
 src, out, quant = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
 ck = load_checkpoint(src, quant)
@@ -52,10 +52,11 @@ def bench_compile(src: Path, quant: str, tmp: Path) -> dict:
 def synthetic_bundle(path: Path, mib: int) -> None:
     """A valid plain bundle with one random q8 tensor of about `mib` MiB."""
     import numpy as np
-    from seqshare.worker.bundle import Limits, write_bundle
-    from seqshare.worker.convert import Checkpoint, SpecialTokens, plan_tensor
-    from seqshare.worker.quant import QTensor
-    from seqshare.worker.spec import ModelSpec
+
+    from seqshare.bundle.convert import Checkpoint, SpecialTokens, plan_tensor
+    from seqshare.bundle.format import Limits, write_bundle
+    from seqshare.bundle.quant import QTensor
+    from seqshare.bundle.spec import ModelSpec
 
     cols = 4096
     rows = mib * (1 << 20) // cols
@@ -74,7 +75,7 @@ def synthetic_bundle(path: Path, mib: int) -> None:
 
 
 def bench_crypto(tmp: Path, mib: int) -> dict:
-    from seqshare.worker import crypto
+    from seqshare.bundle import crypto
 
     plain, enc = tmp / "synthetic.ssb", tmp / "synthetic.enc"
     synthetic_bundle(plain, mib)

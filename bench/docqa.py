@@ -52,8 +52,8 @@ def make_workload(tokenizer: Any, doc_tokens: int, n_questions: int) -> tuple[st
 
 # ---- seqshare ---------------------------------------------------------------------------------
 def run_seqshare(args: argparse.Namespace) -> dict[str, Any]:
-    from seqshare.worker.bundle import Limits
-    from seqshare.worker.convert import load_checkpoint
+    from seqshare.bundle.convert import load_checkpoint
+    from seqshare.bundle.format import Limits
     from seqshare.worker.docqa import DocQA, QuestionRequest
     from seqshare.worker.generate import generate
     from seqshare.worker.model import Model
@@ -169,8 +169,8 @@ def run_llama(args: argparse.Namespace, context: list[int], questions: list[list
 
 def token_ids(args: argparse.Namespace) -> tuple[list[int], list[list[int]]]:
     """The exact context and question ids seqshare uses (chat split), for llama.cpp."""
-    from seqshare.worker.bundle import Limits
-    from seqshare.worker.convert import load_checkpoint
+    from seqshare.bundle.convert import load_checkpoint
+    from seqshare.bundle.format import Limits
     from seqshare.worker.docqa import DocQA, QuestionRequest
     from seqshare.worker.model import Model
     from seqshare.worker.prefix_cache import PrefixCache

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seqshare.daemon.cli_bench import SeqshareEngine, measure, rss_bytes
+from seqshare.daemon.cli.bench import SeqshareEngine, measure, rss_bytes
 
 HERE = Path(__file__).resolve().parent
 STEP_ROOM = 128  # KV rows past the prompt: room for the decode steps (>= --steps)
@@ -33,7 +33,7 @@ STEP_ROOM = 128  # KV rows past the prompt: room for the decode steps (>= --step
 
 def prompt_ids(gguf: Path, n: int) -> list[int]:
     """`n` token ids of a fixed synthetic English text (same for every engine)."""
-    from seqshare.worker.convert import load_checkpoint
+    from seqshare.bundle.convert import load_checkpoint
 
     sys.path.insert(0, str(HERE))
     from textgen import document
@@ -105,7 +105,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     ids = json.loads(Path(args.ids).read_text())
     t0 = time.perf_counter()
     if args.child == "seqshare":
-        from seqshare.worker.loader import load_bundle
+        from seqshare.bundle.loader import load_bundle
 
         eng: Any = SeqshareEngine(load_bundle(Path(args.bundle)), args.threads, STEP_ROOM)
     elif args.child.startswith("llama"):
@@ -185,9 +185,9 @@ def table(res: dict[str, dict[str, Any] | None]) -> str:
 
 
 def parent(args: argparse.Namespace) -> None:
+    from seqshare.bundle.convert import load_checkpoint
+    from seqshare.bundle.format import Limits, write_bundle
     from seqshare.daemon.fetch import default_model_path
-    from seqshare.worker.bundle import Limits, write_bundle
-    from seqshare.worker.convert import load_checkpoint
 
     args.gguf = args.gguf or default_model_path()
     n_max = max(int(x) for x in (args.lengths + "," + args.decode_after).split(",") if x)

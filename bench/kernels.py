@@ -13,8 +13,9 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+
 from seqshare import _native
-from seqshare.worker.quant import kernel_args, quantize
+from seqshare.bundle.quant import kernel_args, quantize
 
 HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
 LAYER = {  # name: (rows, cols)

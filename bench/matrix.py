@@ -68,6 +68,7 @@ def cache_dir() -> Path:
 def write_f16(name: str, s: Shape, out: Path) -> None:
     """A GGUF of random weights at shape `s`, with the default model's tokenizer."""
     from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
     from seqshare.daemon.fetch import default_model_path
 
     src = GGUFReader(str(default_model_path()))

@@ -40,9 +40,10 @@ from pathlib import Path
 import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
-from seqshare.daemon.client import Client, make_payload
+
 from seqshare.daemon.redis_server import EmbeddedRedis
-from seqshare.worker.jobs import JobPayload
+from seqshare.jobqueue.client import Client, make_payload
+from seqshare.jobqueue.payload import JobPayload
 from seqshare.worker.params import SamplingParams
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -144,10 +145,10 @@ def enqueue_rates(url: str, n: int) -> dict[str, float]:
         ("seqshare Client.submit_many (incl. building payloads)", n,
          lambda: client.submit_many([JobPayload.model_validate(p) for p in plain])),
         ("rq Queue.enqueue_many", n, lambda: q.enqueue_many(
-            [Queue.prepare_data("seqshare.worker.executor.answer", args=[p]) for p in plain])),
+            [Queue.prepare_data("seqshare.jobqueue.executor.answer", args=[p]) for p in plain])),
         ("seqshare Client.submit, one by one", n // 5, lambda: [client.submit(p) for p in payloads[: n // 5]]),
         ("rq Queue.enqueue, one by one", n // 5,
-         lambda: [q.enqueue("seqshare.worker.executor.answer", p) for p in plain[: n // 5]]),
+         lambda: [q.enqueue("seqshare.jobqueue.executor.answer", p) for p in plain[: n // 5]]),
     ]
     for name, count, fn in cases:
         conn.flushdb()

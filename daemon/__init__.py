@@ -1,1 +1,1 @@
-"""The seqshare service process: configuration, CLI, systemd integration, memory setup."""
+"""The seqshare service process: configuration, CLI, systemd integration, logs, memory setup, reload."""

@@ -18,8 +18,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from ..worker.errors import ConfigError
-from .paths import seqshare_home
+from seqshare.daemon.paths import seqshare_home
+from seqshare.worker.errors import ConfigError
 
 
 class _Section(BaseModel):

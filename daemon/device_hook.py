@@ -29,8 +29,8 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..worker.errors import DeviceToolError
-from .memory_plan import MIB, MemoryPlan
+from seqshare.daemon.memory_plan import MIB, MemoryPlan
+from seqshare.worker.errors import DeviceToolError
 
 log = logging.getLogger(__name__)
 

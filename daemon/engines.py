@@ -6,8 +6,8 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from ..worker.executor import Engines
-from .config import Settings
+from seqshare.daemon.config import Settings
+from seqshare.jobqueue.executor import Engines
 
 
 def load_engines(settings: Settings, progress: Callable[[], None] | None = None,
@@ -18,15 +18,15 @@ def load_engines(settings: Settings, progress: Callable[[], None] | None = None,
     directory, so switching between such bundles never repeats a prefill. Config limits may only
     lower the bundle's. The spill files are encrypted with the model key when the bundle is encrypted.
     """
-    from ..worker import crypto
-    from ..worker.docqa import DocQA
-    from ..worker.loader import load_bundle
-    from ..worker.model import Model
-    from ..worker.prefix_cache import PrefixCache
-    from ..worker.spill import Spill
+    from seqshare.bundle import crypto
+    from seqshare.bundle.loader import load_bundle
+    from seqshare.worker.docqa import DocQA
+    from seqshare.worker.model import Model
+    from seqshare.worker.prefix_cache import PrefixCache
+    from seqshare.worker.spill import Spill
 
     if check_memory:  # refuse an over-budget config (a ConfigError: exit 78) before loading anything
-        from .memory_plan import prepare_memory
+        from seqshare.daemon.memory_plan import prepare_memory
 
         prepare_memory(settings)
     tick = progress or (lambda: None)

@@ -24,7 +24,7 @@ from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, TextIO
 
 if TYPE_CHECKING:
-    from ..worker.jobs import JobPayload
+    from seqshare.jobqueue.payload import JobPayload
 
 _job_id: ContextVar[str | None] = ContextVar("seqshare_job_id", default=None)
 _route_key: ContextVar[str | None] = ContextVar("seqshare_route_key", default=None)

@@ -31,11 +31,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..worker.errors import ConfigError, MemoryBudgetError, SeqshareError
-from ..worker.spec import ModelSpec
-from .config import ModelConfig, Settings
-from .memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
-from .paths import seqshare_home
+from seqshare.bundle.spec import ModelSpec
+from seqshare.daemon.config import ModelConfig, Settings
+from seqshare.daemon.memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
+from seqshare.daemon.paths import seqshare_home
+from seqshare.worker.errors import ConfigError, MemoryBudgetError, SeqshareError
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,8 @@ def read_header(path: Path, key_file: Path | None = None) -> dict[str, Any]:
     An encrypted bundle's header is inside the ciphertext: it needs the key, from the same sources
     the worker uses (key_file, $SEQSHARE_MODEL_KEY, the systemd credential seqshare-model-key).
     """
-    from ..worker import bundle, crypto
+    from seqshare.bundle import crypto
+    from seqshare.bundle import format as bundle
 
     if not crypto.is_encrypted(path):
         with path.open("rb") as f:

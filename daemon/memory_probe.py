@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..worker.errors import MemoryLockError
+from seqshare.worker.errors import MemoryLockError
 
 # cgroup v1 reports "no limit" as a page-rounded LONG_MAX; anything this large means unlimited.
 _V1_UNLIMITED = 1 << 62

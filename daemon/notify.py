@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 
-from .debug import DebugHang
+from seqshare.daemon.debug import DebugHang
 
 log = logging.getLogger(__name__)
 

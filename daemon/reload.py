@@ -36,16 +36,16 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
-from ..worker import executor
-from ..worker.errors import SeqshareError
-from ..worker.executor import Engines
-from .config import ModelConfig, reread_settings
-from .memory_plan import Budget, check_worker_plan
-from .memory_probe import own_rss
-from .worker_stats import publish_models
+from seqshare.daemon.config import ModelConfig, reread_settings
+from seqshare.daemon.memory_plan import Budget, check_worker_plan
+from seqshare.daemon.memory_probe import own_rss
+from seqshare.jobqueue import executor
+from seqshare.jobqueue.executor import Engines
+from seqshare.jobqueue.stats import publish_models
+from seqshare.worker.errors import SeqshareError
 
 if TYPE_CHECKING:
-    from .worker_main import ResidentWorker
+    from seqshare.jobqueue.resident import ResidentWorker
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,7 @@ class Reloader:
         dropped = [n for n in w.engines.by_name if n not in names]
         loaded: dict[str, Any] = {}
         if to_load:
-            from .engines import load_engines
+            from seqshare.daemon.engines import load_engines
 
             subset = settings.model_copy(update={"models": to_load})
             loaded = dict(load_engines(subset, progress=w.hb.progress, check_memory=False).by_name)

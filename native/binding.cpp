@@ -119,7 +119,7 @@ static void bind_kernels(py::module_& m) {
     return y;
   }, py::arg("x"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
      py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0, py::arg("isa") = "",
-     "Y (N, rows) = x (N, cols) @ W^T for a weight in runtime layout (worker/quant.py planes).");
+     "Y (N, rows) = x (N, cols) @ W^T for a weight in runtime layout (bundle/quant.py planes).");
 
   m.def("embedding", [](py::array_t<std::int32_t, py::array::c_style | py::array::forcecast> tokens,
                         const std::string& fmt, py::array data, py::object scales, py::object mins, int group,

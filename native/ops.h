@@ -12,7 +12,7 @@
 
 namespace seqshare {
 
-// ---- weights, exactly as stored in a bundle (see worker/quant.py for the layouts) ------------
+// ---- weights, exactly as stored in a bundle (see bundle/quant.py for the layouts) ------------
 enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4 };
 
 struct WeightView {

@@ -33,10 +33,11 @@ from importlib.metadata import version
 from pathlib import Path
 
 import redis
+
+from seqshare.bundle.format import VERSION as BUNDLE_VERSION
 from seqshare.daemon.fetch import default_model_path
 from seqshare.daemon.paths import seqshare_home
 from seqshare.daemon.redis_server import ENV_URL, EmbeddedRedis
-from seqshare.worker.bundle import VERSION as BUNDLE_VERSION
 
 DATA = Path(__file__).resolve().parent / "demo_data"
 SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
@@ -94,8 +95,8 @@ def ensure_bundle(gguf: Path, home: Path) -> tuple[Path, Path]:
 
 
 def _opens(bundle: Path, key: Path) -> bool:
+    from seqshare.bundle.loader import bundle_info
     from seqshare.worker.errors import SeqshareError
-    from seqshare.worker.loader import bundle_info
 
     try:
         return bool(bundle_info(bundle, key_file=key).get("encrypted"))

@@ -150,7 +150,7 @@ main() {
     isas=$(inside "$cpu" python -c 'from seqshare import _native; print(_native.best_isa(), _native.runnable_isas())')
     say "QEMU_CPU=$cpu: kernels $isas"
     [ "${isas%% *}" = "$level" ] || die "QEMU_CPU=$cpu selected ${isas%% *}, not $level"
-    inside "$cpu" sh -c 'cd /opt/src && python -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_native_smoke.py' ||
+    inside "$cpu" sh -c 'cd /opt/src && python -m pytest -q -p no:cacheprovider tests/native' ||
       die "kernel tests failed under QEMU_CPU=$cpu"
     got=$(inside "$cpu" seqshare generate /root/seqshare-home/default-f32.bundle --prompt "$PROMPT" \
       --max-new-tokens $TOKENS --threads 2 --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["token_ids"])')

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import redis
+
 from seqshare.daemon.redis_server import ENV_URL, EmbeddedRedis
 
 
@@ -51,6 +52,16 @@ def default_gguf() -> Path:
     if not path.exists():
         fetch_default(quiet=True)
     return path
+
+
+@pytest.fixture(scope="module")
+def q4_model(default_gguf: Path) -> Any:
+    """The default model as it ships: Q4_1 weights as they are in the GGUF (int4 with a scale and a
+    min per group of 32), f16 KV. One per test module."""
+    from seqshare.bundle.convert import load_checkpoint
+    from seqshare.worker.model import Model
+
+    return Model(load_checkpoint(default_gguf, "keep"), threads=2)
 
 
 # --- the queue and service tests: a tiny real bundle and a `seqshare worker` process on it -------

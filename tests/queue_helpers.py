@@ -17,10 +17,11 @@ from typing import Any
 
 import pytest
 import redis
-from seqshare.worker.routing import Keys
+
+from seqshare.jobqueue.routing import Keys
 
 SEQSHARE = str(Path(sys.executable).with_name("seqshare"))
-# Liveness TTL 3 s: dead peers are noticed quickly. The job gate (daemon/hold.py) is on: a test that
+# Liveness TTL 3 s: dead peers are noticed quickly. The job gate (jobqueue/hold.py) is on: a test that
 # needs a job still running holds it there instead of hoping it is slow enough.
 WORKER_ENV = {"SEQSHARE_HEARTBEAT_S": "0.5", "SEQSHARE_TEST_HOLD": "1"}
 # Short documents in the tiny tokenizer's alphabet (it was trained on one English sentence).
@@ -33,8 +34,8 @@ DOCS = [
 
 def compile_tiny_bundle(directory: Path) -> Path:
     """A random tiny Llama (transformers, seeded) compiled to a seqshare bundle (f32 weights)."""
-    from seqshare.worker.bundle import Limits, write_bundle
-    from seqshare.worker.convert import load_checkpoint
+    from seqshare.bundle.convert import load_checkpoint
+    from seqshare.bundle.format import Limits, write_bundle
 
     sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import make_model
@@ -167,7 +168,7 @@ def wait_until(cond: Callable[[], Any], timeout: float = 30.0, what: str = "cond
 
 
 class Gate:
-    """The worker's test gate (daemon/hold.py): jobs pause at a known point until released.
+    """The worker's test gate (jobqueue/hold.py): jobs pause at a known point until released.
 
     `close(n)`: every running job pauses once it has answered n of its questions (0: at its first
     progress point); `held()` maps the paused jobs to their workers; `let_through(id)` releases one;

@@ -28,8 +28,9 @@ def tiny_bundles(factory: pytest.TempPathFactory) -> dict[str, Path]:
     digest), `b` (f16 weights: another digest)."""
     if not _BUNDLES:
         from queue_helpers import compile_tiny_bundle
-        from seqshare.worker.bundle import Limits, write_bundle
-        from seqshare.worker.convert import load_checkpoint
+
+        from seqshare.bundle.convert import load_checkpoint
+        from seqshare.bundle.format import Limits, write_bundle
 
         d = factory.mktemp("svc-bundles")
         a = compile_tiny_bundle(d)

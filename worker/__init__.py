@@ -1,1 +1,1 @@
-"""The seqshare engine: bundles, model, KV and prefix cache, scheduler, sampling, job execution."""
+"""The seqshare engine: model, KV and prefix cache, decode loop, sampling, document QA."""

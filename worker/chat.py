@@ -9,7 +9,7 @@ from typing import Any
 
 from tokenizers import Tokenizer
 
-from .errors import NoChatTemplateError
+from seqshare.worker.errors import NoChatTemplateError
 
 Message = dict[str, Any]
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import DumpDirError
-from .spec import ModelSpec
+from seqshare.bundle.spec import ModelSpec
+from seqshare.worker.errors import DumpDirError
 
 
 class DumpWriter:

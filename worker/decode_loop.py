@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .params import SamplingParams
+from seqshare.worker.params import SamplingParams
 
 
 class _Greedy:
@@ -32,7 +32,7 @@ def make_sampler(params: SamplingParams) -> Any:
     """A per-sequence picker with `pick(logits, history) -> token`; history = question + answer ids."""
     if params.mode == "greedy":
         return _Greedy()
-    from .sampling import Sampler
+    from seqshare.worker.sampling import Sampler
 
     return Sampler(params)
 

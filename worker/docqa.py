@@ -19,11 +19,11 @@ from typing import Any
 
 import numpy as np
 
-from .decode_loop import DecodeLoop, Sequence
-from .params import SamplingParams
-from .prefix_cache import Entry, PrefixCache
-from .segments import LimitsLike, Prompt, check_limits, context_hash, segment, tokenizer_identity
-from .spill import Spill
+from seqshare.worker.decode_loop import DecodeLoop, Sequence
+from seqshare.worker.params import SamplingParams
+from seqshare.worker.prefix_cache import Entry, PrefixCache
+from seqshare.worker.segments import LimitsLike, Prompt, check_limits, context_hash, segment, tokenizer_identity
+from seqshare.worker.spill import Spill
 
 KV_FORMAT = "seqshare-kv-v2"  # the layout of KV.export_bytes(): per layer, K then V, each kv head's rows
 # progress(request_index, questions_done, tokens_generated) for answer_many; answer drops the index.

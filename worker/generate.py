@@ -15,13 +15,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import LimitExceededError
-from .params import SamplingParams
-from .sampling import Sampler
+from seqshare.worker.errors import LimitExceededError
+from seqshare.worker.params import SamplingParams
+from seqshare.worker.sampling import Sampler
 
 if TYPE_CHECKING:
-    from .debug_dump import DumpWriter
-    from .model import Model, Progress
+    from seqshare.worker.debug_dump import DumpWriter
+    from seqshare.worker.model import Model, Progress
 
 STOP_EOS, STOP_STRING, STOP_LENGTH, STOP_SEQ_LENGTH = "eos", "stop", "length", "seq_length"
 

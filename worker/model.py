@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from tokenizers import Tokenizer
 
-from .. import _native
-from .errors import KVCapacityError
-from .quant import QTensor
-from .spec import ModelSpec
+from seqshare import _native
+from seqshare.bundle.quant import QTensor
+from seqshare.bundle.spec import ModelSpec
+from seqshare.worker.errors import KVCapacityError
 
 if TYPE_CHECKING:
-    from .debug_dump import DumpWriter
+    from seqshare.worker.debug_dump import DumpWriter
 
 KV = _native.KV
 KV_DTYPES = ("f16", "f32")
@@ -35,7 +35,7 @@ Progress = Callable[[int, int], None]
 
 
 class WeightSource(Protocol):
-    """What a Checkpoint (worker/convert.py) and a LoadedBundle (worker/loader.py) both provide."""
+    """What a Checkpoint (bundle/convert.py) and a LoadedBundle (bundle/loader.py) both provide."""
 
     spec: ModelSpec
     chat_template: str | None

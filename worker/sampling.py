@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from .params import SamplingParams
+from seqshare.worker.params import SamplingParams
 
 PENALTY_TOP_K = 50
 PENALTY_MIN_KEEP = 5

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import LimitExceededError, PromptSplitError
+from seqshare.worker.errors import LimitExceededError, PromptSplitError
 
 SEPARATOR = "\n\n"  # between the document and the question inside the user turn (question side)
 _SENTINEL = "\x00seqshare-cut\x00"

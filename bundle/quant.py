@@ -1,0 +1,230 @@
+"""Weight formats: the runtime layouts the native kernels read, and their numpy reference
+(quantize, dequantize, lossless import of GGUF blocks). This module is the contract between the
+bundle compiler (which writes these arrays) and the kernels (which read them in place).
+
+Every 2-D weight is logically [rows=out_features, cols=in_features] and stored as named planes:
+
+  f32   data   float32 [rows, cols]
+  f16   data   uint16  [rows, cols]        IEEE binary16 bits
+  bf16  data   uint16  [rows, cols]        bfloat16 bits (upper half of the float32)
+  q8    qs     int8    [rows, cols]        value = scales[r, c // G] * qs[r, c]   (symmetric)
+        scales float16 [rows, cols // G]
+  q4    qs     uint8   [P, cols // 32, 128]  value = scale * q + min, q in 0..15, in 8-row panels
+        scales float16 [P, cols // G, 8]
+        mins   float16 [P, cols // G, 8]
+
+q4 is stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the layout
+the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
+32 * j + 4 * i + c (j < 4, row i < 8, c < 4) holds column 32b + 4j + c of row 8p + i in its low
+nibble and column 32b + 16 + 4j + c in its high nibble; scales and mins of the panel's 8 rows sit
+side by side per group. One kernel reads one layout for any number of tokens, so a row's result
+never depends on how many tokens were multiplied with it (batch invariance).
+
+GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4 (scale=d, min=-8d, an
+exact power-of-two multiple in float16); Q8_0 (d) -> q8 (scale=d). All at G = 32. The nibbles and
+float16 bits are moved, never recomputed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from seqshare.worker.errors import UnsupportedQuantError
+
+WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4"]
+FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4")
+GROUP_SIZES = (32, 64, 128)
+GGUF_BLOCK = 32
+
+
+@dataclass(frozen=True)
+class QTensor:
+    """One weight in runtime layout: its format, logical shape, group size and planes."""
+
+    fmt: str
+    shape: tuple[int, ...]  # (rows, cols); 1-D vectors (norms, biases) are f32 with shape (n,)
+    group_size: int  # 0 for the float formats
+    planes: dict[str, np.ndarray]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(p.nbytes) for p in self.planes.values())
+
+
+def _check_group(cols: int, group: int) -> None:
+    if group not in GROUP_SIZES:
+        raise UnsupportedQuantError(f"group size {group} is not supported (choose one of {GROUP_SIZES})")
+    if cols % group:
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the group size {group}")
+
+
+def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    """Round-to-nearest-even float32 -> bfloat16 bits (NaN kept quiet)."""
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(x)
+    return np.where(nan, (u >> 16) | 0x40, rounded).astype(np.uint16)
+
+
+def bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
+    """Quantize a float matrix [rows, cols] into `fmt`."""
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise UnsupportedQuantError(f"only 2-D weights are quantized, got shape {w.shape}")
+    rows, cols = w.shape
+    if fmt == "f32":
+        return QTensor("f32", (rows, cols), 0, {"data": w})
+    if fmt == "f16":
+        return QTensor("f16", (rows, cols), 0, {"data": w.astype(np.float16).view(np.uint16)})
+    if fmt == "bf16":
+        return QTensor("bf16", (rows, cols), 0, {"data": f32_to_bf16_bits(w)})
+    _check_group(cols, group)
+    g = w.reshape(rows, cols // group, group)
+    if fmt == "q8":
+        amax = np.abs(g).max(axis=2)
+        scales = (amax / 127.0).astype(np.float16)
+        s = scales.astype(np.float32)[..., None]
+        q = np.where(s > 0, np.rint(g / np.where(s > 0, s, 1)), 0)
+        qs = np.clip(q, -127, 127).astype(np.int8).reshape(rows, cols)
+        return QTensor("q8", (rows, cols), group, {"qs": qs, "scales": scales})
+    if fmt == "q4":
+        mn = g.min(axis=2)
+        mx = g.max(axis=2)
+        mins = mn.astype(np.float16)
+        scales = ((mx - mins.astype(np.float32)) / 15.0).astype(np.float16)
+        s = scales.astype(np.float32)[..., None]
+        q = np.where(s > 0, np.rint((g - mins.astype(np.float32)[..., None]) / np.where(s > 0, s, 1)), 0)
+        q = np.clip(q, 0, 15).astype(np.uint8)
+        return q4_tensor(q.reshape(rows, cols), scales, mins, group)
+    raise UnsupportedQuantError(f"unknown weight format {fmt!r} (choose one of {FORMATS})")
+
+
+PANEL = 8  # rows per q4 panel
+
+
+def kernel_args(t: QTensor) -> dict[str, object]:
+    """The keyword arguments of `_native.linear` / `_native.embedding` for a weight (tests, benchmarks)."""
+    p = t.planes
+    if t.fmt in ("f32", "f16", "bf16"):
+        return {"fmt": t.fmt, "data": p["data"]}
+    kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
+    if t.fmt == "q4":
+        kw["mins"] = p["mins"]
+        kw["rows"] = t.shape[0]
+    return kw
+
+
+def q4_tensor(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
+    """A q4 QTensor from values q [rows, cols] in 0..15 and float16 scales/mins [rows, cols // G]."""
+    rows, cols = q.shape
+    return QTensor("q4", (rows, cols), group, {
+        "qs": pack_q4_panels(q), "scales": _panel_groups(scales), "mins": _panel_groups(mins)})
+
+
+def q4_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [rows, cols] uint8 0..15, scales, mins [rows, cols // G] float16) of a q4 QTensor."""
+    rows, cols = t.shape
+    return (unpack_q4_panels(t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
+            _unpanel_groups(t.planes["mins"], rows))
+
+
+def pack_q4_panels(q: np.ndarray) -> np.ndarray:
+    """Values [rows, cols] in 0..15 -> panel bytes [P, cols // 32, 128] (see the module doc)."""
+    rows, cols = q.shape
+    P = -(-rows // PANEL)
+    v = np.zeros((P * PANEL, cols), np.uint8)
+    v[:rows] = q
+    # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, half, j, i, c)
+    v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
+    return np.ascontiguousarray((v[:, :, 0] | (v[:, :, 1] << 4)).reshape(P, cols // 32, 128))
+
+
+def unpack_q4_panels(qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Panel bytes [P, cols // 32, 128] -> values [rows, cols] in 0..15."""
+    P = qs.shape[0]
+    b = np.asarray(qs).reshape(P, cols // 32, 1, 4, PANEL, 4)
+    v = np.concatenate([b & 0x0F, b >> 4], axis=2)  # (p, b, half, j, i, c)
+    return np.ascontiguousarray(v.transpose(0, 4, 1, 2, 3, 5).reshape(P * PANEL, cols)[:rows])
+
+
+def _panel_groups(a: np.ndarray) -> np.ndarray:
+    """[rows, ng] -> [P, ng, 8] (zero rows past the end)."""
+    rows, ng = a.shape
+    P = -(-rows // PANEL)
+    out = np.zeros((P * PANEL, ng), a.dtype)
+    out[:rows] = a
+    return np.ascontiguousarray(out.reshape(P, PANEL, ng).transpose(0, 2, 1))
+
+
+def _unpanel_groups(a: np.ndarray, rows: int) -> np.ndarray:
+    P, ng, _ = a.shape
+    return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 1).reshape(P * PANEL, ng)[:rows])
+
+
+def gguf_q4_values(qs: np.ndarray) -> np.ndarray:
+    """GGUF Q4 block bytes [rows, nblocks, 16] -> values [rows, nblocks * 32]: byte i of a block holds
+    column i in its low nibble and column i + 16 in its high nibble."""
+    rows = qs.shape[0]
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, -1)
+
+
+def dequantize(t: QTensor) -> np.ndarray:
+    """The float32 matrix a QTensor stands for (the reference every kernel must agree with)."""
+    rows, cols = t.shape
+    p = t.planes
+    if t.fmt == "f32":
+        return np.asarray(p["data"], dtype=np.float32).reshape(rows, cols)
+    if t.fmt == "f16":
+        return p["data"].view(np.float16).astype(np.float32).reshape(rows, cols)
+    if t.fmt == "bf16":
+        return bf16_bits_to_f32(p["data"]).reshape(rows, cols)
+    G = t.group_size
+    if t.fmt == "q8":
+        sc = p["scales"].astype(np.float32).reshape(rows, cols // G, 1)
+        return (p["qs"].astype(np.float32).reshape(rows, cols // G, G) * sc).reshape(rows, cols)
+    if t.fmt == "q4":
+        q, scales, mins = q4_values(t)
+        sc4 = scales.astype(np.float32)[..., None]
+        mi = mins.astype(np.float32)[..., None]
+        return (q.reshape(rows, cols // G, G).astype(np.float32) * sc4 + mi).reshape(rows, cols)
+    raise UnsupportedQuantError(f"unknown weight format {t.fmt!r}")
+
+
+# --- lossless GGUF block import ---------------------------------------------------------------
+_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
+_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
+_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+
+
+def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
+    """Repack GGUF Q4_0 / Q4_1 / Q8_0 block bytes of a [rows, cols] tensor into q4 / q8 planes."""
+    if cols % GGUF_BLOCK:
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
+    nb = rows * cols // GGUF_BLOCK
+    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
+    shape2 = (rows, cols // GGUF_BLOCK)
+    if kind == "Q4_1":
+        b = raw.view(_Q4_1)[:nb]
+        q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
+        return q4_tensor(q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
+    if kind == "Q4_0":
+        b = raw.view(_Q4_0)[:nb]
+        d = np.ascontiguousarray(b["d"]).reshape(shape2)
+        mins = (d.astype(np.float32) * -8.0).astype(np.float16)
+        if not np.all(np.isfinite(mins)):
+            raise UnsupportedQuantError("a Q4_0 scale is too large to represent its minimum in float16")
+        return q4_tensor(gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)), d, mins, 32)
+    if kind == "Q8_0":
+        b = raw.view(_Q8_0)[:nb]
+        return QTensor("q8", (rows, cols), 32, {
+            "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols),
+            "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
+        })
+    raise UnsupportedQuantError(f"GGUF type {kind} has no lossless import (only Q4_0, Q4_1, Q8_0)")

@@ -1,0 +1,302 @@
+"""Every op of native/ops.h against numpy references (bundle/quant.py's dequantize is the spec of
+the weight formats), in every kernel variant this CPU runs, through the same threaded code the
+model uses."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from seqshare import _native
+from seqshare.bundle.quant import QTensor, dequantize, kernel_args, quantize
+
+ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
+
+# Named tolerances. Relative errors are max|got - want| / max|want|.
+FLOAT_LINEAR_RTOL = 2e-6  # fp32 FMA vs float64 over the same (exactly converted) f32/f16/bf16 weights
+INT8_PATH_RTOL = 2e-6  # q8/q4 kernels vs numpy running the same int8-activation arithmetic
+# The int8 activation quantisation itself (llama.cpp's scheme) vs float activations on the same
+# dequantized weights: ~1/254 of a group's max per value, averaging out over a dot product.
+INT8_ACT_QUANT_RTOL = 1.5e-2
+# q8 weights take int16 activations: ~1/65534 of a group's max per value.
+INT16_ACT_QUANT_RTOL = 1e-4
+ATTN_RTOL = 2e-5  # float32 online softmax vs float64 softmax
+ELEMENTWISE_RTOL = 1e-6
+ROPE_ATOL = 2e-6  # float32 angles as transformers computes them; cos/sin rounding only
+
+
+def runnable() -> list[str]:
+    """The variants this CPU runs (a lower level is not always runnable: Zen 4 has avx512, not avxvnni)."""
+    return _native.runnable_isas()
+
+
+def need(isa: str) -> None:
+    if isa not in runnable():
+        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.max(np.abs(got.astype(np.float64) - want)) / max(np.max(np.abs(want)), 1e-30))
+
+
+def int8_path_reference(x: np.ndarray, t: QTensor) -> np.ndarray:
+    """numpy version of the q8/q4 kernels: activations quantised per weight group, to int8 for q4
+    weights and to int16 for q8 weights."""
+    n, cols = x.shape
+    g = t.group_size
+    xg = x.reshape(n, cols // g, g).astype(np.float32)
+    d = np.abs(xg).max(axis=2) / np.float32(32767.0 if t.fmt == "q8" else 127.0)
+    inv = np.where(d > 0, 1.0 / np.where(d > 0, d, 1), 0).astype(np.float32)
+    q = np.rint(xg * inv[..., None]).astype(np.float64)
+    xd = (q * d[..., None].astype(np.float64)).reshape(n, cols)
+    return xd @ dequantize(t).astype(np.float64).T
+
+
+def weight(fmt: str, rows: int, cols: int, group: int, seed: int) -> QTensor:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
+    return quantize(w, fmt, group)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize(("rows", "cols", "n"), [(48, 64, 1), (100, 576, 3), (37, 1536, 37)])
+def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) -> None:
+    need(isa)
+    t = weight(fmt, rows, cols, 0, rows + cols)
+    x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
+    want = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
+    got = _native.linear(x, isa=isa, **kernel_args(t))
+    assert got.shape == (n, rows)
+    assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize(
+    ("rows", "cols", "group", "n"),
+    [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
+)
+@pytest.mark.parametrize("isa", ISAS)
+def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n: int, isa: str) -> None:
+    need(isa)
+    t = weight(fmt, rows, cols, group, rows * cols + group)
+    x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
+    x[:, 3] = 0.0  # an all-zero group must not divide by zero
+    x[0, :group] = 0.0
+    want = int8_path_reference(x, t)
+    exact = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
+    bound = INT16_ACT_QUANT_RTOL if fmt == "q8" else INT8_ACT_QUANT_RTOL
+    assert rel_err(want.astype(np.float32), exact) < bound
+    got = _native.linear(x, isa=isa, **kernel_args(t))
+    assert rel_err(got, want) < INT8_PATH_RTOL, isa
+
+
+@pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
+    """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
+    same: the variants agree bit for bit, at every group size and tile remainder."""
+    need(isa)
+    for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 25, 3)]:
+        t = weight(fmt, rows, 1536, group, group + n)
+        x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
+        want = _native.linear(x, isa="avx2", **kernel_args(t))
+        np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
+
+
+@pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
+def test_arm_q4_kernels_give_the_neon_bits(isa: str) -> None:
+    """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
+    steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
+    need(isa)
+    for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 2, 3)]:
+        t = weight("q4", rows, 1536, group, group + n)
+        x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
+        want = _native.linear(x, isa="neon", **kernel_args(t))
+        np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
+
+
+def test_linear_same_result_with_one_or_two_threads() -> None:
+    t = weight("q4", 80, 576, 32, 5)
+    x = np.random.default_rng(1).standard_normal((9, 576), dtype=np.float32)
+    before = _native.get_threads()
+    try:
+        _native.set_threads(1)
+        one = _native.linear(x, **kernel_args(t))
+        _native.set_threads(2)
+        assert _native.get_threads() == 2
+        two = _native.linear(x, **kernel_args(t))
+    finally:
+        _native.set_threads(before)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
+def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
+    """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
+    so a question decoded in a batch answers exactly as when decoded alone."""
+    need(isa)
+    t = weight(fmt, 45, 576, 32, 11)
+    x = np.random.default_rng(3).standard_normal((37, 576), dtype=np.float32)
+    whole = _native.linear(x, isa=isa, **kernel_args(t))
+    for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
+        part = _native.linear(x[n0:n1], isa=isa, **kernel_args(t))
+        np.testing.assert_array_equal(part, whole[n0:n1], err_msg=isa)
+
+
+def test_bad_weights_are_value_errors() -> None:
+    x = np.ones((1, 64), np.float32)
+    with pytest.raises(ValueError, match="unknown weight format"):
+        _native.linear(x, fmt="q5", data=np.zeros((4, 64), np.float32))
+    with pytest.raises(ValueError, match="scales are required"):
+        _native.linear(x, fmt="q8", data=np.zeros((4, 64), np.int8), group=32)
+    with pytest.raises(ValueError, match="x must be"):
+        _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
+def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
+    t = weight(fmt, 50, 128, 32, 3)
+    tokens = np.array([0, 49, 7, 7], np.int32)
+    got = _native.embedding(tokens, **kernel_args(t))
+    np.testing.assert_array_equal(got, dequantize(t)[tokens])
+    with pytest.raises(ValueError, match="out of range"):
+        _native.embedding(np.array([50], np.int32), **kernel_args(t))
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, pos0: int,
+                        scale: float) -> tuple[np.ndarray, np.ndarray]:
+    h = q.shape[1]
+    kvh = k.shape[1]
+    kk = np.repeat(k.astype(np.float64), h // kvh, axis=1)  # (L, H, D)
+    vv = np.repeat(v.astype(np.float64), h // kvh, axis=1)
+    s = np.einsum("nhd,lhd->nhl", q.astype(np.float64), kk) * scale
+    visible = (pos0 + np.arange(k.shape[0]))[None, None, :] <= q_pos[:, None, None]
+    s = np.where(visible, s, -np.inf)
+    m = np.max(s, axis=2, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    l_sum = p.sum(axis=2, keepdims=True)
+    out = np.einsum("nhl,lhd->nhd", p, vv) / np.where(l_sum > 0, l_sum, 1)
+    lse = np.where(l_sum[..., 0] > 0, np.log(np.where(l_sum[..., 0] > 0, l_sum[..., 0], 1)) + m[..., 0], -np.inf)
+    return out, lse
+
+
+def attn_case(n: int, length: int, h: int, kvh: int, d: int, seed: int, f16: bool):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, h, d), dtype=np.float32)
+    k = rng.standard_normal((length, kvh, d), dtype=np.float32)
+    v = rng.standard_normal((length, kvh, d), dtype=np.float32)
+    if f16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    return q, k, v
+
+
+@pytest.mark.parametrize("f16", [True, False])
+@pytest.mark.parametrize(
+    ("n", "length", "h", "kvh", "pos0"),
+    [(1, 1000, 9, 3, 0), (40, 40, 9, 3, 0), (5, 300, 4, 4, 100), (33, 70, 6, 2, 7), (1, 7, 2, 1, 3),
+     # Qwen2.5's GQA groups in decode: 7 (0.5B) and 8 (3B) query heads per kv head
+     (1, 700, 14, 2, 0), (1, 300, 16, 2, 40), (2, 300, 14, 2, 0)],
+)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_matches_softmax(
+    f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int, isa: str
+) -> None:
+    need(isa)
+    q, k, v = attn_case(n, length, h, kvh, d, n + length, f16)
+    q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)  # the last n rows of the span
+    q_pos[0] = max(pos0 - 1, 0) if n > 1 else q_pos[0]  # a query that may see nothing (or row 0)
+    scale = d**-0.5
+    want_o, want_l = attention_reference(q, k, v, q_pos, pos0, scale)
+    out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
+    assert rel_err(out, want_o) < ATTN_RTOL, isa
+    fin = np.isfinite(want_l)
+    np.testing.assert_array_equal(np.isfinite(lse), fin)
+    np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=ATTN_RTOL)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("h", "kvh", "d"), [(14, 2, 64), (16, 2, 128), (12, 2, 128), (9, 3, 64)])
+def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int, isa: str) -> None:
+    """A decode row (up to 8 rows per kv head: tiles read straight from the f16 cache) and the same
+    row among more queries (tiles staged as f32) run the same arithmetic: the same bits."""
+    need(isa)
+    q, k, v = attn_case(3, 500, h, kvh, d, h * d, True)
+    q_pos = np.array([497, 498, 499], np.int32)
+    together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
+    alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
+    np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
+    np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
+
+
+def test_attention_merge_of_two_spans_equals_whole() -> None:
+    q, k, v = attn_case(6, 200, 9, 3, 64, 0, True)
+    q_pos = np.arange(194, 200, dtype=np.int32)
+    whole_o, whole_l = _native.attention(q, k, v, q_pos, 0, 0.125)
+    a_o, a_l = _native.attention(q, k[:120], v[:120], q_pos, 0, 0.125)
+    b_o, b_l = _native.attention(q, k[120:], v[120:], q_pos, 120, 0.125)
+    m_o, m_l = _native.attention_merge(a_o, a_l, b_o, b_l)
+    np.testing.assert_allclose(m_o, whole_o, rtol=ATTN_RTOL, atol=1e-6)
+    np.testing.assert_allclose(m_l, whole_l, rtol=ATTN_RTOL)
+    empty_o, empty_l = _native.attention(q, k[:1], v[:1], np.zeros(6, np.int32) - 1, 0, 0.125)
+    assert np.all(np.isneginf(empty_l)) and not np.any(empty_o)
+    m2_o, m2_l = _native.attention_merge(empty_o, empty_l, whole_o, whole_l)
+    np.testing.assert_array_equal(m2_o, whole_o)
+    np.testing.assert_array_equal(m2_l, whole_l)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rmsnorm_silu_mul_add(isa: str) -> None:
+    need(isa)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 576), dtype=np.float32)
+    w = rng.standard_normal(576, dtype=np.float32)
+    up = rng.standard_normal((5, 576), dtype=np.float32)
+    x64 = x.astype(np.float64)
+    want_norm = x64 / np.sqrt((x64**2).mean(axis=1, keepdims=True) + 1e-5) * w
+    want_silu = x64 / (1 + np.exp(-x64)) * up
+    assert rel_err(_native.rmsnorm(x, w, 1e-5, isa), want_norm) < ELEMENTWISE_RTOL, isa
+    assert rel_err(_native.silu_mul(x, up, isa), want_silu) < ELEMENTWISE_RTOL, isa
+    np.testing.assert_array_equal(_native.add(x, up, isa), x + up)
+
+
+def test_rope_rotates_halves_like_transformers() -> None:
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4, 3, 64), dtype=np.float32)
+    pos = np.array([0, 1, 511, 6000], np.int32)
+    # transformers' default rope init and forward, in float32
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.int64).to(dtype=torch.float) / 64))
+    ang = torch.from_numpy(pos).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([ang, ang], dim=-1)[:, None, :]
+    xt = torch.from_numpy(x)
+    rotated = torch.cat([-xt[..., 32:], xt[..., :32]], dim=-1)
+    want = (xt * emb.cos() + rotated * emb.sin()).numpy()
+    np.testing.assert_allclose(_native.rope(x, pos, 10000.0), want, atol=ROPE_ATOL)
+
+
+@pytest.mark.parametrize("start", [0, 5, 31, 70])
+@pytest.mark.parametrize("dtype", ["f16", "f32"])
+def test_kv_store_rows_read_back_exactly_whatever_the_phase(dtype: str, start: int) -> None:
+    """K lives in transposed 32-row tiles aligned to absolute positions, V in rows: what is stored
+    reads back (as float16 when the cache is float16), also across a tile boundary and a copy."""
+    kv = _native.KV(2, 3, 64, 40, dtype, start=start)
+    assert kv.phase == start % 32
+    rng = np.random.default_rng(start)
+    k, v = (rng.standard_normal((37, 192), dtype=np.float32) * 100 for _ in range(2))
+    k[0, 0] = 1e-7  # a float16 subnormal
+    _native.kv_store(kv, 1, k[:30], v[:30])
+    _native.kv_store(kv, 1, k[30:], v[30:])
+    cast = np.float16 if dtype == "f16" else np.float32
+    got_k, got_v = kv.layer_f32(1)
+    np.testing.assert_array_equal(got_k, k.astype(cast).astype(np.float32))
+    np.testing.assert_array_equal(got_v, v.astype(cast).astype(np.float32))
+    twin = kv.copy(45)
+    assert twin.phase == kv.phase and twin.length == 37
+    np.testing.assert_array_equal(twin.layer_f32(1)[0], got_k)
+    restored = _native.KV(2, 3, 64, 37, dtype, start=start)
+    restored.import_bytes(kv.export_bytes(), 37)
+    np.testing.assert_array_equal(restored.layer_f32(1)[1], got_v)
