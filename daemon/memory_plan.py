@@ -3,9 +3,10 @@ whether the machine and the cgroup allow it. Derived sizes live here, never in t
 
 Per worker process:
   weights       weight_bytes of each distinct weight digest (bundles sharing weights count once)
-  KV arena      per model: share_length + max_batch * (seq_length - share_length) token rows, i.e. one
-                shared prefix region plus a private tail per batched sequence (the seed's three
-                segments, batched), times ModelSpec.kv_bytes_per_token(kv_dtype)
+  KV arena      per model: share_length + max_batch slots of (seq_length - share_length) token rows
+                (plus each slot's spare rows for any tile phase: worker/kv_arena.py, which allocates
+                exactly these slots at load), i.e. the document being prefilled plus a private tail per
+                batched sequence (the seed's three segments, batched), times kv_bytes_per_token(kv_dtype)
   prefix cache  cache.memory_bytes (cached documents' KV)
   scratch       memory.scratch_bytes (activations, logits, sampler buffers)
   runtime       the interpreter and its libraries (RUNTIME_BYTES, measured)
@@ -36,6 +37,7 @@ from seqshare.daemon.config import ModelConfig, Settings
 from seqshare.daemon.memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
 from seqshare.daemon.paths import seqshare_home
 from seqshare.worker.errors import ConfigError, MemoryBudgetError, SeqshareError
+from seqshare.worker.kv_arena import slot_allocated_rows, slot_rows
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +64,7 @@ class BundleFacts:
     weight_digest: str
 
     def kv_arena_tokens(self, max_batch: int) -> int:
-        return self.share_length + max_batch * max(self.seq_length - self.share_length, 0)
+        return self.share_length + max_batch * slot_allocated_rows(slot_rows(self.seq_length, self.share_length))
 
 
 @dataclass(frozen=True)
@@ -186,7 +188,7 @@ def compute_plan(settings: Settings, bundles: Sequence[BundleFacts], budget: Bud
         tokens = b.kv_arena_tokens(settings.max_batch)
         per_token = b.spec.kv_bytes_per_token(settings.kv_dtype)
         items.append(PlanItem("kv_arena", f"KV arena {b.name}", tokens * per_token,
-                              f"{b.share_length}+{settings.max_batch}x({b.seq_length}-{b.share_length}) "
+                              f"{b.share_length}+{settings.max_batch}x({b.seq_length}-{b.share_length}+spare) "
                               f"tokens x {per_token} B ({settings.kv_dtype})"))
     items.append(PlanItem("prefix_cache", "prefix cache", settings.cache.memory_bytes, "cache.memory_bytes"))
     items.append(PlanItem("scratch", "scratch", settings.memory.scratch_bytes, "memory.scratch_bytes"))

@@ -5,7 +5,7 @@ leaves it in the same transaction that stores its result. So at every instant a 
 claimed, or done: a worker killed with -9 leaves its jobs in its claimed list, and recovery
 (jobqueue/recovery.py) puts them back at the front of the shared queue. rq's bookkeeping (job status,
 StartedJobRegistry executions, results, Finished/FailedJobRegistry) is kept as rq's workers keep
-it, so rq's tools see our jobs.
+it, so rq's tools see our jobs; every call into rq is in jobqueue/rq_adapter.py.
 
 Exactly one result per job: rq's own abandoned-job cleanup (run by `rq info`, dashboards, `seqshare
 status`) may requeue a job that recovery also requeues, so a job id can sit in a queue twice. A
@@ -16,19 +16,16 @@ only if none was stored meanwhile.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from redis import Redis
 from redis.exceptions import WatchError
-from rq.executions import Execution
-from rq.job import Job, JobStatus
-from rq.queue import Queue
-from rq.serializers import JSONSerializer
-from rq.utils import now
-from rq.worker import BaseWorker
 
+from seqshare.jobqueue import rq_adapter as rq
 from seqshare.jobqueue.routing import Keys, ring, text
+from seqshare.jobqueue.rq_adapter import Execution, Job
 from seqshare.worker.errors import WorkerCrashedError
 
 log = logging.getLogger(__name__)
@@ -64,7 +61,7 @@ class Claims:
     """One worker's claim/finish/recover operations. All writes are pipelined transactions."""
 
     def __init__(self, conn: Redis, keys: Keys, name: str, ttl_s: int, max_retries: int = 3,
-                 rq_worker: BaseWorker | None = None):
+                 rq_worker: rq.WorkerRecord | None = None):
         self.conn, self.keys, self.name, self.ttl_s, self.max_retries = conn, keys, name, ttl_s, max_retries
         self.rq_worker = rq_worker  # its counters (`rq info`: finished, failed, working time) count our jobs
         self._claim = conn.register_script(_CLAIM)
@@ -72,19 +69,19 @@ class Claims:
 
     # --- taking jobs ---
     def claim(self, queue_names: Sequence[str]) -> tuple[str, str] | None:
-        keys = [Keys.rq_queue(q) for q in queue_names] + [self.keys.claimed(self.name)]
+        keys = [rq.queue_key(q) for q in queue_names] + [self.keys.claimed(self.name)]
         got = self._claim(keys=keys)
         if not got:
             return None
         qkey, job_id = (text(x) for x in got)
-        return qkey.removeprefix("rq:queue:"), job_id
+        return rq.queue_name(qkey), job_id
 
     def take_group(self, ctx_key: str, queue_names: Sequence[str], limit: int) -> list[tuple[str, str]]:
         if limit <= 0:
             return []
-        keys = [self.keys.group(ctx_key), self.keys.claimed(self.name)] + [Keys.rq_queue(q) for q in queue_names]
+        keys = [self.keys.group(ctx_key), self.keys.claimed(self.name)] + [rq.queue_key(q) for q in queue_names]
         got = self._take(keys=keys, args=[limit])
-        return [(text(q).removeprefix("rq:queue:"), text(i)) for q, i in got]
+        return [(rq.queue_name(text(q)), text(i)) for q, i in got]
 
     def pending(self) -> list[str]:
         """Job ids in our claimed list (after a lost reply, some we do not know we took)."""
@@ -97,16 +94,15 @@ class Claims:
         a job that already has its outcome.
         """
         try:
-            job = Job.fetch(job_id, connection=self.conn, serializer=JSONSerializer)
+            job = rq.fetch_job(self.conn, job_id)
         except Exception as e:  # NoSuchJobError, or a hash rq cannot read (e.g. non-JSON meta)
             log.warning("job %s cannot be read (%s); dropping it", job_id, type(e).__name__)
             with self.conn.pipeline() as p:
                 p.lrem(self.keys.claimed(self.name), 0, job_id)
-                if self.conn.exists(Job.key_for(job_id)):
-                    p.hset(Job.key_for(job_id), "status", JobStatus.FAILED)
+                rq.mark_unreadable_failed(self.conn, p, job_id)
                 p.execute()
             return None
-        if _has_outcome(job.get_status(refresh=False), job.meta):
+        if _has_outcome(job):
             log.info("job %s already has its outcome; dropping a duplicate queue entry", job_id)
             self.conn.lrem(self.keys.claimed(self.name), 0, job_id)
             return None
@@ -114,12 +110,9 @@ class Claims:
 
     def start(self, jobs: Sequence[Job], ctx_key: str) -> dict[str, Execution]:
         """Mark jobs started the way rq does: status, worker name, an execution in StartedJobRegistry."""
-        execs: dict[str, Execution] = {}
         with self.conn.pipeline() as p:
             p.srem(self.keys.group(ctx_key), *[j.id for j in jobs])
-            for job in jobs:
-                execs[job.id] = Execution.create(job, self.ttl_s, pipeline=p, worker_name=self.name)
-                job.prepare_for_execution(self.name, pipeline=p)
+            execs = rq.start_jobs(p, jobs, self.name, self.ttl_s)
             p.execute()
         return execs
 
@@ -127,9 +120,7 @@ class Claims:
         if not running:
             return
         with self.conn.pipeline(transaction=False) as p:
-            for job, ex in running:
-                ex.heartbeat(job.started_job_registry, self.ttl_s, pipeline=p)
-                p.hset(job.key, "last_heartbeat", now().strftime("%Y-%m-%dT%H:%M:%S.%fZ"))
+            rq.beat_jobs(p, running, self.ttl_s)
             p.execute()
 
     # --- finishing jobs ---
@@ -139,20 +130,19 @@ class Claims:
 
         False when the job got a result from another run meanwhile: then only the claim is released.
         """
-        job.ended_at = now()
+        rq.mark_ended(job)
         with self.conn.pipeline() as p:
             while True:
                 try:
-                    p.watch(job.key)  # the heartbeat thread touches it too: a WatchError just retries
-                    status = p.hget(job.key, "status")
+                    duplicate = rq.watch_finished(p, job)  # the heartbeat thread touches it too: WatchError retries
                     p.multi()
-                    duplicate = status == JobStatus.FINISHED.value.encode()
                     if not duplicate:
                         self._outcome(p, job, execution, result, error, result_ttl)
                         _count(p, self.keys, self.name, counters)
-                        self._count_in_rq(p, job, ok=error is None)
-                    elif execution is not None:
-                        execution.delete(job=job, pipeline=p)
+                        if self.rq_worker is not None:
+                            self.rq_worker.count(p, job, ok=error is None)
+                    else:
+                        rq.end_execution(p, job, execution)
                     p.lrem(self.keys.claimed(self.name), 0, job.id)
                     p.execute()
                     return not duplicate
@@ -161,37 +151,21 @@ class Claims:
 
     def _outcome(self, p: Any, job: Job, execution: Execution | None, result: dict[str, Any] | None,
                  error: dict[str, str] | None, result_ttl: int) -> None:
-        ex_id = execution.id if execution else None
-        ex_at = execution.created_at if execution else None
         if error is None:
             answers = (result or {}).get("answers", [])
             job.meta["progress"] = {"questions_done": len(answers), "questions": len(answers),
                                     "tokens_generated": sum(a.get("generated_tokens", 0) for a in answers)}
-            p.hset(job.key, "meta", job.serializer.dumps(job.meta))
-            job._result = result
-            job._handle_success(result_ttl, pipeline=p, worker_name=self.name, execution_id=ex_id,
-                                execution_started_at=ex_at, execution_ended_at=job.ended_at)
-            job.cleanup(result_ttl, pipeline=p, remove_from_queue=False)
+            rq.save_meta(job, p)
+            rq.store_success(p, job, execution, self.name, result, result_ttl)
         else:
-            _record_failure(p, job, error, self.name, ex_id, ex_at)
-        if execution is not None:
-            execution.delete(job=job, pipeline=p)
-
-    def _count_in_rq(self, p: Any, job: Job, ok: bool) -> None:
-        if self.rq_worker is None:
-            return
-        if ok:
-            self.rq_worker.increment_successful_job_count(pipeline=p)
-        else:
-            self.rq_worker.increment_failed_job_count(pipeline=p)
-        if job.started_at is not None and job.ended_at is not None:
-            self.rq_worker.increment_total_working_time(job.ended_at - job.started_at, p)
+            _record_failure(p, job, error, self.name, execution)
+        rq.end_execution(p, job, execution)
 
     def forward(self, job: Job, to_queue: str, at_front: bool) -> None:
         """Move a claimed job to another worker's queue (its context lives there)."""
         with self.conn.pipeline() as p:
             p.multi()
-            _push(p, self.keys, job.id, to_queue, at_front)
+            _push(p, self.keys, job, to_queue, at_front)
             p.lrem(self.keys.claimed(self.name), 0, job.id)
             p.execute()
 
@@ -200,31 +174,25 @@ class Claims:
         return give_back_jobs(self.conn, self.keys, self.name, job_ids, crashed=False, max_retries=self.max_retries)
 
 
-def _has_outcome(status: object, meta: dict[str, Any]) -> bool:
+def _has_outcome(job: Job) -> bool:
     """A result, or a failure a seqshare worker recorded (rq's 'abandoned' failure is no outcome)."""
-    return status == JobStatus.FINISHED or (status == JobStatus.FAILED and "error" in meta)
+    status = rq.status(job)
+    return status == rq.FINISHED or (status == rq.FAILED and "error" in job.meta)
 
 
-def _record_failure(p: Any, job: Job, error: dict[str, str], worker: str, execution_id: str | None = None,
-                    execution_started_at: Any = None) -> None:
-    job.ended_at = job.ended_at or now()
+def _record_failure(p: Any, job: Job, error: dict[str, str], worker: str, execution: Execution | None = None) -> None:
     job.meta["error"] = error
-    p.hset(job.key, "meta", job.serializer.dumps(job.meta))
-    job.set_status(JobStatus.FAILED, pipeline=p)
-    job._handle_failure(f"{error['type']}: {error['message']}", pipeline=p, worker_name=worker,
-                        execution_id=execution_id, execution_started_at=execution_started_at,
-                        execution_ended_at=job.ended_at)
+    rq.save_meta(job, p)
+    rq.store_failure(p, job, f"{error['type']}: {error['message']}", worker, execution)
 
 
-def _push(p: Any, keys: Keys, job_id: str, queue_name: str, at_front: bool) -> None:
-    p.hset(Job.key_for(job_id), mapping={"origin": queue_name, "status": JobStatus.QUEUED})
-    p.sadd(Queue.redis_queues_keys, Keys.rq_queue(queue_name))
-    (p.lpush if at_front else p.rpush)(Keys.rq_queue(queue_name), job_id)
+def _push(p: Any, keys: Keys, job: Job, queue_name: str, at_front: bool) -> None:
+    rq.requeue(p, job, queue_name, at_front)
     ring(p, keys, queue_name)
 
 
 def _count(p: Any, keys: Keys, worker: str, counters: dict[str, int]) -> None:
-    minute = int(now().timestamp()) // 60
+    minute = int(time.time()) // 60
     for field, n in counters.items():
         if n:
             p.hincrby(keys.totals(), field, n)
@@ -245,23 +213,18 @@ def give_back_jobs(conn: Redis, keys: Keys, worker: str, job_ids: Sequence[str],
     shared = keys.shared_queue("normal")
     for job_id in reversed(list(job_ids)):  # reversed + LPUSH keeps their order
         try:
-            job: Job | None = Job.fetch(job_id, connection=conn, serializer=JSONSerializer)
+            job: Job | None = rq.fetch_job(conn, job_id)
         except Exception:  # gone, or unreadable: nothing to run
             job = None
-        if job is None or _has_outcome(job.get_status(refresh=False), job.meta):
+        if job is None or _has_outcome(job):
             conn.lrem(keys.claimed(worker), 0, job_id)
             continue
-        origin = job.origin
         crashes = int(conn.hget(job.key, CRASHES_FIELD) or 0) + int(crashed)
         with conn.pipeline() as p:
             p.multi()
-            wip = f"rq:wip:{origin}"
-            for entry in map(text, conn.zrange(wip, 0, -1)):
-                if entry.startswith(job_id + ":"):
-                    p.zrem(wip, entry)
-            p.zrem(f"rq:failed:{origin}", job_id)
-            for q in {origin, shared}:  # rq's cleanup may have requeued it already: never twice
-                p.lrem(Keys.rq_queue(q), 0, job_id)
+            rq.forget_run(p, job)
+            for q in {job.origin, shared}:  # rq's cleanup may have requeued it already: never twice
+                rq.unqueue(p, q, job_id)
             p.hset(job.key, CRASHES_FIELD, crashes)
             if crashed and crashes > max_retries:
                 msg = f"the worker running this job died {crashes} times (queue.max_retries = {max_retries})"
@@ -269,7 +232,7 @@ def give_back_jobs(conn: Redis, keys: Keys, worker: str, job_ids: Sequence[str],
                 _count(p, keys, worker, {"jobs_failed": 1})
                 log.error("job %s: %s; failing it", job_id, msg)
             else:
-                _push(p, keys, job_id, shared, at_front=True)
+                _push(p, keys, job, shared, at_front=True)
                 n += 1
             p.lrem(keys.claimed(worker), 0, job_id)
             p.execute()

@@ -20,16 +20,13 @@ from redis import Redis
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError, TimeoutError
 from redis.retry import Retry
-from rq.job import Job, JobStatus
-from rq.job import Retry as JobRetry
-from rq.queue import Queue
-from rq.results import Result
-from rq.serializers import JSONSerializer
 
 from seqshare.daemon.redis_server import ENV_URL
+from seqshare.jobqueue import rq_adapter as rq
 from seqshare.jobqueue.executor import JOB_FUNCTION
 from seqshare.jobqueue.payload import ChatMessage, JobPayload, Question
 from seqshare.jobqueue.routing import GROUP_TTL_S, Keys, ring, route_queues, text
+from seqshare.jobqueue.rq_adapter import Job, Queue
 from seqshare.worker.errors import JobFailedError, LimitExceededError, QueueTimeoutError
 from seqshare.worker.params import SamplingParams
 
@@ -57,11 +54,10 @@ class JobHandle:
     connection: Redis
 
     def job(self) -> Job:
-        return Job.fetch(self.id, connection=self.connection, serializer=JSONSerializer)
+        return rq.fetch_job(self.connection, self.id)
 
     def status(self) -> str:
-        raw = self.connection.hget(Job.key_for(self.id), "status")
-        return text(raw) if raw else "missing"
+        return rq.job_statuses(self.connection, [self.id])[0]
 
     def progress(self) -> dict[str, Any]:
         return dict(self.job().get_meta().get("progress", {}))
@@ -69,7 +65,7 @@ class JobHandle:
     def wait(self, timeout: float | None = None) -> dict[str, Any]:
         """Block until the job has a result; raise JobFailedError with the worker's reason if it failed."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        key = Result.get_key(self.id)
+        key = rq.result_key(self.id)
         while True:
             left = BLOCK_S if deadline is None else deadline - time.monotonic()
             if left <= 0:
@@ -77,11 +73,10 @@ class JobHandle:
             got: Any = self.connection.xread({key: "0-0"}, block=max(1, int(min(left, BLOCK_S) * 1000)))
             if got:
                 entry_id, fields = got[0][1][-1]
-                res = Result.restore(self.id, text(entry_id), fields, connection=self.connection,
-                                     serializer=JSONSerializer)
-                if res.type == Result.Type.SUCCESSFUL:
-                    return dict(res.return_value or {})
-                raise JobFailedError(res.exc_string or f"job {self.id} failed")
+                ok, value = rq.restore_result(self.connection, self.id, text(entry_id), fields)
+                if ok:
+                    return dict(value or {})
+                raise JobFailedError(value or f"job {self.id} failed")
 
 
 def make_payload(context: str | Sequence[dict[str, str]], questions: Iterable[tuple[str, str] | Question],
@@ -103,12 +98,12 @@ class Client:
         self.job_timeout_s, self.result_ttl_s = job_timeout_s, result_ttl_s
         # rq's abandoned-job cleanup (`rq info`, dashboards) requeues a job with retries left instead of
         # failing it; seqshare workers recover abandoned jobs themselves as well (jobqueue/claims.py).
-        self.retry = JobRetry(max=retries) if retries else None
-        self._queues: dict[str, Queue] = {}
+        self.retries = retries
+        self._queues: dict[str, Queue] = {}  # rq queues by name: each asks the server's version once
 
     def _queue(self, name: str) -> Queue:
         if name not in self._queues:
-            self._queues[name] = Queue(name, connection=self.connection, serializer=JSONSerializer)
+            self._queues[name] = rq.queue(self.connection, name)
         return self._queues[name]
 
     def model_limits(self) -> dict[str, dict[str, int]]:
@@ -146,32 +141,28 @@ class Client:
         handles = []
         with self.connection.pipeline(transaction=False) as pipe:
             for p, ctx, qname in zip(payloads, ctx_keys, targets, strict=True):
-                q = self._queue(qname)
-                job = q.create_job(JOB_FUNCTION, args=[p.to_json()], timeout=self.job_timeout_s,
-                                   result_ttl=self.result_ttl_s, failure_ttl=self.result_ttl_s, retry=self.retry,
-                                   description=f"seqshare qa: {len(p.questions)} question(s), ctx {ctx[:12]}",
-                                   meta={"ctx": ctx, "questions": len(p.questions)})
-                q.enqueue_job(job, pipeline=pipe, at_front=p.priority == "high")
-                pipe.sadd(self.keys.group(ctx), job.id)
+                job_id = rq.enqueue(pipe, self._queue(qname), JOB_FUNCTION, p.to_json(), timeout=self.job_timeout_s,
+                                    result_ttl=self.result_ttl_s, retries=self.retries,
+                                    description=f"seqshare qa: {len(p.questions)} question(s), ctx {ctx[:12]}",
+                                    meta={"ctx": ctx, "questions": len(p.questions)},
+                                    at_front=p.priority == "high")
+                pipe.sadd(self.keys.group(ctx), job_id)
                 pipe.expire(self.keys.group(ctx), GROUP_TTL_S)
-                handles.append(JobHandle(job.id, self.connection))
+                handles.append(JobHandle(job_id, self.connection))
             for qname in set(targets):
                 ring(pipe, self.keys, qname)
             pipe.execute()
         return handles
 
     def statuses(self, job_ids: Sequence[str]) -> list[str]:
-        with self.connection.pipeline(transaction=False) as p:
-            for j in job_ids:
-                p.hget(Job.key_for(j), "status")
-            return [text(s) if s else "missing" for s in p.execute()]
+        return rq.job_statuses(self.connection, job_ids)
 
     def outcome(self, job_id: str) -> tuple[str, dict[str, Any] | str]:
         """('finished', result) or ('failed', reason) for a job known to be done."""
-        job = Job(job_id, connection=self.connection, serializer=JSONSerializer)
-        res = Result.fetch_latest(job, serializer=JSONSerializer)
-        if res is None:
-            return JobStatus.FAILED.value, "no result stored"
-        if res.type == Result.Type.SUCCESSFUL:
-            return JobStatus.FINISHED.value, dict(res.return_value or {})
-        return JobStatus.FAILED.value, res.exc_string or "failed"
+        got = rq.latest_result(self.connection, job_id)
+        if got is None:
+            return rq.FAILED.value, "no result stored"
+        ok, value = got
+        if ok:
+            return rq.FINISHED.value, dict(value or {})
+        return rq.FAILED.value, value or "failed"

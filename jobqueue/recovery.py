@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from redis import Redis
-from rq.job import Job
-from rq.queue import Queue
 
+from seqshare.jobqueue import rq_adapter as rq
 from seqshare.jobqueue.claims import give_back_jobs
 from seqshare.jobqueue.routing import Keys, ring, text
 from seqshare.worker.errors import ConfigError
@@ -140,9 +139,9 @@ def recover_own(conn: Redis, keys: Keys, name: str, max_retries: int, ttl_s: flo
         time.sleep(0.1)  # its hash expires within the TTL unless it beats
     n = give_back_jobs(conn, keys, name, [text(j) for j in conn.lrange(keys.claimed(name), 0, -1)],
                    crashed=True, max_retries=max_retries)
-    with conn.pipeline() as p:  # rq refuses to register a name whose worker hash says it is alive
-        p.srem("rq:workers", f"rq:worker:{name}")
-        p.delete(f"rq:worker:{name}", keys.info(name))
+    with conn.pipeline() as p:
+        rq.forget_worker(p, name)  # rq refuses to register a name whose worker hash says it is alive
+        p.delete(keys.info(name))
         p.execute()
     if n:
         log.warning("an earlier worker named %s died: requeued %d of its started jobs", name, n)
@@ -170,8 +169,7 @@ def recover_dead(conn: Redis, keys: Keys, me: str, max_retries: int, trust_expir
             p.srem(keys.workers(), name)
             p.hdel(keys.procs(), name)
             p.delete(keys.claimed(name), keys.recovering(name))
-            p.srem("rq:workers", f"rq:worker:{name}")
-            p.delete(f"rq:worker:{name}")
+            rq.forget_worker(p, name)
             p.execute()
         log.warning("worker %s is dead: requeued %d started and %d routed jobs", name, n, moved)
         recovered.append(name)
@@ -201,8 +199,8 @@ def drain_queue(conn: Redis, keys: Keys, queue_name: str) -> int:
     """
     shared = keys.shared_queue("normal")
     script = conn.register_script(_DRAIN)
-    moved = int(script(keys=[Keys.rq_queue(queue_name), Keys.rq_queue(shared), Queue.redis_queues_keys],
-                       args=[Job.redis_job_namespace_prefix, shared]))
+    moved = int(script(keys=[rq.queue_key(queue_name), rq.queue_key(shared), rq.QUEUES_KEY],
+                       args=[rq.JOB_PREFIX, shared]))
     if moved:
         with conn.pipeline() as p:
             ring(p, keys, shared)
@@ -213,11 +211,9 @@ def drain_queue(conn: Redis, keys: Keys, queue_name: str) -> int:
 def _drain_orphans(conn: Redis, keys: Keys, me: str) -> None:
     """A producer that routed a job just before its worker was recovered left it in a queue nobody
     reads: per-worker queues of unregistered workers are drained to the shared queue."""
-    prefix = Keys.rq_queue(keys.worker_prefix)
     registered = {text(m) for m in conn.smembers(keys.workers())} | {me}
-    for raw in conn.smembers(Queue.redis_queues_keys):
-        qkey = text(raw)
-        if not qkey.startswith(prefix) or qkey.removeprefix(prefix) in registered:
+    for name in rq.known_queues(conn):
+        if not name.startswith(keys.worker_prefix) or name.removeprefix(keys.worker_prefix) in registered:
             continue
-        if n := drain_queue(conn, keys, qkey.removeprefix("rq:queue:")):
-            log.warning("moved %d job(s) from the orphaned queue %s to the shared queue", n, qkey)
+        if n := drain_queue(conn, keys, name):
+            log.warning("moved %d job(s) from the orphaned queue %s to the shared queue", n, rq.queue_key(name))

@@ -31,23 +31,20 @@ from typing import Any
 
 from redis import Redis
 from redis.exceptions import ConnectionError, TimeoutError
-from rq.executions import Execution
-from rq.job import Job
-from rq.queue import Queue
-from rq.serializers import JSONSerializer
-from rq.worker import SimpleWorker, WorkerStatus
 
 from seqshare.daemon.config import Settings
 from seqshare.daemon.logs import job_context, job_finished_line, job_started_line
 from seqshare.daemon.notify import Heartbeat, Notifier, format_status
 from seqshare.daemon.reload import Reloader
 from seqshare.jobqueue import executor
+from seqshare.jobqueue import rq_adapter as rq
 from seqshare.jobqueue.claims import Claims
 from seqshare.jobqueue.executor import Engines, describe_error
 from seqshare.jobqueue.hold import JobHold
 from seqshare.jobqueue.payload import JobPayload
 from seqshare.jobqueue.recovery import drain_queue, proc_entry, recover_dead, recover_own
 from seqshare.jobqueue.routing import Keys, own_or_forward, refresh_routes
+from seqshare.jobqueue.rq_adapter import Execution, Job
 from seqshare.jobqueue.stats import WorkerStats, publish_models, write_metrics
 from seqshare.worker.errors import SeqshareError
 
@@ -101,9 +98,7 @@ class ResidentWorker:
         self._peers_checked_at = 0.0  # wall time of the last look for dead peers (published: operators, tests)
         self._beat_stop = threading.Event()
         self._last_meta: dict[str, tuple[float, int]] = {}  # job id -> (time, questions done) published
-        self.rq = SimpleWorker([Queue(q, connection=conn, serializer=JSONSerializer) for q in self.queues],
-                               name=self.name, connection=conn, serializer=JSONSerializer,
-                               worker_ttl=self.ttl_s)
+        self.rq = rq.WorkerRecord(conn, self.name, self.queues, self.ttl_s)
         self.claims = Claims(conn, self.keys, self.name, self.ttl_s, self.max_retries, rq_worker=self.rq)
         self.reloader = Reloader(self)  # SIGHUP: reread the config, reload changed bundles (daemon/reload.py)
 
@@ -149,8 +144,7 @@ class ResidentWorker:
         self.notifier.stopping()
 
     def _register(self) -> None:
-        self.rq.register_birth()
-        self.rq.set_state(WorkerStatus.IDLE)
+        self.rq.born()
         with self.conn.pipeline() as p:
             self._publish(p, "idle")
             publish_models(p, self.keys, self.engines)
@@ -166,7 +160,7 @@ class ResidentWorker:
                 p.hdel(self.keys.procs(), self.name)
                 p.delete(self.keys.claimed(self.name))
                 p.execute()
-            self.rq.register_death()
+            self.rq.died()
         except (ConnectionError, TimeoutError) as e:
             log.warning("could not unregister from Redis: %s", e)
 
@@ -242,8 +236,7 @@ class ResidentWorker:
         with self._lock:
             self.running = [(it.job, execs[it.job.id]) for it in group]
         try:
-            self.rq.set_state(WorkerStatus.BUSY)
-            self.rq.set_current_job_id(group[0].job.id)
+            self.rq.busy(group[0].job.id)
             outcomes = self._compute(group)
             for it, out in zip(group, outcomes, strict=True):
                 if isinstance(out, BaseException):
@@ -254,8 +247,7 @@ class ResidentWorker:
         finally:
             with self._lock:
                 self.running = []
-        self.rq.set_current_job_id(None)
-        self.rq.set_state(WorkerStatus.IDLE)
+        self.rq.idle()
 
     def _compute(self, group: list[Item]) -> list[Any]:
         with job_context(group[0].job.id, group[0].ctx), self.hb.busy():
@@ -281,7 +273,7 @@ class ResidentWorker:
                 job.meta["progress"] = {"questions_done": done, "questions": len(group[i].payload.questions),
                                         "tokens_generated": tokens}
                 with contextlib.suppress(ConnectionError, TimeoutError):  # advisory: an outage must not fail it
-                    job.save_meta()
+                    rq.save_meta(job)
             self.hold.wait(job.id, done, self._alive)  # after the meta: a held job shows where it is
         return progress
 
@@ -329,7 +321,7 @@ class ResidentWorker:
                 state = "stopping" if self._stop else ("busy" if running else "idle")
                 with self.conn.pipeline(transaction=False) as p:
                     self._publish(p, state)
-                    self.rq.heartbeat(self.ttl_s, pipeline=p)
+                    self.rq.beat(p)
                     p.execute()
                 self.claims.heartbeat(running)
                 refresh_routes(self.conn, self.keys, list(self.held), self.name, self.route_ttl_s)

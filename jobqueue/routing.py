@@ -6,7 +6,8 @@ to the per-worker queue of a live owner, otherwise to the shared queue, which id
 A worker that takes a shared job whose context another live worker owns forwards it there, so a
 document is prefilled by one worker even when its questions arrive interleaved with others.
 
-rq keeps its own keys (`rq:queue:<name>`, registries, `rq:job:<id>`); these are seqshare's beside them.
+rq keeps its own keys (queues, registries, job hashes: jobqueue/rq_adapter.py names them); these are
+seqshare's beside them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from dataclasses import dataclass
 from redis import Redis
 from redis.client import Pipeline
 
-RQ_QUEUE_PREFIX = "rq:queue:"
 NS = "seqshare:"
 # Lua: the route's owner if it is another live worker, else take the route for ARGV[1].
 _OWN_OR_FORWARD = """
@@ -41,7 +41,7 @@ class Keys:
     shared: str = "seqshare"
     worker_prefix: str = "seqshare:w:"
 
-    # --- queues (rq queue names; the Redis list is RQ_QUEUE_PREFIX + name) ---
+    # --- queues (rq queue names; the Redis list is rq_adapter.queue_key(name)) ---
     def shared_queue(self, priority: str = "normal") -> str:
         return self.shared if priority == "normal" else f"{self.shared}:{priority}"
 
@@ -54,10 +54,6 @@ class Keys:
     def queues_for(self, worker: str) -> list[str]:
         """What a worker listens to, in order: its own queue, then the shared ones by priority."""
         return [self.worker_queue(worker), *self.shared_queues()]
-
-    @staticmethod
-    def rq_queue(name: str) -> str:
-        return RQ_QUEUE_PREFIX + name
 
     # --- wake-ups: producers push a token, idle workers block on them ---
     def bell(self, queue_name: str) -> str:

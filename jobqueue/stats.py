@@ -14,10 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from redis import Redis
-from rq.queue import Queue
-from rq.registry import FailedJobRegistry, FinishedJobRegistry, StartedJobRegistry
-from rq.serializers import JSONSerializer
 
+from seqshare.jobqueue import rq_adapter as rq
 from seqshare.jobqueue.executor import Engines
 from seqshare.jobqueue.routing import Keys, text
 
@@ -77,14 +75,7 @@ def _ints(raw: dict[Any, Any]) -> dict[str, int]:
 
 def snapshot(conn: Redis, keys: Keys) -> dict[str, Any]:
     """Everything `seqshare status` shows, as one JSON-able dict."""
-    queues = {}
-    for name in keys.shared_queues():
-        q = Queue(name, connection=conn, serializer=JSONSerializer)
-        # Counting runs rq's registry cleanup, which reads job hashes: they hold JSON, never pickle.
-        regs = [r(name, connection=conn, serializer=JSONSerializer)
-                for r in (StartedJobRegistry, FinishedJobRegistry, FailedJobRegistry)]
-        queues[name] = {"queued": q.count, **{s: len(r) for s, r in zip(("started", "finished", "failed"), regs,
-                                                                        strict=True)}}
+    queues = {name: rq.queue_counts(conn, name) for name in keys.shared_queues()}
     workers = []
     for raw in sorted(conn.smembers(keys.workers())):
         name = text(raw)
@@ -94,7 +85,7 @@ def snapshot(conn: Redis, keys: Keys) -> dict[str, Any]:
                         "host": info.get("hostname"), "pid": int(info.get("pid", 0) or 0),
                         "models": [m for m in info.get("models", "").split(",") if m],
                         "cached_prefixes": int(info.get("cached_prefixes", 0) or 0),
-                        "queued": int(conn.llen(Keys.rq_queue(own))),
+                        "queued": rq.queue(conn, own).count,
                         **_ints(conn.hgetall(keys.stats(name)))})
     totals = dict.fromkeys(COUNTERS, 0) | _ints(conn.hgetall(keys.totals()))
     lookups = totals["prefix_hits"] + totals["prefix_misses"]

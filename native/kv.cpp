@@ -14,17 +14,17 @@
 namespace seqshare {
 
 namespace {
-std::uint8_t* alloc_bytes(std::size_t n) {
+std::uint8_t* alloc_bytes(std::size_t n, bool huge_pages) {
   // Untouched pages stay unbacked, so a large capacity costs address space, not memory. A cache of
   // 2 MiB or more asks for transparent huge pages: decode attention reads every row of a long
   // context once per token, and with 4 KiB pages the TLB misses (nested paging in a VM) halve the
-  // bandwidth it gets.
+  // bandwidth it gets. Without them it refuses huge pages even where THP is "always".
   constexpr std::size_t kHuge = 2u << 20;
   if (n >= kHuge) {
     const std::size_t rounded = (n + kHuge - 1) & ~(kHuge - 1);
     void* p = std::aligned_alloc(kHuge, rounded);
     if (!p) throw std::bad_alloc();
-    madvise(p, rounded, MADV_HUGEPAGE);
+    madvise(p, rounded, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
     return static_cast<std::uint8_t*>(p);
   }
   const std::size_t rounded = (n + 63) & ~static_cast<std::size_t>(63);
@@ -34,7 +34,7 @@ std::uint8_t* alloc_bytes(std::size_t n) {
 }
 }  // namespace
 
-KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase)
+KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool huge_pages)
     : n_layers_(n_layers),
       n_kv_heads_(n_kv_heads),
       head_dim_(head_dim),
@@ -45,7 +45,7 @@ KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool 
   if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
-  base_ = alloc_bytes(nbytes());
+  base_ = alloc_bytes(nbytes(), huge_pages);
 }
 
 KVCache::~KVCache() { std::free(base_); }
@@ -69,6 +69,14 @@ void KVCache::reserve(int capacity) {
   std::swap(base_, bigger.base_);
   std::swap(capacity_, bigger.capacity_);
   std::swap(slots_, bigger.slots_);
+}
+
+void KVCache::reset(int phase) {
+  if (phase < 0 || phase >= kKVTile || capacity_ + phase > slots_)
+    throw std::invalid_argument("KV: cannot reset to phase " + std::to_string(phase) + " (" + std::to_string(capacity_) +
+                                " rows in " + std::to_string(slots_) + " slots)");
+  phase_ = phase;
+  length_ = 0;
 }
 
 std::unique_ptr<KVCache> KVCache::copy(int capacity) const {

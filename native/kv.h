@@ -17,7 +17,10 @@ constexpr int kKVTile = 32;  // rows per K tile; equals kAttnTile
 
 class KVCache {
  public:
-  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0);
+  // `huge_pages`: back a large cache with transparent huge pages (a document's rows, read whole by
+  // every decode step). The KV arena's slots say no: a question's few rows touch every plane once,
+  // and with 2 MiB pages each touch would cost 2 MiB.
+  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0, bool huge_pages = true);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -47,6 +50,10 @@ class KVCache {
   void advance(int n);
   // Grow the allocation to `capacity` rows, keeping the valid rows.
   void reserve(int capacity);
+  // Empty the cache for a new sequence whose row 0 sits at `phase` in its K tile, without
+  // reallocating (the KV arena's slots): needs capacity + phase <= the allocated slots. Old rows
+  // stay in memory but are never read: attention reads rows [0, length) only.
+  void reset(int phase);
   // A new cache with this one's valid rows and phase and room for `capacity` rows (>= length).
   std::unique_ptr<KVCache> copy(int capacity) const;
   // Append the valid rows of `other` (same layers, heads, width and dtype) after this cache's rows.

@@ -59,7 +59,7 @@ class QuestionAnswer:
     first_token_s: float  # from the start of this question's prefill to its first token
     total_s: float  # from the start of its prefill to its last token
     cache_hit: bool  # the prefix came from memory or the spill directory
-    finish_reason: str  # "stop" (EOS or a stop string) | "length"
+    finish_reason: str  # "eos" | "stop" (a stop string) | "length" (max_new_tokens) | "seq_length" (answer.py)
 
 
 @dataclass
@@ -117,8 +117,8 @@ class DocQA:
                         "n_layers": probe.n_layers, "kv_dim": probe.kv_dim}
         if cache.on_evict is None:
             cache.on_evict = spill_entry
-        self.batch = DecodeLoop(model, self.tokenizer, model.eos_ids, max_batch)
-        self.alone = DecodeLoop(model, self.tokenizer, model.eos_ids, 1)
+        self.batch = DecodeLoop(model, max_batch)
+        self.alone = DecodeLoop(model, 1)
 
     # --- API ------------------------------------------------------------------------------------
     def answer(self, context: str | Seq[Any], questions: list[QuestionRequest], cache_salt: str | None = None,
@@ -249,10 +249,12 @@ class DocQA:
         def on_done(s: Sequence) -> None:
             j, i = s.tag
             p, d = prepared[j], docs[j]
+            a = s.answer
+            assert a is not None and a.reason is not None
             slots[j][i] = QuestionAnswer(
-                p.request.questions[i].custom_id, s.text, list(s.generated), len(p.prompt.context_ids),
-                len(p.prompt.question_ids[i]), len(s.generated), s.first_token_s, s.total_s,
-                d.prefix in ("hit", "restored"), s.finish_reason or "length")
+                p.request.questions[i].custom_id, a.text, list(a.token_ids), len(p.prompt.context_ids),
+                len(p.prompt.question_ids[i]), len(a.token_ids), s.first_token_s, s.total_s,
+                d.prefix in ("hit", "restored"), a.reason)
             done[j] += 1
             if progress is not None:
                 progress(j, done[j], tokens[j])

@@ -21,6 +21,7 @@ from seqshare import _native
 from seqshare.bundle.quant import QTensor
 from seqshare.bundle.spec import ModelSpec
 from seqshare.worker.errors import KVCapacityError
+from seqshare.worker.kv_arena import KVArena, slot_rows
 
 if TYPE_CHECKING:
     from seqshare.worker.debug_dump import DumpWriter
@@ -116,6 +117,9 @@ class Model:
         )
         self._source = source  # keeps the weight planes (mmap or arrays) alive
         self._native = _native.Model(self.spec.to_dict(), native_weights(source.tensors), max(chunk, max_batch))
+        share = limits.share_length if limits is not None else 0
+        self.arena = KVArena(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, kv_dtype, max_batch,
+                             slot_rows(self.seq_length, share))
 
     @classmethod
     def from_checkpoint(

@@ -16,9 +16,11 @@ import pytest
 from service_helpers import MIB, SEQSHARE, NotifySocket, run_cli, tiny_bundles, write_config
 
 from seqshare.bundle import crypto
+from seqshare.bundle.loader import load_bundle
 from seqshare.daemon.config import load_settings
 from seqshare.daemon.memory_plan import RUNTIME_BYTES, Budget, bundle_facts, compute_plan, plan_for, read_header
 from seqshare.daemon.memory_probe import cgroup_memory_limit, has_cap_ipc_lock
+from seqshare.worker.model import Model
 
 GIB = 1 << 30
 
@@ -46,10 +48,14 @@ def test_plan_counts_shared_weights_once_and_sizes_the_kv_arena(bundles: dict[st
     assert "shared by 2 bundles" in weights[0].detail
     per_token = kv_bytes_per_token_f16(ha)
     arena = {i.label: i.bytes for i in plan.items if i.kind == "kv_arena"}
-    # share + max_batch x (seq - share) rows: one document prefix plus each batched sequence's tail
-    assert arena == {"KV arena a": (200 + 4 * (400 - 200)) * per_token,
-                     "KV arena a_short": (100 + 4 * (200 - 100)) * per_token,
-                     "KV arena b": (200 + 4 * (400 - 200)) * kv_bytes_per_token_f16(hb)}
+    # share + max_batch slots of (seq - share) rows, each with 31 spare rows in whole 32-row tiles:
+    # the document being prefilled plus each batched sequence's tail
+    assert arena == {"KV arena a": (200 + 4 * 256) * per_token,  # 200 + 31 -> 256
+                     "KV arena a_short": (100 + 4 * 160) * per_token,  # 100 + 31 -> 160
+                     "KV arena b": (200 + 4 * 256) * kv_bytes_per_token_f16(hb)}
+    # ... and what a loaded model's arena really allocates is that, less the document.
+    model = Model(load_bundle(bundles["a"], share=False), threads=1, max_batch=settings.max_batch)
+    assert model.arena.nbytes == arena["KV arena a"] - 200 * per_token
     rest = {i.kind: i.bytes for i in plan.items if i.kind in ("prefix_cache", "scratch", "runtime")}
     assert rest == {"prefix_cache": 64 * MIB, "scratch": 16 * MIB, "runtime": RUNTIME_BYTES}
     assert plan.per_worker_bytes == sum(i.bytes for i in plan.items)

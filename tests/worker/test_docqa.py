@@ -10,6 +10,7 @@ import pytest
 
 from seqshare.bundle.convert import load_checkpoint
 from seqshare.bundle.format import Limits
+from seqshare.worker.answer import FINISH_REASONS
 from seqshare.worker.docqa import DocAnswer, DocQA, DocRequest, QuestionRequest
 from seqshare.worker.errors import LimitExceededError
 from seqshare.worker.model import Model
@@ -76,7 +77,25 @@ def test_shared_prefix_batch_equals_alone_int4(q4_model: Model) -> None:
     a0 = shared.answers[0]
     assert a0.context_tokens == shared.context_tokens and a0.question_tokens > 0
     assert a0.first_token_s > 0 and a0.total_s >= a0.first_token_s and a0.custom_id == "q0"
-    assert {a.finish_reason for a in shared.answers} <= {"stop", "length"}
+    assert {a.finish_reason for a in shared.answers} <= set(FINISH_REASONS)
+
+
+def test_stop_strings_cut_answers_in_a_batch_as_alone(q4_model: Model) -> None:
+    """The job path runs the same stop rules as generate(): each answer of a batch is cut before its
+    stop string, exactly as the same question answered alone."""
+    text, questions = make_document(6, seed=2)
+    qa = _qa(q4_model)
+    full = qa.answer(text, _reqs(questions))
+    stops = [a.text.split()[2] for a in full.answers if len(a.text.split()) > 3]
+    assert stops, [a.text for a in full.answers]
+    params = SamplingParams(max_new_tokens=GREEDY.max_new_tokens, stop=stops[:1])
+    batch = qa.answer(text, _reqs(questions, params))
+    alone = qa.answer(text, _reqs(questions, params), reuse=False)
+    assert [(a.text, a.finish_reason) for a in batch.answers] == [(a.text, a.finish_reason) for a in alone.answers]
+    cut = [a for a in batch.answers if a.finish_reason == "stop"]
+    assert cut and all(stops[0] not in a.text for a in cut)
+    for a, f in zip(batch.answers, full.answers, strict=True):
+        assert f.text.startswith(a.text)
 
 
 def test_prefix_and_batch_give_the_same_logits_bit_for_bit(q4_model: Model) -> None:
