@@ -113,7 +113,7 @@ class Reloader:
             outcome = f"reload failed: {e}"
         finally:
             self.seq += 1
-            w.notifier.ready(w._status_text(f"idle (last reload: {outcome})" if ok else "idle"))
+            w.notifier.ready(w.status_text(f"idle (last reload: {outcome})" if ok else "idle"))
             self._write_state(ok, outcome)  # last: `seqshare reload` returns once systemd has READY=1
         return outcome
 

@@ -9,8 +9,8 @@ claimed around a lost reply are given back.
 
 Signals: the first SIGTERM/SIGINT finishes the current batch and exits 0; a second one stops at the
 next safe point (the engine's progress callback, between decode steps) and gives the batch back to
-the queue. A heartbeat thread keeps the worker's liveness key, the rq executions and the routes of
-cached contexts alive while the main thread sits in a long native call (the GIL is released there).
+the queue. A heartbeat thread (jobqueue/beat.py) keeps the worker's liveness key, the rq executions
+and the routes of cached contexts alive while the main thread sits in a long native call.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import socket
 import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import FrameType
@@ -38,20 +37,20 @@ from seqshare.daemon.notify import Heartbeat, Notifier, format_status
 from seqshare.daemon.reload import Reloader
 from seqshare.jobqueue import executor
 from seqshare.jobqueue import rq_adapter as rq
+from seqshare.jobqueue.beat import Beat
 from seqshare.jobqueue.claims import Claims
 from seqshare.jobqueue.executor import Engines, describe_error
 from seqshare.jobqueue.hold import JobHold
 from seqshare.jobqueue.payload import JobPayload
 from seqshare.jobqueue.recovery import drain_queue, proc_entry, recover_dead, recover_own
-from seqshare.jobqueue.routing import Keys, own_or_forward, refresh_routes
+from seqshare.jobqueue.routing import Keys, OwnedContexts, own_or_forward
 from seqshare.jobqueue.rq_adapter import Execution, Job
-from seqshare.jobqueue.stats import WorkerStats, publish_models, write_metrics
+from seqshare.jobqueue.stats import WorkerStats, publish_models
 from seqshare.worker.errors import SeqshareError
 
 log = logging.getLogger(__name__)
 
 ENV_HEARTBEAT = "SEQSHARE_HEARTBEAT_S"  # tests shorten it so dead workers are noticed quickly
-HELD_MAX = 4096
 META_EVERY_S = 0.25
 
 
@@ -87,16 +86,13 @@ class ResidentWorker:
         self.hb = heartbeat or Heartbeat.from_env(self.notifier)
         self.stats = WorkerStats()
         self.hold = JobHold.from_env(conn, self.keys, self.name)  # test-only gate, off unless SEQSHARE_TEST_HOLD=1
-        self.held: OrderedDict[str, None] = OrderedDict()  # context keys whose prefix we computed
+        self.owned = OwnedContexts()  # context keys whose prefix we computed: we keep their routes
         self.running: list[tuple[Job, Execution]] = []
         self._lock = threading.Lock()
         self._stop = self._abort = False
         self._resync = False  # after a Redis error: jobs may sit in our claimed list unknown to us
-        self._proc = str(proc_entry())  # identifies this process in the procs hash
-        # When Redis last failed us: peers' expired hashes prove nothing until they could beat again.
-        self._outage_at = -float("inf")
-        self._peers_checked_at = 0.0  # wall time of the last look for dead peers (published: operators, tests)
-        self._beat_stop = threading.Event()
+        self.proc = str(proc_entry())  # identifies this process in the procs hash
+        self.beat = Beat(self)
         self._last_meta: dict[str, tuple[float, int]] = {}  # job id -> (time, questions done) published
         self.rq = rq.WorkerRecord(conn, self.name, self.queues, self.ttl_s)
         self.claims = Claims(conn, self.keys, self.name, self.ttl_s, self.max_retries, rq_worker=self.rq)
@@ -109,9 +105,8 @@ class ResidentWorker:
         recover_dead(self.conn, self.keys, self.name, self.max_retries)
         self._register()
         executor.install(self.engines)
-        beat = threading.Thread(target=self._beat_loop, name="seqshare-heartbeat", daemon=True)
-        beat.start()
-        self.notifier.ready(self._status_text("idle"))
+        self.beat.start()
+        self.notifier.ready(self.status_text("idle"))
         self.hb.running()
         log.info("worker %s listening on %s", self.name, ", ".join(self.queues))
         try:
@@ -120,8 +115,7 @@ class ResidentWorker:
             log.warning("worker %s: stopped mid-batch on a second signal; the batch was requeued", self.name)
         finally:
             self.notifier.stopping()
-            self._beat_stop.set()
-            beat.join(timeout=5)
+            self.beat.stop()
             executor.install(None)
             self._unregister()
             self.hb.stop()
@@ -146,7 +140,7 @@ class ResidentWorker:
     def _register(self) -> None:
         self.rq.born()
         with self.conn.pipeline() as p:
-            self._publish(p, "idle")
+            self.beat.publish(p, "idle")
             publish_models(p, self.keys, self.engines)
             p.execute()
 
@@ -183,7 +177,7 @@ class ResidentWorker:
             except (ConnectionError, TimeoutError) as e:
                 log.warning("Redis unreachable (%s); retrying in %.1f s", e, wait)
                 self._resync = True
-                self._outage_at = time.monotonic()
+                self.beat.outage()
                 deadline = time.monotonic() + wait  # slept in slices: a stop signal is not kept waiting
                 while not self._stop and time.monotonic() < deadline:
                     time.sleep(0.1)
@@ -243,7 +237,7 @@ class ResidentWorker:
                     self._finish(it.job, execs[it.job.id], None, describe_error(out), it.ctx, started)
                 else:
                     self._finish(it.job, execs[it.job.id], out, None, it.ctx, started)
-                    self._hold(it.ctx)
+                    self.owned.add(it.ctx)
         finally:
             with self._lock:
                 self.running = []
@@ -305,57 +299,22 @@ class ResidentWorker:
                 time.sleep(wait)
                 wait = min(wait * 2, 30.0)
 
-    def _hold(self, ctx: str) -> None:
-        self.held[ctx] = None
-        self.held.move_to_end(ctx)
-        while len(self.held) > HELD_MAX:
-            self.held.popitem(last=False)
+    # --- what the heartbeat and reload read ----------------------------------------------------------
+    def state(self) -> str:
+        with self._lock:
+            busy = bool(self.running)
+        return "stopping" if self._stop else ("busy" if busy else "idle")
 
-    # --- heartbeat thread ------------------------------------------------------------------------
-    def _beat_loop(self) -> None:
-        last_recover = 0.0
-        while not self._beat_stop.wait(self.beat_s):
-            try:
-                with self._lock:
-                    running = list(self.running)
-                state = "stopping" if self._stop else ("busy" if running else "idle")
-                with self.conn.pipeline(transaction=False) as p:
-                    self._publish(p, state)
-                    self.rq.beat(p)
-                    p.execute()
-                self.claims.heartbeat(running)
-                refresh_routes(self.conn, self.keys, list(self.held), self.name, self.route_ttl_s)
-                if time.monotonic() - last_recover > self.beat_s * 2:
-                    last_recover = time.monotonic()
-                    trust_expiry = time.monotonic() - self._outage_at > self.ttl_s
-                    recover_dead(self.conn, self.keys, self.name, self.max_retries, trust_expiry)
-                    self._peers_checked_at = time.time()
-                self.notifier.status(self._status_text(state))
-                if self.settings.metrics_file is not None:
-                    write_metrics(self.conn, self.keys, self.settings.metrics_file)
-            except (ConnectionError, TimeoutError) as e:
-                self._outage_at = time.monotonic()
-                log.debug("heartbeat skipped: %s", e)
-            except Exception:
-                log.exception("heartbeat failed")
+    def running_jobs(self) -> list[tuple[Job, Execution]]:
+        with self._lock:
+            return list(self.running)
 
-    def _publish(self, p: Any, state: str) -> None:
-        # Re-added every beat: a peer that took us for dead (our hash expired in a Redis outage) removed us.
-        p.sadd(self.keys.workers(), self.name)
-        p.hset(self.keys.procs(), self.name, self._proc)
-        info = self.keys.info(self.name)
-        p.hset(info, mapping={"hostname": socket.gethostname(), "pid": os.getpid(), "state": state,
-                              "models": ",".join(self.engines.by_name), "cached_prefixes": self._cached_prefixes(),
-                              "queue": self.queues[0], "last_heartbeat": time.time(),
-                              "peers_checked_at": self._peers_checked_at})
-        p.expire(info, self.ttl_s)
-
-    def _cached_prefixes(self) -> int:
+    def cached_prefixes(self) -> int:
         """Entries in the engines' prefix caches (bundles sharing weights share one cache)."""
         caches = {id(c): c for e in self.engines.by_name.values() if (c := getattr(e, "cache", None)) is not None}
-        return sum(len(c) for c in caches.values()) if caches else len(self.held)
+        return sum(len(c) for c in caches.values()) if caches else len(self.owned)
 
-    def _status_text(self, state: str) -> str:
-        status = format_status(state, list(self.engines.by_name), self._cached_prefixes(), self.stats.jobs_done,
+    def status_text(self, state: str) -> str:
+        status = format_status(state, list(self.engines.by_name), self.cached_prefixes(), self.stats.jobs_done,
                                self.stats.hit_rate())
         return self.reloader.status_prefix() + status

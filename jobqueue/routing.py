@@ -12,6 +12,8 @@ seqshare's beside them.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -198,3 +200,27 @@ def drop_routes(conn: Redis, keys: Keys, ctx_keys: Sequence[str], me: str) -> No
     mine = [rk for rk, o in zip(route_keys, owners, strict=True) if o and text(o) == me]
     if mine:
         conn.delete(*mine)
+
+
+class OwnedContexts:
+    """The context keys whose prefix this worker computed, most recent last, at most `limit`: the
+    heartbeat renews their routes. Shared by the main thread (add) and the heartbeat (keys)."""
+
+    def __init__(self, limit: int = 4096):
+        self.limit = limit
+        self._keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, ctx: str) -> None:
+        with self._lock:
+            self._keys[ctx] = None
+            self._keys.move_to_end(ctx)
+            while len(self._keys) > self.limit:
+                self._keys.popitem(last=False)
+
+    def keys(self) -> list[str]:
+        with self._lock:
+            return list(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
