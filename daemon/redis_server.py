@@ -18,12 +18,10 @@ from pathlib import Path
 
 import redis
 
+from seqshare.worker.errors import RedisServerError
+
 ENV_URL = "SEQSHARE_REDIS_URL"
 ENV_SERVER = "SEQSHARE_REDIS_SERVER"
-
-
-class RedisServerError(RuntimeError):
-    """The embedded Redis server could not be found, started or stopped."""
 
 
 def find_redis_server() -> str:

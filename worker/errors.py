@@ -1,7 +1,9 @@
-"""The named failures of seqshare. Each says what is wrong in words an operator can act on.
+"""The named failures of seqshare, one taxonomy for every package, grouped by the package that raises
+them. Each says what is wrong in words an operator can act on.
 
 Boundaries (the CLI, the job executor) catch `SeqshareError`; anything else is a bug and is logged
-with its traceback.
+with its traceback. This module imports nothing, so every package can use it without an import
+cycle.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ class SeqshareError(Exception):
     """Base of every failure seqshare reports by name."""
 
 
-# --- bundles and keys -------------------------------------------------------------------------
+# --- bundles and keys (bundle/) -------------------------------------------------------------------
 class BundleError(SeqshareError):
     """A bundle file is unusable."""
 
@@ -48,7 +50,7 @@ class UnsupportedQuantError(SeqshareError):
     """The requested weight format (or group size) does not exist or does not apply to this source."""
 
 
-# --- requests -------------------------------------------------------------------------------
+# --- the engine: requests, forward pass, KV, generation, spill, debug dumps (worker/) -------------
 class LimitExceededError(SeqshareError):
     """A request exceeds a limit of the model's profile; the message names the limit and the excess."""
 
@@ -59,20 +61,28 @@ class LimitExceededError(SeqshareError):
         )
 
 
-class UnknownModelError(SeqshareError):
-    """A job names a model this worker has not loaded."""
-
-
 class PromptSplitError(SeqshareError):
     """A request cannot be split into a shared context and its questions (an empty context, or a chat
     template that does not render the document exactly once before the question)."""
 
 
-class ConfigError(SeqshareError):
-    """The configuration is invalid; the service exits 78 (EX_CONFIG) and is not restarted."""
+class KVCapacityError(SeqshareError):
+    """A KV cache has no room for the tokens a call would append to it."""
 
 
-# --- jobs and queues ----------------------------------------------------------------------------
+class SpillCorruptError(SeqshareError):
+    """A spilled prefix file fails its checks; the spill store discards it and the prefix is recomputed."""
+
+
+class DumpDirError(SeqshareError):
+    """A debug-dump directory is not empty (dumps of two runs are never mixed) or not a directory."""
+
+
+class NoChatTemplateError(SeqshareError):
+    """The model has no chat template, so a chat prompt cannot be built."""
+
+
+# --- the job queue (jobqueue/) --------------------------------------------------------------------
 class InvalidJobError(SeqshareError):
     """A job payload violates the schema; `problems` lists `field: reason`, never the payload itself."""
 
@@ -89,6 +99,10 @@ class EngineNotReadyError(SeqshareError):
     """A job function ran in a process where no seqshare worker loaded the engine."""
 
 
+class UnknownModelError(SeqshareError):
+    """A job names a model this worker has not loaded."""
+
+
 class JobFailedError(SeqshareError):
     """A waited-for job failed; the message is the worker's reason."""
 
@@ -101,7 +115,11 @@ class WorkerCrashedError(SeqshareError):
     """The job's worker died while running it more often than `queue.max_retries` allows."""
 
 
-# --- service: memory plan, memory locking, device partition ----------------------------------
+# --- the service process: configuration, memory, device, Redis, model fetch (daemon/) -------------
+class ConfigError(SeqshareError):
+    """The configuration is invalid; the service exits 78 (EX_CONFIG) and is not restarted."""
+
+
 class MemoryBudgetError(ConfigError):
     """The configured models, KV arena and caches need more memory than the machine or cgroup allows."""
 
@@ -114,14 +132,9 @@ class DeviceToolError(SeqshareError):
     """The device's memory-partition tool is missing, failed, or printed something unreadable."""
 
 
-# --- engine: forward pass, KV, generation, debug dumps ---------------------------------------
-class KVCapacityError(SeqshareError):
-    """A KV cache has no room for the tokens a call would append to it."""
+class RedisServerError(SeqshareError):
+    """The embedded redis-server is missing, exited, or does not answer."""
 
 
-class DumpDirError(SeqshareError):
-    """A debug-dump directory is not empty (dumps of two runs are never mixed) or not a directory."""
-
-
-class NoChatTemplateError(SeqshareError):
-    """The model has no chat template, so a chat prompt cannot be built."""
+class FetchError(SeqshareError):
+    """The default model could not be downloaded or does not match its recorded size and SHA-256."""

@@ -41,6 +41,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from seqshare.worker.errors import SpillCorruptError
+
 log = logging.getLogger(__name__)
 
 MAGIC = b"SQSPILL\0"
@@ -54,10 +56,6 @@ TOKEN_ALIGN = 64
 MAC_KEY_FILE = ".mac-key"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _FILE_RE = re.compile(r"^([0-9a-f]{64})-([0-9a-f]{16})\.kv$")
-
-
-class SpillCorrupt(Exception):
-    """A spill file is damaged or foreign (internal: the store discards it and reports a miss)."""
 
 
 @dataclass(frozen=True)
@@ -174,7 +172,7 @@ class Spill:
             return None
         try:
             rec = self._read(path, key, binding)
-        except (SpillCorrupt, OSError, ValueError, KeyError, TypeError) as e:
+        except (SpillCorruptError, OSError, ValueError, KeyError, TypeError) as e:
             self.stats.discarded += 1
             log.warning("discarding spill file %s: %s", path.name, e)
             self._remove(path.name)
@@ -245,16 +243,16 @@ class Spill:
         with path.open("rb") as f:
             pre = f.read(PREAMBLE.size)
             if len(pre) < PREAMBLE.size:
-                raise SpillCorrupt("shorter than its preamble")
+                raise SpillCorruptError("shorter than its preamble")
             magic, version, mode, hlen = PREAMBLE.unpack(pre)
             if magic != MAGIC or version != VERSION or mode != self.mode:
-                raise SpillCorrupt(f"magic {magic!r}, version {version}, mode {mode}: not this store's format")
+                raise SpillCorruptError(f"magic {magic!r}, version {version}, mode {mode}: not this store's format")
             body = f.read(hlen)
             header = json.loads(body)
             if header.get("context_hash") != key or header.get("binding") != binding:
-                raise SpillCorrupt("its header binds another context or model")
+                raise SpillCorruptError("its header binds another context or model")
             if self._file_size(header) != os.fstat(f.fileno()).st_size:
-                raise SpillCorrupt("its size differs from what its header describes (truncated?)")
+                raise SpillCorruptError("its size differs from what its header describes (truncated?)")
             payload = bytearray(_align(4 * header["n_tokens"], TOKEN_ALIGN) + header["kv_bytes"])
             if mode == MODE_HMAC:
                 self._read_mac(f, pre + body, payload)
@@ -267,11 +265,11 @@ class Spill:
     def _read_mac(self, f: io.BufferedReader, clear: bytes, payload: bytearray) -> None:
         assert self._mac_key is not None
         if f.readinto(payload) != len(payload):
-            raise SpillCorrupt("payload cut short")
+            raise SpillCorruptError("payload cut short")
         mac = hmac.new(self._mac_key, clear, "sha256")
         mac.update(payload)
         if not hmac.compare_digest(mac.digest(), f.read(MAC)):
-            raise SpillCorrupt("HMAC mismatch: the file was changed or written under another directory key")
+            raise SpillCorruptError("HMAC mismatch: the file was changed or written under another directory key")
 
     def _read_sealed(self, f: io.BufferedReader, clear: bytes, header: dict[str, Any], payload: bytearray) -> None:
         assert self._master is not None
@@ -284,12 +282,12 @@ class Spill:
             n = min(C, len(payload) - i * C)
             view = memoryview(ct)[: n + TAG]
             if f.readinto(view) != n + TAG:
-                raise SpillCorrupt(f"chunk {i} cut short")
+                raise SpillCorruptError(f"chunk {i} cut short")
             nonce, aad = _nonce_aad(clear, i, i == n_chunks - 1)
             try:
                 aead.decrypt_into(nonce, view, aad, out[i * C: i * C + n])
             except InvalidTag as e:
-                raise SpillCorrupt(f"chunk {i} fails authentication (changed, or another key)") from e
+                raise SpillCorruptError(f"chunk {i} fails authentication (changed, or another key)") from e
 
     # --- directory and budget -------------------------------------------------------------------
     def _directory_mac_key(self) -> bytes:
