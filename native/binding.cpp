@@ -1,13 +1,17 @@
-// The only file that knows about Python. Arrays are typed and dense at the signature, checked,
-// then handed to the core as raw pointers; std::invalid_argument surfaces as ValueError.
+// The Python module `seqshare._native`: the engine's API (Model, KV, threads, kernel levels). Arrays
+// are typed and dense at the signature, checked, then handed to the core as raw pointers;
+// std::invalid_argument surfaces as ValueError. The kernel entry points for tests and benchmarks are
+// in binding_kernels.cpp.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
 
+#include "binding_args.h"
 #include "cpu.h"
 #include "kernels.h"
 #include "kv.h"
@@ -17,253 +21,7 @@
 
 namespace py = pybind11;
 using namespace seqshare;
-
-template <typename T>
-using Dense = py::array_t<T, py::array::c_style | py::array::forcecast>;
-
-static Isa isa_arg(const std::string& name) {
-  return name.empty() ? active_isa() : isa_from_name(name);
-}
-
-static void check_isa_available(Isa isa) {
-  if (!isa_selectable(isa))
-    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
-}
-
-// ---- kernels: every op of ops.h, for tests and benchmarks ---------------------------------------
-static WFmt fmt_arg(const std::string& f) {
-  if (f == "f32") return WFmt::F32;
-  if (f == "f16") return WFmt::F16;
-  if (f == "bf16") return WFmt::BF16;
-  if (f == "q8") return WFmt::Q8;
-  if (f == "q4") return WFmt::Q4;
-  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8 or q4)");
-}
-
-// A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
-// float16 bits and float32 values must reach the kernels untouched.
-static const void* raw(const py::array& a, const char* what, const std::string& kinds, int itemsize) {
-  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(what) + " must be C-contiguous");
-  if (kinds.find(a.dtype().kind()) == std::string::npos || a.itemsize() != itemsize)
-    throw std::invalid_argument(std::string(what) + " has dtype " + std::string(py::str(a.dtype())) +
-                                ", expected kind " + kinds + " of " + std::to_string(itemsize) + " bytes");
-  return a.data();
-}
-
-// `rows` is the logical row count; only q4 needs it (its panels pad the rows to a multiple of 8).
-static WeightView weight_arg(const std::string& fmt, const py::array& data, const py::object& scales,
-                             const py::object& mins, int group, int rows) {
-  WeightView w;
-  w.fmt = fmt_arg(fmt);
-  if (w.fmt == WFmt::Q4) {
-    if (data.ndim() != 3 || data.shape(2) != 128) throw std::invalid_argument("q4 data must be (panels, cols/32, 128)");
-    if (rows <= 0 || (rows + 7) / 8 != data.shape(0))
-      throw std::invalid_argument("q4 rows must be given and fill the " + std::to_string(data.shape(0)) + " panels");
-    w.rows = rows;
-    w.cols = static_cast<int>(data.shape(1)) * 32;
-    w.data = raw(data, "qs", "u", 1);
-  } else {
-    if (data.ndim() != 2) throw std::invalid_argument("weight data must be 2-D");
-    w.rows = static_cast<int>(data.shape(0));
-    w.cols = static_cast<int>(data.shape(1));
-    switch (w.fmt) {
-      case WFmt::F32: w.data = raw(data, "data", "f", 4); break;
-      case WFmt::F16: w.data = raw(data, "data", "fu", 2); break;
-      case WFmt::BF16: w.data = raw(data, "data", "u", 2); break;
-      default: w.data = raw(data, "qs", "i", 1); break;
-    }
-  }
-  if (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q4) {
-    w.group = group;
-    if (w.group <= 0 || w.cols % w.group) throw std::invalid_argument("group must divide the columns");
-    const auto groups = static_cast<py::ssize_t>(w.fmt == WFmt::Q4 ? w.panels() * 8 : w.rows) * (w.cols / w.group);
-    auto plane = [&](const py::object& o, const char* what) {
-      if (o.is_none()) throw std::invalid_argument(std::string(what) + " are required for " + fmt);
-      auto a = py::cast<py::array>(o);
-      if (a.size() != groups)
-        throw std::invalid_argument(std::string(what) + (w.fmt == WFmt::Q4 ? " must be (panels, cols/group, 8)"
-                                                                            : " must be (rows, cols/group)"));
-      return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
-    };
-    w.scales = plane(scales, "scales");
-    if (w.fmt == WFmt::Q4) w.mins = plane(mins, "mins");
-  }
-  check_weight(w);
-  return w;
-}
-
-static const KernelTable& table_arg(const std::string& isa) {
-  Isa which = isa_arg(isa);
-  check_isa_available(which);
-  return kernel_table(which);
-}
-
-static void bind_kernels(py::module_& m) {
-  m.def("set_threads", [](int n) { set_global_threads(n); }, py::arg("n"),
-        "Resize the global thread pool (0 = all hardware threads).");
-  m.def("get_threads", [] { return global_pool().size(); }, "Size of the global thread pool.");
-
-  m.def("linear", [](Dense<float> x, const std::string& fmt, py::array data, py::object scales,
-                     py::object mins, int group, int rows, const std::string& isa) {
-    WeightView w = weight_arg(fmt, data, scales, mins, group, rows);
-    if (x.ndim() != 2 || x.shape(1) != w.cols) throw std::invalid_argument("linear: x must be (N, cols)");
-    const KernelTable& kt = table_arg(isa);
-    const int N = static_cast<int>(x.shape(0));
-    py::array_t<float> y({static_cast<py::ssize_t>(N), static_cast<py::ssize_t>(w.rows)});
-    const float* px = x.data();
-    float* py_ = y.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      linear_with(kt, w, px, N, py_, global_pool());
-    }
-    return y;
-  }, py::arg("x"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
-     py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0, py::arg("isa") = "",
-     "Y (N, rows) = x (N, cols) @ W^T for a weight in runtime layout (bundle/quant.py planes).");
-
-  m.def("embedding", [](py::array_t<std::int32_t, py::array::c_style | py::array::forcecast> tokens,
-                        const std::string& fmt, py::array data, py::object scales, py::object mins, int group,
-                        int rows) {
-    WeightView w = weight_arg(fmt, data, scales, mins, group, rows);
-    const int N = static_cast<int>(tokens.size());
-    py::array_t<float> out({static_cast<py::ssize_t>(N), static_cast<py::ssize_t>(w.cols)});
-    const std::int32_t* pt = tokens.data();
-    float* po = out.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      embedding(w, pt, N, po, global_pool());
-    }
-    return out;
-  }, py::arg("tokens"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
-     py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0,
-     "Dequantized rows of an embedding matrix.");
-
-  m.def("attention", [](Dense<float> q, py::array k, py::array v, Dense<std::int32_t> q_pos, int pos0,
-                        float scale, const std::string& isa) {
-    if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("attention: q, k, v must be 3-D");
-    for (int i = 0; i < 3; ++i)
-      if (k.shape(i) != v.shape(i)) throw std::invalid_argument("attention: k and v shapes differ");
-    if (k.shape(2) != q.shape(2) || q_pos.size() != q.shape(0))
-      throw std::invalid_argument("attention: head_dim or q_pos length mismatch");
-    if (pos0 < 0) throw std::invalid_argument("attention: pos0 must be >= 0");
-    // The keys go into a real KV cache (its layout is what the kernels read), float16 or float32
-    // like the arrays; float16 values survive the float32 round trip exactly.
-    const bool f16 = k.itemsize() == 2;
-    const int L = static_cast<int>(k.shape(0)), KVH0 = static_cast<int>(k.shape(1));
-    KVCache cache(1, KVH0, static_cast<int>(k.shape(2)), L, f16, pos0 % kKVTile);
-    {
-      auto as_f32 = [](const py::array& a) { return py::array_t<float, py::array::c_style | py::array::forcecast>(a); };
-      auto k32 = as_f32(k), v32 = as_f32(v);
-      kv_store(cache, 0, 0, k32.data(), v32.data(), L);
-      cache.advance(L);
-    }
-    KVSpan span{cache.k(0), cache.v(0), L, pos0, f16, cache.phase(), cache.head_stride()};
-    const KernelTable& kt = table_arg(isa);
-    const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
-    py::array_t<float> out({N, H, D});
-    py::array_t<float> lse({N, H});
-    const int KVH = static_cast<int>(k.shape(1));
-    if (KVH <= 0 || H % KVH) throw std::invalid_argument("attention: n_heads must be a multiple of kv heads");
-    float* po = out.mutable_data();
-    float* pl = lse.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      attention_with(kt, q.data(), N, H, KVH, D, q_pos.data(), span, scale, po, pl, global_pool());
-    }
-    return py::make_tuple(out, lse);
-  }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_pos"), py::arg("pos0"), py::arg("scale"),
-     py::arg("isa") = "", "Causal GQA attention over one KV span (k/v float16 or float32): (out, lse).");
-
-  m.def("attention_merge", [](Dense<float> out_a, Dense<float> lse_a, Dense<float> out_b, Dense<float> lse_b) {
-    if (out_a.ndim() != 3 || out_b.ndim() != 3 || lse_a.ndim() != 2 || lse_b.ndim() != 2)
-      throw std::invalid_argument("attention_merge: out (N, H, D) and lse (N, H) expected");
-    for (int i = 0; i < 3; ++i)
-      if (out_a.shape(i) != out_b.shape(i)) throw std::invalid_argument("attention_merge: shapes differ");
-    const int N = static_cast<int>(out_a.shape(0)), H = static_cast<int>(out_a.shape(1));
-    if (lse_a.shape(0) != N || lse_a.shape(1) != H || lse_b.shape(0) != N || lse_b.shape(1) != H)
-      throw std::invalid_argument("attention_merge: lse shape mismatch");
-    py::array_t<float> o(py::array(out_a).attr("copy")());
-    py::array_t<float> l(py::array(lse_a).attr("copy")());
-    float* po = o.mutable_data();
-    float* pl = l.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      attention_merge(po, pl, out_b.data(), lse_b.data(), N, H, static_cast<int>(out_a.shape(2)));
-    }
-    return py::make_tuple(o, l);
-  }, py::arg("out_a"), py::arg("lse_a"), py::arg("out_b"), py::arg("lse_b"),
-     "Exact merge of two partial attentions: (out, lse) of the union of their keys.");
-
-  m.def("rmsnorm", [](Dense<float> x, Dense<float> weight, float eps, const std::string& isa) {
-    if (x.ndim() != 2 || weight.ndim() != 1 || weight.shape(0) != x.shape(1))
-      throw std::invalid_argument("rmsnorm: x (N, dim) and weight (dim) expected");
-    const KernelTable& kt = table_arg(isa);
-    py::array_t<float> y({x.shape(0), x.shape(1)});
-    const int N = static_cast<int>(x.shape(0)), dim = static_cast<int>(x.shape(1));
-    const float* px = x.data();
-    const float* pw = weight.data();
-    float* pyy = y.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      rmsnorm_with(kt, px, pw, eps, N, dim, pyy);
-    }
-    return y;
-  }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("isa") = "", "RMSNorm of each row.");
-
-  m.def("rope", [](Dense<float> x, Dense<std::int32_t> positions, float theta) {
-    if (x.ndim() != 3 || positions.size() != x.shape(0))
-      throw std::invalid_argument("rope: x (N, heads, head_dim) and positions (N) expected");
-    if (x.shape(2) % 2) throw std::invalid_argument("rope: head_dim must be even");
-    py::array_t<float> y(py::array(x).attr("copy")());
-    float* p = y.mutable_data();
-    const std::int32_t* pp = positions.data();
-    const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(1)), D = static_cast<int>(x.shape(2));
-    {
-      py::gil_scoped_release nogil;
-      rope(p, N, H, D, pp, theta);
-    }
-    return y;
-  }, py::arg("x"), py::arg("positions"), py::arg("theta"), "Rotary embedding (rotate_half) of a copy of x.");
-
-  m.def("silu_mul", [](Dense<float> gate, Dense<float> up, const std::string& isa) {
-    if (gate.size() != up.size()) throw std::invalid_argument("silu_mul: sizes differ");
-    const KernelTable& kt = table_arg(isa);
-    py::array_t<float> y(py::array(gate).attr("copy")());
-    float* p = y.mutable_data();
-    const float* pu = up.data();
-    const auto n = static_cast<std::size_t>(gate.size());
-    {
-      py::gil_scoped_release nogil;
-      kt.silu_mul(p, pu, n);
-    }
-    return y;
-  }, py::arg("gate"), py::arg("up"), py::arg("isa") = "", "silu(gate) * up.");
-
-  m.def("add", [](Dense<float> y, Dense<float> x, const std::string& isa) {
-    if (y.size() != x.size()) throw std::invalid_argument("add: sizes differ");
-    const KernelTable& kt = table_arg(isa);
-    py::array_t<float> r(py::array(y).attr("copy")());
-    float* p = r.mutable_data();
-    const float* px = x.data();
-    const auto n = static_cast<std::size_t>(y.size());
-    {
-      py::gil_scoped_release nogil;
-      kt.add(p, px, n);
-    }
-    return r;
-  }, py::arg("y"), py::arg("x"), py::arg("isa") = "", "y + x (the residual add_inplace kernel).");
-
-  m.def("kv_store", [](KVCache& kv, int layer, Dense<float> k, Dense<float> v) {
-    if (k.ndim() != 2 || v.ndim() != 2 || k.shape(1) != kv.kv_dim() || v.shape(0) != k.shape(0) ||
-        v.shape(1) != kv.kv_dim())
-      throw std::invalid_argument("kv_store: k and v must be (N, kv_dim)");
-    if (layer < 0 || layer >= kv.n_layers()) throw std::invalid_argument("kv_store: layer out of range");
-    const int N = static_cast<int>(k.shape(0));
-    kv_store(kv, layer, kv.length(), k.data(), v.data(), N);
-    kv.advance(N);
-  }, py::arg("kv"), py::arg("layer"), py::arg("k"), py::arg("v"),
-     "Append K and V rows (N, kv_dim) float32 to one layer of a KV cache (the model's store; tests).");
-}
+using namespace seqshare::py_args;
 
 // ---- model: the forward pass and its KV caches (native/model.h, native/kv.h) -------------------
 struct PyModel {
@@ -273,11 +31,15 @@ struct PyModel {
 
 static int cfg_int(const py::dict& c, const char* k) { return py::cast<int>(c[k]); }
 
+// The names are the contract with bundle/spec.py's tensor_names(): a name missing here or there is an
+// error, never a silently unused tensor.
 static ModelWeights model_weights(const ModelDims& d, const py::dict& ws, py::list& keep) {
+  std::set<std::string> used;
   auto entry = [&](const std::string& name) -> py::object {
     if (!ws.contains(name)) throw std::invalid_argument("model: weight '" + name + "' is missing");
     py::object o = ws[py::str(name)];
     keep.append(o);
+    used.insert(name);
     return o;
   };
   auto mat = [&](const std::string& name, int rows, int cols) {
@@ -323,6 +85,10 @@ static ModelWeights model_weights(const ModelDims& d, const py::dict& ws, py::li
   }
   w.norm = vec("norm", d.hidden);
   w.output = ws.contains("output") ? mat("output", d.vocab, d.hidden) : w.tok_embeddings;
+  for (const auto& kv : ws) {
+    const auto name = py::cast<std::string>(kv.first);
+    if (!used.count(name)) throw std::invalid_argument("model: weight '" + name + "' is not one this architecture has");
+  }
   return w;
 }
 
@@ -457,8 +223,11 @@ static void bind_model(py::module_& m) {
 PYBIND11_MODULE(_native, m) {
   m.doc() = "seqshare native CPU kernels";
   m.attr("__version__") = SEQSHARE_VERSION;
-  bind_kernels(m);
+  m.def("set_threads", [](int n) { set_global_threads(n); }, py::arg("n"),
+        "Resize the global thread pool (0 = all hardware threads).");
+  m.def("get_threads", [] { return global_pool().size(); }, "Size of the global thread pool.");
   bind_model(m);
+  bind_kernels(m);
 
   m.def("cpu_features", [] {
     const CpuFeatures& c = cpu_features();
@@ -483,23 +252,6 @@ PYBIND11_MODULE(_native, m) {
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("isa"),
         "Select a kernel variant (scalar, avx2, avxvnni, avx512, neon, dotprod, i8mm); ValueError if this CPU "
         "cannot run it.");
-
-  m.def("dot_f32", [](Dense<float> a, Dense<float> b, const std::string& isa) {
-    if (a.ndim() != 1 || b.ndim() != 1 || a.shape(0) != b.shape(0))
-      throw std::invalid_argument("dot_f32: a and b must be 1-D of equal length");
-    Isa which = isa_arg(isa);
-    check_isa_available(which);
-    const float* pa = a.data();
-    const float* pb = b.data();
-    auto n = static_cast<std::size_t>(a.shape(0));
-    float r;
-    {
-      py::gil_scoped_release nogil;
-      r = kernel_table(which).dot_f32(pa, pb, n);
-    }
-    return r;
-  }, py::arg("a"), py::arg("b"), py::arg("isa") = "",
-     "Dot product of two float32 vectors with the chosen (default: active) kernel variant.");
 
   // ---- debug: test hooks, never called in normal operation ------------------------------------
   // debug_sleep_ms stands in for a native call that hangs: it releases the GIL and blocks, so the

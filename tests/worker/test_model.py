@@ -276,3 +276,20 @@ def test_f32_logits_match_transformers_across_many_chunks(f32_model: Model, hf_d
     ids = np.asarray(f32_model.encode(gazetteer(200))[:2000], dtype=np.int32)
     err = rel_err_per_position(all_logits(f32_model, ids), hf_logits(hf_default, ids))
     assert err.max() <= LOGITS_RTOL, f"worst position {int(err.argmax())}: {err.max():.2e}"
+
+
+def test_weight_names_are_a_checked_contract(default_gguf: Path) -> None:
+    """The native model takes exactly the names bundle/spec.py's tensor_names() lists: a missing or an
+    unknown one is refused by name, never left unused."""
+    from seqshare import _native
+    from seqshare.worker.model import native_weights
+
+    ck = load_checkpoint(default_gguf, "keep")
+    weights = native_weights(ck.tensors)
+    assert sorted(weights) == sorted(ck.spec.tensor_names())
+    config = ck.spec.to_dict()
+    with pytest.raises(ValueError, match=r"weight 'layers\.3\.extra' is not one this architecture has"):
+        _native.Model(config, {**weights, "layers.3.extra": weights["norm"]}, 8)
+    del weights["layers.7.wk"]
+    with pytest.raises(ValueError, match=r"weight 'layers\.7\.wk' is missing"):
+        _native.Model(config, weights, 8)

@@ -1,0 +1,105 @@
+// What both binding files share: typed dense arrays, and the checks that turn Python arguments into
+// the core's raw views (std::invalid_argument surfaces as ValueError). Included by binding.cpp and
+// binding_kernels.cpp only.
+#pragma once
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "cpu.h"
+#include "kernels.h"
+#include "ops_impl.h"
+
+namespace seqshare {
+
+// The kernel entry points for tests and benchmarks (binding_kernels.cpp).
+void bind_kernels(pybind11::module_& m);
+
+namespace py_args {
+
+namespace py = pybind11;
+
+template <typename T>
+using Dense = py::array_t<T, py::array::c_style | py::array::forcecast>;
+
+inline Isa isa_arg(const std::string& name) {
+  return name.empty() ? active_isa() : isa_from_name(name);
+}
+
+inline void check_isa_available(Isa isa) {
+  if (!isa_selectable(isa))
+    throw std::invalid_argument(std::string("this CPU cannot run the ") + isa_name(isa) + " kernels");
+}
+
+// ---- kernels: every op of ops.h, for tests and benchmarks ---------------------------------------
+inline WFmt fmt_arg(const std::string& f) {
+  if (f == "f32") return WFmt::F32;
+  if (f == "f16") return WFmt::F16;
+  if (f == "bf16") return WFmt::BF16;
+  if (f == "q8") return WFmt::Q8;
+  if (f == "q4") return WFmt::Q4;
+  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8 or q4)");
+}
+
+// A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
+// float16 bits and float32 values must reach the kernels untouched.
+inline const void* raw(const py::array& a, const char* what, const std::string& kinds, int itemsize) {
+  if (!(a.flags() & py::array::c_style)) throw std::invalid_argument(std::string(what) + " must be C-contiguous");
+  if (kinds.find(a.dtype().kind()) == std::string::npos || a.itemsize() != itemsize)
+    throw std::invalid_argument(std::string(what) + " has dtype " + std::string(py::str(a.dtype())) +
+                                ", expected kind " + kinds + " of " + std::to_string(itemsize) + " bytes");
+  return a.data();
+}
+
+// `rows` is the logical row count; only q4 needs it (its panels pad the rows to a multiple of 8).
+inline WeightView weight_arg(const std::string& fmt, const py::array& data, const py::object& scales,
+                             const py::object& mins, int group, int rows) {
+  WeightView w;
+  w.fmt = fmt_arg(fmt);
+  if (w.fmt == WFmt::Q4) {
+    if (data.ndim() != 3 || data.shape(2) != 128) throw std::invalid_argument("q4 data must be (panels, cols/32, 128)");
+    if (rows <= 0 || (rows + 7) / 8 != data.shape(0))
+      throw std::invalid_argument("q4 rows must be given and fill the " + std::to_string(data.shape(0)) + " panels");
+    w.rows = rows;
+    w.cols = static_cast<int>(data.shape(1)) * 32;
+    w.data = raw(data, "qs", "u", 1);
+  } else {
+    if (data.ndim() != 2) throw std::invalid_argument("weight data must be 2-D");
+    w.rows = static_cast<int>(data.shape(0));
+    w.cols = static_cast<int>(data.shape(1));
+    switch (w.fmt) {
+      case WFmt::F32: w.data = raw(data, "data", "f", 4); break;
+      case WFmt::F16: w.data = raw(data, "data", "fu", 2); break;
+      case WFmt::BF16: w.data = raw(data, "data", "u", 2); break;
+      default: w.data = raw(data, "qs", "i", 1); break;
+    }
+  }
+  if (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q4) {
+    w.group = group;
+    if (w.group <= 0 || w.cols % w.group) throw std::invalid_argument("group must divide the columns");
+    const auto groups = static_cast<py::ssize_t>(w.fmt == WFmt::Q4 ? w.panels() * 8 : w.rows) * (w.cols / w.group);
+    auto plane = [&](const py::object& o, const char* what) {
+      if (o.is_none()) throw std::invalid_argument(std::string(what) + " are required for " + fmt);
+      auto a = py::cast<py::array>(o);
+      if (a.size() != groups)
+        throw std::invalid_argument(std::string(what) + (w.fmt == WFmt::Q4 ? " must be (panels, cols/group, 8)"
+                                                                            : " must be (rows, cols/group)"));
+      return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
+    };
+    w.scales = plane(scales, "scales");
+    if (w.fmt == WFmt::Q4) w.mins = plane(mins, "mins");
+  }
+  check_weight(w);
+  return w;
+}
+
+inline const KernelTable& table_arg(const std::string& isa) {
+  Isa which = isa_arg(isa);
+  check_isa_available(which);
+  return kernel_table(which);
+}
+
+}  // namespace py_args
+}  // namespace seqshare
