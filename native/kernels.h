@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "cpu.h"
 #include "ops.h"
@@ -25,6 +26,25 @@ using QActsRowBytesFn = std::size_t (*)(int cols, int group, bool for_q8);
 using QuantizeActsFn = void (*)(const float* x, int cols, int group, bool for_q8, void* out);
 // Y[n, r] for rows [r0, r1): xq holds N quantised rows of `qacts_row_bytes` bytes each.
 using QGemmFn = void (*)(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+
+// Compile-time sizes for the integer kernels' templates: f(std::integral_constant<int, G>{}) for the
+// weight's group size (check_weight allows only 32, 64 and 128), and f(integral_constant<int, T'>)
+// for the T' = `left` tokens (0 < left < T) a tile of T leaves over.
+template <class F>
+inline void with_group(int group, F&& f) {
+  switch (group) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+template <int T, class F>
+inline void with_tokens(int left, F&& f) {
+  if constexpr (T > 1) {
+    if (left == T - 1) return f(std::integral_constant<int, T - 1>{});
+    with_tokens<T - 1>(left, f);
+  }
+}
 
 // ---- attention ------------------------------------------------------------------------------
 struct AttnArgs {

@@ -189,11 +189,7 @@ void q8_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r
 }  // namespace
 
 void qgemm_q8_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return q8_run<32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return q8_run<64>(w, xq, N, Y, ldy, r0, r1);
-    default: return q8_run<128>(w, xq, N, Y, ldy, r0, r1);
-  }
+  with_group(w.group, [&](auto G) { q8_run<G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 // ---- elementwise --------------------------------------------------------------------------------

@@ -75,15 +75,6 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   }
 }
 
-template <class P, int G, int T>
-void neon_panel_rest(int left, const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride,
-                     float* Y, int ldy, int nrows) {
-  if constexpr (T > 1) {
-    if (left == T - 1) return neon_panel_tile<P, G, T - 1>(w, panel, xq, x_stride, Y, ldy, nrows);
-    neon_panel_rest<P, G, T - 1>(left, w, panel, xq, x_stride, Y, ldy, nrows);
-  }
-}
-
 template <class P, int G>
 void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = P::kTokens;
@@ -96,18 +87,16 @@ void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ld
     for (; n + T <= N; n += T)
       neon_panel_tile<P, G, T>(w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
     if (n < N)
-      neon_panel_rest<P, G, T>(N - n, w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy, ldy,
-                               nrows);
+      with_tokens<T>(N - n, [&](auto L) {
+        neon_panel_tile<P, G, L.value>(w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy,
+                                       ldy, nrows);
+      });
   }
 }
 
 template <class P>
 void qgemm_q4_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return neon_panel_run<P, 32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return neon_panel_run<P, 64>(w, xq, N, Y, ldy, r0, r1);
-    default: return neon_panel_run<P, 128>(w, xq, N, Y, ldy, r0, r1);
-  }
+  with_group(w.group, [&](auto G) { neon_panel_run<P, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

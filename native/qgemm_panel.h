@@ -92,16 +92,6 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   for (int t = 0; t < T; ++t) _mm256_maskstore_ps(Y + static_cast<std::size_t>(t) * ldy, m, acc[t]);
 }
 
-// The N % T tokens left after whole tiles, one smaller tile.
-template <class D, int G, int T>
-void panel_rest(int left, const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp,
-                float* Y, int ldy, int nrows) {
-  if constexpr (T > 1) {
-    if (left == T - 1) return panel_tile<D, G, T - 1>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
-    panel_rest<D, G, T - 1>(left, w, panel, xq, x_stride, ngp, Y, ldy, nrows);
-  }
-}
-
 template <class D, int G>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = D::tokens(G);  // accumulators that fit the register file
@@ -115,18 +105,16 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
     for (; n + T <= N; n += T)
       panel_tile<D, G, T>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
     if (n < N)
-      panel_rest<D, G, T>(N - n, w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy,
-                          ldy, nrows);
+      with_tokens<T>(N - n, [&](auto L) {  // the N % T tokens left after whole tiles: one smaller tile
+        panel_tile<D, G, L.value>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy,
+                                  nrows);
+      });
   }
 }
 
 template <class D>
 void qgemm_q4_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return panel_run<D, 32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return panel_run<D, 64>(w, xq, N, Y, ldy, r0, r1);
-    default: return panel_run<D, 128>(w, xq, N, Y, ldy, r0, r1);
-  }
+  with_group(w.group, [&](auto G) { panel_run<D, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

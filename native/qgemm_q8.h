@@ -79,19 +79,11 @@ void q8_tile(const Q8Ctx& c, int r, int n) {
     for (int j = 0; j < T; ++j) c.Y[static_cast<std::size_t>(n + j) * c.ldy + r + i] = hsum8(acc[i][j]);
 }
 
-template <class D, int G, int R, int T>
-void q8_rest(int left, const Q8Ctx& c, int r, int n) {
-  if constexpr (T > 1) {
-    if (left == T - 1) return q8_tile<D, G, R, T - 1>(c, r, n);
-    q8_rest<D, G, R, T - 1>(left, c, r, n);
-  }
-}
-
 template <class D, int G, int R>
 void q8_tokens(const Q8Ctx& c, int r, int n0, int n1) {
   int n = n0;
   for (; n + D::kT <= n1; n += D::kT) q8_tile<D, G, R, D::kT>(c, r, n);
-  if (n < n1) q8_rest<D, G, R, D::kT>(n1 - n, c, r, n);
+  if (n < n1) with_tokens<D::kT>(n1 - n, [&](auto L) { q8_tile<D, G, R, L.value>(c, r, n); });
 }
 
 constexpr int kQ8TokBlock = 12;
@@ -110,11 +102,7 @@ void q8_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r
 
 template <class D>
 void qgemm_q8_rows(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  switch (w.group) {
-    case 32: return q8_run<D, 32>(w, xq, N, Y, ldy, r0, r1);
-    case 64: return q8_run<D, 64>(w, xq, N, Y, ldy, r0, r1);
-    default: return q8_run<D, 128>(w, xq, N, Y, ldy, r0, r1);  // check_weight allowed only these
-  }
+  with_group(w.group, [&](auto G) { q8_run<D, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace
