@@ -14,6 +14,8 @@
 
 namespace seqshare {
 
+// Kept by the model and refilled by every call: its vectors keep their capacity, so a decode step
+// allocates nothing.
 struct Model::Plan {
   const SeqRef* seqs = nullptr;
   int n_seqs = 0, N = 0;
@@ -21,7 +23,14 @@ struct Model::Plan {
   std::vector<int> past;  // (n_seqs) own KV length before this call
   std::vector<int> pre;   // (n_seqs) prefix length (0 without one)
   std::vector<const KVCache*> prefixes;     // distinct prefixes, in first-seen order
-  std::vector<std::vector<int>> members;    // (prefixes) sequence indices of each group
+  std::vector<std::vector<int>> members;    // (>= prefixes) sequence indices of each group; the first
+                                            // prefixes.size() are this call's
+
+  void reset(const SeqRef* s, int n, int total) {
+    seqs = s, n_seqs = n, N = total;
+    row0.clear(), past.clear(), pre.clear(), prefixes.clear();
+    for (auto& m : members) m.clear();
+  }
 };
 
 namespace {
@@ -32,7 +41,7 @@ std::string str(int v) { return std::to_string(v); }
 }  // namespace
 
 Model::Model(const ModelDims& dims, ModelWeights weights, int max_tokens)
-    : d_(dims), w_(std::move(weights)), max_tokens_(max_tokens) {
+    : d_(dims), w_(std::move(weights)), max_tokens_(max_tokens), plan_(std::make_unique<Plan>()) {
   if (max_tokens <= 0) throw std::invalid_argument("model: max_tokens must be positive");
   if (d_.n_kv_heads <= 0 || d_.n_heads % d_.n_kv_heads)
     throw std::invalid_argument("model: n_heads must be a multiple of n_kv_heads");
@@ -84,6 +93,8 @@ void Model::check(const SeqRef* seqs, int n_seqs, int N, const std::int32_t* log
     if (logit_rows[i] < 0 || logit_rows[i] >= N) throw std::invalid_argument("forward: logit row out of range");
 }
 
+Model::~Model() = default;
+
 void Model::forward(const std::int32_t* tokens, const SeqRef* seqs, int n_seqs, const std::int32_t* logit_rows,
                     int n_logit_rows, float* logits, float* dump_hidden) {
   std::lock_guard<std::mutex> lock(mu_);
@@ -92,10 +103,8 @@ void Model::forward(const std::int32_t* tokens, const SeqRef* seqs, int n_seqs, 
   check(seqs, n_seqs, N, logit_rows, n_logit_rows);
   ThreadPool& pool = global_pool();
 
-  Plan p;
-  p.seqs = seqs;
-  p.n_seqs = n_seqs;
-  p.N = N;
+  Plan& p = *plan_;
+  p.reset(seqs, n_seqs, N);
   for (int s = 0, r = 0; s < n_seqs; r += seqs[s].n_tokens, ++s) {
     const KVCache* pre = seqs[s].prefix;
     p.row0.push_back(r);
@@ -107,7 +116,7 @@ void Model::forward(const std::int32_t* tokens, const SeqRef* seqs, int n_seqs, 
     while (g < p.prefixes.size() && p.prefixes[g] != pre) ++g;
     if (g == p.prefixes.size()) {
       p.prefixes.push_back(pre);
-      p.members.emplace_back();
+      if (p.members.size() < p.prefixes.size()) p.members.emplace_back();
     }
     p.members[g].push_back(s);
   }

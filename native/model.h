@@ -7,6 +7,7 @@
 // the result the same, bit for bit, as one KV holding the prefix and the sequence's rows.
 #pragma once
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -51,6 +52,7 @@ class Model {
  public:
   // Scratch is sized for `max_tokens` rows per call (the prefill chunk or the decode batch).
   Model(const ModelDims& dims, ModelWeights weights, int max_tokens);
+  ~Model();  // where Plan is complete
 
   const ModelDims& dims() const { return d_; }
   int max_tokens() const { return max_tokens_; }
@@ -72,6 +74,7 @@ class Model {
   ModelWeights w_;
   int max_tokens_;
   std::mutex mu_;  // one forward at a time: the scratch below is shared
+  std::unique_ptr<Plan> plan_;  // the row bookkeeping, refilled by every call
 
   // Scratch, allocated once; T = max_tokens_.
   std::vector<float> x_;      // (T, hidden) residual stream
