@@ -6,8 +6,10 @@ and returns a `Checkpoint`. Weights are produced lazily, one tensor at a time, i
 tensor; `.tensors` materialises them all for callers that want a dict.
 
 Requested quant schemes (the CLI spellings): f32, f16, bf16, int8 (-> q8), int4 (-> q4), keep.
-`keep` leaves GGUF Q4_0/Q4_1/Q8_0 blocks as they are (lossless repack) and float tensors in their
-stored float format. 1-D tensors (norms, biases) are always f32.
+`keep` repacks GGUF Q4_0/Q4_1/Q8_0/Q5_0 blocks losslessly and Q4_K blocks with their per-32 scales
+in float16 (quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float format; other
+block types (Q5_1, Q5_K, Q6_K, ...) are dequantized and quantized again. 1-D tensors (norms, biases)
+are always f32.
 """
 
 from __future__ import annotations

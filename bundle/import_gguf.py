@@ -29,13 +29,14 @@ from seqshare.bundle.spec import ARCHES, ModelSpec
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedArchitectureError
 
 T = gguf.GGMLQuantizationType
-_LOSSLESS = {T.Q4_0: "q4", T.Q4_1: "q4", T.Q8_0: "q8"}
+# Imported block by block without a second quantization (quant.from_gguf_blocks): exactly, or for
+# Q4_K within float16 rounding of its scales.
+_DIRECT = {T.Q4_0: "q4", T.Q4_1: "q4", T.Q8_0: "q8", T.Q5_0: "q8", T.Q4_K: "q4"}
 _FLOAT = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
 # Under `keep`, other block types are requantized to the nearest runtime format.
 _LOW_BIT = {
     T.Q2_K,
     T.Q3_K,
-    T.Q4_K,
     T.IQ2_XXS,
     T.IQ2_XS,
     T.IQ3_XXS,
@@ -145,8 +146,8 @@ def spec_from_metadata(meta: dict[str, Any], names: set[str], path: Path) -> Mod
 
 
 def _stored_format(qtype: T, group_size: int) -> tuple[str, int]:
-    if qtype in _LOSSLESS:
-        return _LOSSLESS[qtype], 32
+    if qtype in _DIRECT:
+        return _DIRECT[qtype], 32
     if qtype in _FLOAT:
         return _FLOAT[qtype], 0
     return ("q4" if qtype in _LOW_BIT else "q8"), group_size
@@ -163,8 +164,8 @@ class _GGUFProducer:
         qtype = T(t.tensor_type)
         rows = p.shape[0]
         cols = p.shape[1] if len(p.shape) == 2 else 0
-        lossless = len(p.shape) == 2 and _LOSSLESS.get(qtype) == p.fmt and p.group_size == 32
-        if lossless:
+        direct = len(p.shape) == 2 and _DIRECT.get(qtype) == p.fmt and p.group_size == 32
+        if direct:
             out = from_gguf_blocks(qtype.name, np.asarray(t.data), rows, cols)
         else:
             data = np.asarray(t.data)  # GGUF rows are whole blocks, so row slices dequantize alone

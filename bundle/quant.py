@@ -197,14 +197,21 @@ def dequantize(t: QTensor) -> np.ndarray:
     raise UnsupportedQuantError(f"unknown weight format {t.fmt!r}")
 
 
-# --- lossless GGUF block import ---------------------------------------------------------------
+# --- direct GGUF block import ------------------------------------------------------------------
 _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
+_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
+_Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+QK_K = 256  # values per K-quant super-block
+# Q4_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit) rounded to our float16 planes: each
+# weight is then within this fraction of |d * sc * q| + |dmin * m| of gguf's own dequantization.
+Q4_K_F16_REL_ERR = 2.0**-11
 
 
 def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Repack GGUF Q4_0 / Q4_1 / Q8_0 block bytes of a [rows, cols] tensor into q4 / q8 planes."""
+    """Repack GGUF block bytes of a [rows, cols] tensor into q4 / q8 planes without quantizing again:
+    Q4_0, Q4_1, Q8_0 and Q5_0 exactly, Q4_K up to Q4_K_F16_REL_ERR (its scale products in float16)."""
     if cols % GGUF_BLOCK:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
     nb = rows * cols // GGUF_BLOCK
@@ -221,10 +228,51 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
         if not np.all(np.isfinite(mins)):
             raise UnsupportedQuantError("a Q4_0 scale is too large to represent its minimum in float16")
         return q4_tensor(gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)), d, mins, 32)
+    if kind == "Q5_0":  # d * (q - 16), q 5-bit: int8 values and the block's scale, exactly
+        b = raw.view(_Q5_0)[:nb]
+        low = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)).reshape((*shape2, 32))
+        high = (np.asarray(b["qh"]).reshape((*shape2, 1)) >> np.arange(32, dtype=np.uint32)) & 1
+        q = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 16
+        return QTensor("q8", (rows, cols), 32, {
+            "qs": np.ascontiguousarray(q.astype(np.int8).reshape(rows, cols)),
+            "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
+        })
+    if kind == "Q4_K":
+        return _from_q4_k(raw, rows, cols)
     if kind == "Q8_0":
         b = raw.view(_Q8_0)[:nb]
         return QTensor("q8", (rows, cols), 32, {
             "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols),
             "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
         })
-    raise UnsupportedQuantError(f"GGUF type {kind} has no lossless import (only Q4_0, Q4_1, Q8_0)")
+    raise UnsupportedQuantError(f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q8_0, Q4_K)")
+
+
+def q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The 8 six-bit scales and minimums of Q4_K super-blocks from their 12 packed bytes [n, 12]:
+    bytes 0-3 hold sc 0-3 (low 6 bits), 4-7 m 0-3, 8-11 the low 4 bits of sc/m 4-7, whose high 2
+    bits sit in the top bits of bytes 0-3 (sc) and 4-7 (m)."""
+    b = packed.astype(np.uint8)
+    sc = np.concatenate([b[:, 0:4] & 63, (b[:, 8:12] & 15) | ((b[:, 0:4] >> 6) << 4)], axis=1)
+    m = np.concatenate([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
+    return sc, m
+
+
+def _from_q4_k(raw: np.ndarray, rows: int, cols: int) -> QTensor:
+    """Q4_K super-blocks (256 values: 8 groups of 32, each d * sc * q - dmin * m) as q4 with group 32:
+    the nibbles as they are, scale and minimum per group rounded once to float16."""
+    if cols % QK_K:
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the Q4_K super-block size {QK_K}")
+    nsb = rows * cols // QK_K
+    b = raw.view(_Q4_K)[:nsb]
+    sc, m = q4_k_scales_mins(np.asarray(b["scales"]))
+    scale = np.asarray(b["d"]).astype(np.float32)[:, None] * sc
+    minimum = -(np.asarray(b["dmin"]).astype(np.float32)[:, None] * m)
+    # qs: 4 chunks of 32 bytes; chunk j holds group 2j in its low nibbles and group 2j + 1 in its high.
+    qs = np.asarray(b["qs"]).reshape(nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
+    q = (qs & 0x0F).reshape(rows, cols)
+    ng = cols // GGUF_BLOCK
+    scales16, mins16 = scale.astype(np.float16), minimum.astype(np.float16)
+    if not (np.all(np.isfinite(scales16)) and np.all(np.isfinite(mins16))):
+        raise UnsupportedQuantError("a Q4_K scale or minimum is too large for float16")
+    return q4_tensor(q, scales16.reshape(rows, ng), mins16.reshape(rows, ng), 32)
