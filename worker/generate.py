@@ -8,7 +8,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from seqshare.worker.answer import STOP_EOS, STOP_LENGTH, STOP_SEQ_LENGTH, STOP_STRING, answer_budget
 from seqshare.worker.decode_loop import DecodeLoop
 from seqshare.worker.decode_loop import Sequence as Seq
 from seqshare.worker.params import SamplingParams
@@ -16,8 +15,6 @@ from seqshare.worker.params import SamplingParams
 if TYPE_CHECKING:
     from seqshare.worker.debug_dump import DumpWriter
     from seqshare.worker.model import Model, Progress
-
-__all__ = ["STOP_EOS", "STOP_LENGTH", "STOP_SEQ_LENGTH", "STOP_STRING", "Generation", "answer_budget", "generate"]
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ from tiny_models import make_model
 from seqshare.bundle.convert import load_checkpoint
 from seqshare.bundle.format import Limits, write_bundle
 from seqshare.bundle.loader import load_bundle
+from seqshare.worker.answer import STOP_EOS
 from seqshare.worker.chat import chat_ids
-from seqshare.worker.generate import STOP_EOS, generate
+from seqshare.worker.generate import generate
 from seqshare.worker.model import Model
 from seqshare.worker.params import SamplingParams
 

@@ -14,10 +14,11 @@ from tiny_models import make_model
 from seqshare.bundle.convert import load_checkpoint
 from seqshare.bundle.format import Limits, write_bundle
 from seqshare.bundle.loader import load_bundle
+from seqshare.worker.answer import STOP_EOS, STOP_LENGTH, STOP_SEQ_LENGTH, STOP_STRING
 from seqshare.worker.chat import chat_ids
 from seqshare.worker.docqa import DocQA, DocRequest, QuestionRequest
 from seqshare.worker.errors import KVCapacityError, LimitExceededError
-from seqshare.worker.generate import STOP_EOS, STOP_LENGTH, STOP_SEQ_LENGTH, STOP_STRING, generate
+from seqshare.worker.generate import generate
 from seqshare.worker.model import Model
 from seqshare.worker.params import SamplingParams
 from seqshare.worker.prefix_cache import PrefixCache
