@@ -42,8 +42,9 @@ test: model
 	@$(VENV)/bin/pytest -m "not slow" $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
-# The ARM kernels under qemu-user in an arm64 Debian rootfs (root, x86-64 Debian host; ~5 minutes the
-# first time, the rootfs then cached): kernel tests and a greedy answer under three emulated CPUs.
+# The ARM kernels under qemu-user in an arm64 Debian rootfs (root, x86-64 Debian host; about 11 minutes
+# the first time, about 5 once the rootfs is cached): kernel tests and a greedy answer under three
+# emulated CPUs.
 test-aarch64: model
 	scripts/test-aarch64.sh
 

@@ -66,11 +66,12 @@ class Beat:
         last_recover = 0.0
         while not self._stop.wait(self.w.beat_s):
             try:
-                self._beat()
+                state = self.w.state()
+                self._beat(state)
                 if time.monotonic() - last_recover > self.w.beat_s * 2:
                     last_recover = time.monotonic()
                     self._check_peers()
-                self.w.notifier.status(self.w.status_text(self.w.state()))
+                self.w.notifier.status(self.w.status_text(state))
                 if self.w.settings.metrics_file is not None:
                     write_metrics(self.w.conn, self.w.keys, self.w.settings.metrics_file)
             except (ConnectionError, TimeoutError) as e:
@@ -79,11 +80,11 @@ class Beat:
             except Exception:
                 log.exception("heartbeat failed")
 
-    def _beat(self) -> None:
+    def _beat(self, state: str) -> None:
         w = self.w
         running = w.running_jobs()
         with w.conn.pipeline(transaction=False) as p:
-            self.publish(p, w.state())
+            self.publish(p, state)
             w.rq.beat(p)
             p.execute()
         w.claims.heartbeat(running)

@@ -74,7 +74,7 @@ class KV:
         capacity: int,
         dtype: str = "f16",
         start: int = 0,
-        any_start: bool = False,
+        slot: bool = False,
     ) -> None: ...
     @property
     def n_layers(self) -> int: ...

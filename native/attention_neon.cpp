@@ -35,17 +35,30 @@ const E* k_block(const KVSpan& sp, int kvh, int t, int D) {
 }
 
 // Keys/values at absolute positions [t + lo, t + hi) into the staged tile; other key lanes zero.
+// K is converted four lanes at a time wherever the four are present and in one span (all but the
+// range's edges and the prefix boundary), lane by lane elsewhere.
 template <typename E>
 void load_tile(const KeySpans& ks, int kvh, int t, int lo, int hi, int D, float* kt, float* v) {
-  for (int l = 0; l < kKeys; ++l) {
-    if (l < lo || l >= hi) {
-      for (int d = 0; d < D; ++d) kt[d * kKeys + l] = 0.0f;
+  for (int c = 0; c < kKeys; c += 4) {
+    int row;
+    const KVSpan* sp = c >= lo && c + 4 <= hi ? &key_span(ks, t + c, row) : nullptr;
+    if (sp != nullptr && sp->pos0 + sp->len >= t + c + 4) {
+      const E* kb = k_block<E>(*sp, kvh, t, D) + c;
+      for (int d = 0; d < D; ++d) vst1q_f32(kt + d * kKeys + c, neon::load4(kb + d * kKeys));
       continue;
     }
+    for (int l = c; l < c + 4; ++l) {
+      if (l < lo || l >= hi) {
+        for (int d = 0; d < D; ++d) kt[d * kKeys + l] = 0.0f;
+        continue;
+      }
+      const E* kb = k_block<E>(key_span(ks, t + l, row), kvh, t, D) + l;
+      for (int d = 0; d < D; ++d) kt[d * kKeys + l] = neon::load1(kb + d * kKeys);
+    }
+  }
+  for (int l = lo; l < hi; ++l) {
     int row;
     const KVSpan& sp = key_span(ks, t + l, row);
-    const E* kb = k_block<E>(sp, kvh, t, D) + l;
-    for (int d = 0; d < D; ++d) kt[d * kKeys + l] = neon::load1(kb + d * kKeys);
     const E* vr = static_cast<const E*>(sp.v) + kvh * sp.head_stride + static_cast<std::size_t>(row + sp.phase) * D;
     for (int d = 0; d < D; d += 4) vst1q_f32(v + l * D + d, neon::load4(vr + d));
   }

@@ -168,20 +168,16 @@ static void kv_import(KVCache& kv, const py::buffer& b, int length) {
 static void bind_model(py::module_& m) {
   py::class_<KVCache, std::unique_ptr<KVCache>>(m, "KV", "KV cache rows of every layer (float16 or float32).")
       .def(py::init([](int n_layers, int n_kv_heads, int head_dim, int capacity, const std::string& dtype, int start,
-                       bool any_start) {
+                       bool slot) {
              if (dtype != "f16" && dtype != "f32") throw std::invalid_argument("KV dtype must be 'f16' or 'f32'");
              if (start < 0) throw std::invalid_argument("KV start must be >= 0");
-             // Slots for the largest phase, then the real one: reset() can then move row 0 anywhere.
-             // An arena slot (any_start) also keeps to small pages: see KVCache's huge_pages.
-             auto kv = std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16",
-                                                 any_start ? kKVTile - 1 : start % kKVTile, !any_start);
-             if (any_start) kv->reset(start % kKVTile);
-             return kv;
+             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16", start % kKVTile,
+                                              slot);
            }),
            py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("capacity"),
-           py::arg("dtype") = "f16", py::arg("start") = 0, py::arg("any_start") = false,
-           "`start`: the absolute position of row 0 (the length of the prefix the rows follow). `any_start`:\n"
-           "room to be reset() to any start later (up to 31 more slots) and small pages only: a KV arena slot.")
+           py::arg("dtype") = "f16", py::arg("start") = 0, py::arg("slot") = false,
+           "`start`: the absolute position of row 0 (the length of the prefix the rows follow). `slot`: a KV\n"
+           "arena slot, reset() for sequence after sequence (room for any start, small pages only).")
       .def_property_readonly("n_layers", &KVCache::n_layers)
       .def_property_readonly("kv_dim", &KVCache::kv_dim)
       .def_property_readonly("n_kv_heads", &KVCache::n_kv_heads)

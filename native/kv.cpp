@@ -34,18 +34,18 @@ std::uint8_t* alloc_bytes(std::size_t n, bool huge_pages) {
 }
 }  // namespace
 
-KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool huge_pages)
+KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool slot)
     : n_layers_(n_layers),
       n_kv_heads_(n_kv_heads),
       head_dim_(head_dim),
       capacity_(capacity),
       phase_(phase),
-      slots_((capacity + phase + kKVTile - 1) / kKVTile * kKVTile),
+      slots_((capacity + (slot ? kKVTile - 1 : phase) + kKVTile - 1) / kKVTile * kKVTile),
       f16_(f16) {
   if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
-  base_ = alloc_bytes(nbytes(), huge_pages);
+  base_ = alloc_bytes(nbytes(), !slot);
 }
 
 KVCache::~KVCache() { std::free(base_); }

@@ -17,10 +17,11 @@ constexpr int kKVTile = 32;  // rows per K tile; equals kAttnTile
 
 class KVCache {
  public:
-  // `huge_pages`: back a large cache with transparent huge pages (a document's rows, read whole by
-  // every decode step). The KV arena's slots say no: a question's few rows touch every plane once,
-  // and with 2 MiB pages each touch would cost 2 MiB.
-  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0, bool huge_pages = true);
+  // `slot`: a KV arena slot, reused for sequence after sequence (reset()). It gets room for row 0 at
+  // any phase, and small pages only: a question's few rows touch every plane once, and with 2 MiB
+  // pages each touch would cost 2 MiB. Other caches (a document's rows, read whole by every decode
+  // step) ask for transparent huge pages.
+  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0, bool slot = false);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;

@@ -80,18 +80,10 @@ void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ld
   constexpr int T = P::kTokens;
   const std::size_t x_stride = qacts_row_bytes_ref(w.cols, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
-  for (int r = r0; r < r1; r += 8) {  // r0 is a multiple of 8: ops split rows in whole panels
-    const int nrows = r1 - r < 8 ? r1 - r : 8;
-    float* y = Y + r;
-    int n = 0;
-    for (; n + T <= N; n += T)
-      neon_panel_tile<P, G, T>(w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
-    if (n < N)
-      with_tokens<T>(N - n, [&](auto L) {
-        neon_panel_tile<P, G, L.value>(w, r / 8, x + n * x_stride, x_stride, y + static_cast<std::size_t>(n) * ldy,
-                                       ldy, nrows);
-      });
-  }
+  for_panel_tiles<T>(N, r0, r1, [&](int r, int n, int nrows, auto L) {
+    neon_panel_tile<P, G, L.value>(w, r / 8, x + n * x_stride, x_stride, Y + r + static_cast<std::size_t>(n) * ldy, ldy,
+                                   nrows);
+  });
 }
 
 template <class P>

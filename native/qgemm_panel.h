@@ -98,18 +98,10 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
   const int K = w.cols, ngp = (K / G + 7) & ~7;
   const std::size_t x_stride = qacts_row_bytes_avx2(K, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
-  for (int r = r0; r < r1; r += 8) {  // r0 is a multiple of 8: ops split rows in whole panels
-    const int nrows = r1 - r < 8 ? r1 - r : 8;
-    float* y = Y + r;
-    int n = 0;
-    for (; n + T <= N; n += T)
-      panel_tile<D, G, T>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy, nrows);
-    if (n < N)
-      with_tokens<T>(N - n, [&](auto L) {  // the N % T tokens left after whole tiles: one smaller tile
-        panel_tile<D, G, L.value>(w, r / 8, x + n * x_stride, x_stride, ngp, y + static_cast<std::size_t>(n) * ldy, ldy,
-                                  nrows);
-      });
-  }
+  for_panel_tiles<T>(N, r0, r1, [&](int r, int n, int nrows, auto L) {
+    panel_tile<D, G, L.value>(w, r / 8, x + n * x_stride, x_stride, ngp, Y + r + static_cast<std::size_t>(n) * ldy, ldy,
+                              nrows);
+  });
 }
 
 template <class D>

@@ -35,7 +35,7 @@ class KVArena:
         self.dtype, self.rows = dtype, rows
         # Each slot: (n_layers, 2 [K, V], n_kv_heads, rows + 31, head_dim) elements of `dtype`; the 31
         # spare rows let a reset put row 0 at any phase of its K tile.
-        self._free = [_native.KV(*self.dims, rows, dtype, 0, True) for _ in range(slots)]
+        self._free = [_native.KV(*self.dims, rows, dtype, 0, slot=True) for _ in range(slots)]
         self._mine = {id(kv) for kv in self._free}
         self.nbytes = sum(kv.nbytes for kv in self._free)
 
