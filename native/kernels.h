@@ -45,13 +45,14 @@ inline void with_tokens(int left, F&& f) {
     with_tokens<T - 1>(left, f);
   }
 }
-// The q4 kernels' loop: tile(r, n, nrows, integral_constant<int, T'>) for each 8-row panel of rows
-// [r0, r1) (r0 a multiple of 8: ops split rows in whole panels; nrows < 8 only in the last) and
-// the N tokens in tiles of T' = T, then one smaller tile for the N % T left over.
-template <int T, class F>
+// The q4 kernels' loop: tile(r, n, nrows, integral_constant<int, T'>) for each Rows-row step (one
+// 8-row panel, or two) of rows [r0, r1) (r0 a multiple of 8: ops split rows in whole panels;
+// nrows < Rows only in the last) and the N tokens in tiles of T' = T, then one smaller tile for the
+// N % T left over.
+template <int T, int Rows = 8, class F>
 inline void for_panel_tiles(int N, int r0, int r1, F&& tile) {
-  for (int r = r0; r < r1; r += 8) {
-    const int nrows = r1 - r < 8 ? r1 - r : 8;
+  for (int r = r0; r < r1; r += Rows) {
+    const int nrows = r1 - r < Rows ? r1 - r : Rows;
     int n = 0;
     for (; n + T <= N; n += T) tile(r, n, nrows, std::integral_constant<int, T>{});
     if (n < N) with_tokens<T>(N - n, [&](auto L) { tile(r, n, nrows, L); });

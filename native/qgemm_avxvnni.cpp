@@ -9,8 +9,10 @@ namespace seqshare {
 namespace {
 
 struct AvxVnniDot {
+  using V = Ymm;
   static constexpr int tokens(int) { return 6; }  // 6 float + 6 int32 accumulators of 16 registers
   static __m256i start(__m256i a32) { return a32; }
+  static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
   static __m256i finish(__m256i, __m256i acc) { return acc; }
 };

@@ -7,8 +7,10 @@ namespace seqshare {
 namespace {
 
 struct MaddubsDot {
+  using V = Ymm;
   static constexpr int tokens(int G) { return G == 32 ? 6 : 4; }  // 16 registers
   static __m256i start(__m256i) { return _mm256_setzero_si256(); }
+  static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
   static __m256i madd(__m256i acc16, __m256i w, __m256i x) {
     return _mm256_add_epi16(acc16, _mm256_maddubs_epi16(w, x));
   }

@@ -32,6 +32,17 @@ inline float hsum8(__m256 v) {
 
 inline __m256 h16_scalar(std::uint16_t h) { return _mm256_set1_ps(_mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h)))); }
 
+// Decode streams weights from memory faster when they are requested ahead. A tile of R rows reads
+// the contiguous bytes [r K, (r + R) K) in R interleaved streams; at group g it requests the same
+// share of the next tile's bytes, so that tile arrives as one sequential stream (2-core Zen 5, weights
+// far larger than the caches: 27 -> 39 GB/s with AVX2).
+template <int R, int G>
+inline void q8_prefetch_next(const std::int8_t* W, std::size_t K, int r, int g) {
+  const std::int8_t* next = W + static_cast<std::size_t>(r + R) * K + static_cast<std::size_t>(g) * R * G;
+#pragma GCC unroll 8
+  for (int off = 0; off < R * G; off += 64) _mm_prefetch(reinterpret_cast<const char*>(next + off), _MM_HINT_T0);
+}
+
 // int32 lanes of sum(w * x) over one group of G columns of one row (int8, sign-extended to int16
 // in `wv`, once for all tokens of a tile) and one token (int16), 16 columns per step: lane k sums
 // the column pairs 16b + 2k, 16b + 2k + 1.
@@ -56,6 +67,7 @@ void q8_tile(const Q8Ctx& c, int r, int n) {
   const auto* W = static_cast<const std::int8_t*>(c.w->data);
   const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
   for (int g = 0; g < c.ng; ++g) {
+    if constexpr (T <= 2) q8_prefetch_next<R, G>(W, K, r, g);
 #pragma GCC unroll 16
     for (int i = 0; i < R; ++i) {
       const std::int8_t* wg = W + static_cast<std::size_t>(r + i) * K + static_cast<std::size_t>(g) * G;
