@@ -71,6 +71,7 @@ bench: model
 	$(PY) bench/docqa.py
 	$(PY) bench/queue_roundtrip.py
 	$(PY) bench/bundle.py
+	$(PY) bench/agreement.py
 
 # seqshare vs llama.cpp at the shapes of real edge models in every common GGUF format (hours on 2
 # cores for the whole matrix; MATRIX_ARGS="--shapes qwen2.5-0.5b --formats Q4_0" runs a part).

@@ -97,7 +97,8 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
     need(isa)
-    for group, n, rows in [(32, 1, 45), (64, 2, 33), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 25, 3)]:
+    cases = [(32, 1, 45), (64, 2, 33), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 25, 3)]
+    for group, n, rows in cases:
         t = weight(fmt, rows, 1536, group, group + n)
         x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
         want = _native.linear(x, isa="avx2", **kernel_args(t))
