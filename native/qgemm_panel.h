@@ -1,6 +1,8 @@
 // q4 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every x86
 // ISA: the tile below is written once and instantiated by qgemm_panel_avx2.cpp, _avxvnni.cpp and
-// _avx512.cpp, each compiled with its own flags, with a policy `D` for the integer dot product.
+// _avx512.cpp, each compiled with its own flags, with a policy `D` for the integer dot product
+// (start / madd / add / finish on the vectors of its width policy `D::V`: one panel per 256-bit
+// vector, or two panels per 512-bit vector in qgemm_avx512.cpp).
 //
 // One 32-byte load holds 4 columns of each of 8 rows in its low nibbles and 4 more in its high
 // nibbles, one row per 32-bit lane. Against 4 bytes of x broadcast to all lanes, one multiply-add
@@ -8,7 +10,8 @@
 //   AVX2:        vpmaddubsw into int16 lanes; a 32-column block adds up without saturating
 //                (8 x 2 x 15 x 127 < 2^15) before one vpmaddwd widens it to int32;
 //   (AVX-)VNNI:  vpdpbusd adds the four products straight into the int32 lanes.
-// Both give the exact integer sum of a 32-column block, so every ISA computes the same integers and
+// Both give the exact integer sum of a 32-column block (however the chain of steps is split into
+// partial sums), so every ISA computes the same integers and
 // then the same float operations -- one FMA per group, in group order -- whatever the number of
 // tokens: results are bit-identical across ISAs and do not depend on the batch.
 //
