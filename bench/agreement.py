@@ -18,7 +18,6 @@ import argparse
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from engine import prompt_ids  # noqa: E402
-from matrix import FTYPES, cache_dir  # noqa: E402
+from matrix import cache_dir, llama_quantize  # noqa: E402
 
 
 def requantized(fmt: str, threads: int) -> Path:
@@ -34,19 +33,8 @@ def requantized(fmt: str, threads: int) -> Path:
     from seqshare.daemon.fetch import default_model_path
 
     out = cache_dir() / f"default.{fmt}.gguf"
-    if out.exists():
-        return out
-    import llama_cpp
-
-    print(f"requantizing the default model to {fmt} with llama.cpp ...", file=sys.stderr, flush=True)
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = FTYPES[fmt]
-    params.nthread = threads
-    params.allow_requantize = True
-    part = out.with_suffix(".part")
-    if llama_cpp.llama_model_quantize(str(default_model_path()).encode(), str(part).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not requantize the default model to {fmt}")
-    part.rename(out)
+    if not out.exists():
+        llama_quantize(default_model_path(), out, fmt, threads, requantize=True)
     return out
 
 
@@ -116,7 +104,7 @@ def main() -> None:
         rows.append(f"| {fmt} | {size / 2**20:.1f} | {bundle_bytes / 2**20:.1f} ({bundle_bytes / size:.2f}x) | "
                     f"{t_ours:.4f} / {c_ours:.6f} | {t_peer:.4f} / {c_peer:.6f} |")
         print(rows[-1], file=sys.stderr, flush=True)
-    report: Any = [
+    report = [
         f"default model requantized by llama.cpp, {len(ids)} tokens teacher-forced; reference: transformers "
         "reading the same GGUF in float32",
         "",

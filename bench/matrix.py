@@ -127,17 +127,23 @@ def quantized(name: str, fmt: str, threads: int) -> Path:
         print(f"writing {f16.name} ...", file=sys.stderr, flush=True)
         write_f16(name, SHAPES[name], f16.with_suffix(".part"))
         f16.with_suffix(".part").rename(f16)
+    llama_quantize(f16, out, fmt, threads)
+    return out
+
+
+def llama_quantize(src: Path, out: Path, fmt: str, threads: int, requantize: bool = False) -> None:
+    """`src` quantized to `fmt` by llama.cpp's own quantizer, written to `out` (via a .part file)."""
     import llama_cpp
 
     print(f"quantizing {out.name} with llama.cpp ...", file=sys.stderr, flush=True)
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = FTYPES[fmt]
     params.nthread = threads
+    params.allow_requantize = requantize
     part = out.with_suffix(".part")
-    if llama_cpp.llama_model_quantize(str(f16).encode(), str(part).encode(), params) != 0:
-        raise RuntimeError(f"llama.cpp could not quantize {f16} to {fmt}")
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(part).encode(), params) != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {fmt}")
     part.rename(out)
-    return out
 
 
 def run_cell(gguf: Path, args: argparse.Namespace) -> dict[str, Any] | None:
