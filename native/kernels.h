@@ -59,6 +59,17 @@ inline void for_panel_tiles(int N, int r0, int r1, F&& tile) {
   }
 }
 
+// D::Narrow where an integer kernel's policy D holds two panels or rows per vector (the policy for
+// a lone last one, and for decode), else D itself.
+template <class D, class = void>
+struct NarrowOf {
+  using type = D;
+};
+template <class D>
+struct NarrowOf<D, std::void_t<typename D::Narrow>> {
+  using type = typename D::Narrow;
+};
+
 // ---- attention ------------------------------------------------------------------------------
 struct AttnArgs {
   const AttnJob* job;

@@ -96,6 +96,7 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
 namespace {
 
 struct MaddwdDot {
+  using V = Q8Ymm;
   static constexpr int kR = 3, kT = 3;  // 9 accumulators of 16 registers
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_add_epi32(acc, _mm256_madd_epi16(w, x)); }
 };

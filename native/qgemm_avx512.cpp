@@ -66,97 +66,47 @@ struct Avx512PanelPairDot {
 };
 
 struct Avx512WordDot {
+  using V = Q8Ymm;
   static constexpr int kR = 4, kT = 4;  // 16 accumulators
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_epi32(acc, w, x); }
 };
 
 // q8 rows two at a time: row r's 8 lanes in the low 256 bits of a vector, row r + 1's in the high
-// ones. Every lane holds the integers and runs the float steps of qgemm_q8.h's tile, so the results
+// ones. Every lane holds the integers and runs the float steps of the 256-bit tile, so the results
 // are its bits, with half the instructions per multiply-add.
-constexpr int kPairT = 6;  // 2 pairs x 6 tokens: 12 float + 12 int32 accumulators of 32 registers
-
-inline __m512i q8_pair_w(const std::int8_t* a, const std::int8_t* b) {
-  return _mm512_cvtepi8_epi16(_mm256_inserti128_si256(
-      _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))),
-      _mm_loadu_si128(reinterpret_cast<const __m128i*>(b)), 1));
-}
-
-// Y[n + j, r + i] for i < 2P, j < T.
-template <int G, int P, int T>
-void q8_pair_tile(const Q8Ctx& c, int r, int n) {
-  __m512 acc[P][T];
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 16
-    for (int j = 0; j < T; ++j) acc[p][j] = _mm512_setzero_ps();
-  const std::size_t K = static_cast<std::size_t>(c.w->cols);
-  const auto* W = static_cast<const std::int8_t*>(c.w->data);
-  const std::uint8_t* xrow = c.xq + static_cast<std::size_t>(n) * c.x_stride;
-  for (int g = 0; g < c.ng; ++g) {
-    __m512i s[P][T];
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p)
-#pragma GCC unroll 16
-      for (int j = 0; j < T; ++j) s[p][j] = _mm512_setzero_si512();
-#pragma GCC unroll 8
-    for (int b = 0; b < G / 16; ++b) {
-      const std::size_t col = static_cast<std::size_t>(g) * G + 16 * b;
-      __m512i wv[P];
-#pragma GCC unroll 16
-      for (int p = 0; p < P; ++p) wv[p] = q8_pair_w(W + (r + 2 * p) * K + col, W + (r + 2 * p + 1) * K + col);
-#pragma GCC unroll 16
-      for (int j = 0; j < T; ++j) {
-        const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride) + col;
-        const __m512i xb = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)));
-#pragma GCC unroll 16
-        for (int p = 0; p < P; ++p) s[p][j] = _mm512_dpwssd_epi32(s[p][j], wv[p], xb);
-      }
-    }
-#pragma GCC unroll 16
-    for (int p = 0; p < P; ++p) {
-      const std::uint16_t* sc = c.w->scales + static_cast<std::size_t>(r + 2 * p) * c.ng + g;
-      const __m512 dw = _mm512_insertf32x8(_mm512_castps256_ps512(h16_scalar(sc[0])), h16_scalar(sc[c.ng]), 1);
-#pragma GCC unroll 16
-      for (int j = 0; j < T; ++j) {
-        const auto* x = reinterpret_cast<const std::int16_t*>(xrow + j * c.x_stride);
-        const __m512 dx = _mm512_set1_ps(reinterpret_cast<const float*>(x + K)[g]);
-        acc[p][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s[p][j]), _mm512_mul_ps(dw, dx), acc[p][j]);
-      }
-    }
+struct Q8Zmm {
+  using I = __m512i;
+  using F = __m512;
+  static constexpr int kRows = 2;
+  static I load_w(const std::int8_t* p, std::size_t row_bytes) {
+    return _mm512_cvtepi8_epi16(
+        _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+                                _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + row_bytes)), 1));
   }
-#pragma GCC unroll 16
-  for (int p = 0; p < P; ++p)
-#pragma GCC unroll 16
-    for (int j = 0; j < T; ++j) {
-      float* y = c.Y + static_cast<std::size_t>(n + j) * c.ldy + r + 2 * p;
-      y[0] = hsum8(_mm512_castps512_ps256(acc[p][j]));
-      y[1] = hsum8(_mm512_extractf32x8_ps(acc[p][j], 1));
-    }
-}
-
-template <int G, int P>
-void q8_pair_tokens(const Q8Ctx& c, int r, int n0, int n1) {
-  int n = n0;
-  for (; n + kPairT <= n1; n += kPairT) q8_pair_tile<G, P, kPairT>(c, r, n);
-  if (n < n1) with_tokens<kPairT>(n1 - n, [&](auto L) { q8_pair_tile<G, P, L.value>(c, r, n); });
-}
-
-// As qgemm_q8.h's q8_run, rows in pairs; a lone last row takes the 256-bit tile. So do decode's one
-// or two tokens: streaming weights from memory, the 256-bit tile with its prefetch ran faster here
-// (Zen 5: 40 against 35 GB/s).
-template <int G>
-void q8_pair_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  const Q8Ctx c{&w, static_cast<const std::uint8_t*>(xq), qacts_row_bytes_avx2(w.cols, G, true), w.cols / G, Y, ldy};
-  for (int nb = 0; nb < N; nb += kQ8TokBlock) {
-    const int ne = N - nb < kQ8TokBlock ? N : nb + kQ8TokBlock;
-    int r = r0;
-    if (ne - nb <= 2)
-      for (; r + Avx512WordDot::kR <= r1; r += Avx512WordDot::kR) q8_tokens<Avx512WordDot, G, Avx512WordDot::kR>(c, r, nb, ne);
-    for (; r + 4 <= r1; r += 4) q8_pair_tokens<G, 2>(c, r, nb, ne);
-    for (; r + 2 <= r1; r += 2) q8_pair_tokens<G, 1>(c, r, nb, ne);
-    if (r < r1) q8_tokens<Avx512WordDot, G, 1>(c, r, nb, ne);
+  static I load_x(const std::int16_t* p) {
+    return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
-}
+  static F scale(const std::uint16_t* p, int group_stride) {
+    return _mm512_insertf32x8(_mm512_castps256_ps512(h16_scalar(p[0])), h16_scalar(p[group_stride]), 1);
+  }
+  static I zero_i() { return _mm512_setzero_si512(); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  static F bcast_f(const float* p) { return _mm512_set1_ps(*p); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
+  static void store(float* y, F v) {
+    y[0] = hsum8(_mm512_castps512_ps256(v));
+    y[1] = hsum8(_mm512_extractf32x8_ps(v, 1));
+  }
+};
+
+struct Avx512RowPairWordDot {
+  using V = Q8Zmm;
+  using Narrow = Avx512WordDot;  // a lone last row, and decode (it streams faster: 40 against 35 GB/s)
+  static constexpr int kR = 2, kT = 6;  // 2 pairs x 6 tokens: 12 float accumulators of 32 registers
+  static __m512i madd(__m512i acc, __m512i w, __m512i x) { return _mm512_dpwssd_epi32(acc, w, x); }
+};
 
 }  // namespace
 
@@ -165,7 +115,7 @@ void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int l
 }
 
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_group(w.group, [&](auto G) { q8_pair_run<G.value>(w, xq, N, Y, ldy, r0, r1); });
+  qgemm_q8_rows<Avx512RowPairWordDot>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

@@ -18,6 +18,7 @@ struct AvxVnniDot {
 };
 
 struct AvxVnniWordDot {
+  using V = Q8Ymm;
   static constexpr int kR = 3, kT = 3;  // 9 accumulators of 16 registers
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpwssd_avx_epi32(acc, w, x); }
 };

@@ -24,7 +24,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <type_traits>
 
 #include "kernels.h"
 
@@ -137,16 +136,6 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
 }
-
-// D::Narrow, where D's vectors hold two panels: the policy for a lone last panel.
-template <class D, class = void>
-struct NarrowOf {
-  using type = D;
-};
-template <class D>
-struct NarrowOf<D, std::void_t<typename D::Narrow>> {
-  using type = typename D::Narrow;
-};
 
 template <class D, int G>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
