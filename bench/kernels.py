@@ -1,9 +1,12 @@
-"""Kernel throughput on SmolLM2-135M shapes: GFLOP/s and GB/s per op, format and ISA.
+"""Kernel throughput at a model's shapes: GFLOP/s and GB/s per op, format and ISA.
 
-    .venv/bin/python bench/kernels.py [--isa avx512] [--threads 2] [--formats q4,f32] [--quick]
+    .venv/bin/python bench/kernels.py [--isa avx512] [--threads 2] [--formats q4,f32] [--tokens 1,512]
+                                      [--shape qwen2.5-0.5b] [--layers 10] [--no-attention]
 
 Decode GEMV (N=1) is judged by GB/s of packed weights streamed; prefill GEMM (N=512) by GFLOP/s.
-Whole-layer figures sum the 7 linears of one layer. Nothing here asserts a time.
+Whole-layer figures sum the 7 linears of one layer; `--layers` passes over that many distinct
+layers, so that a GEMV reads its weights from memory rather than the caches. Nothing here asserts a
+time.
 """
 
 from __future__ import annotations
@@ -17,12 +20,17 @@ import numpy as np
 from seqshare import _native
 from seqshare.bundle.quant import kernel_args, quantize
 
-HIDDEN, INTER, HEADS, KV_HEADS, HEAD_DIM = 576, 1536, 9, 3, 64
-LAYER = {  # name: (rows, cols)
-    "wq": (HEADS * HEAD_DIM, HIDDEN), "wk": (KV_HEADS * HEAD_DIM, HIDDEN), "wv": (KV_HEADS * HEAD_DIM, HIDDEN),
-    "wo": (HIDDEN, HEADS * HEAD_DIM), "w_gate": (INTER, HIDDEN), "w_up": (INTER, HIDDEN),
-    "w_down": (HIDDEN, INTER),
-}
+# (hidden, ffn, heads, kv heads, head_dim) from the published configs
+SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 64), "qwen2.5-0.5b": (896, 4864, 14, 2, 64),
+          "qwen2.5-1.5b": (1536, 8960, 12, 2, 128)}
+
+
+def layer(shape: str) -> dict[str, tuple[int, int]]:
+    """The 7 linears of one layer: name -> (rows, cols)."""
+    hidden, inter, heads, kv_heads, hd = SHAPES[shape]
+    return {"wq": (heads * hd, hidden), "wk": (kv_heads * hd, hidden), "wv": (kv_heads * hd, hidden),
+            "wo": (hidden, heads * hd), "w_gate": (inter, hidden), "w_up": (inter, hidden),
+            "w_down": (hidden, inter)}
 
 
 def best_time(fn: Callable[[], object], min_time: float) -> float:
@@ -36,22 +44,30 @@ def best_time(fn: Callable[[], object], min_time: float) -> float:
     return best
 
 
-def bench_linear(fmt: str, isa: str, n: int, min_time: float) -> None:
+def bench_linear(fmt: str, isa: str, n: int, min_time: float, shape: str, layers: int) -> None:
+    """One pass over `layers` layers of distinct weights: with enough of them the weights cannot stay
+    in the caches and a GEMV streams them from memory, as decode does."""
     rng = np.random.default_rng(0)
-    total_t, flops, nbytes = 0.0, 0.0, 0
-    for rows, cols in LAYER.values():
-        t = quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.05, fmt, 32)
-        x = rng.standard_normal((n, cols), dtype=np.float32)
-        kw = kernel_args(t)
-        dt = best_time(lambda x=x, kw=kw: _native.linear(x, isa=isa, **kw), min_time)
-        total_t += dt
-        flops += 2.0 * n * rows * cols
-        nbytes += t.nbytes
-    print(f"linear {fmt:5s} {isa:7s} N={n:4d}  layer {total_t * 1e3:8.3f} ms  "
-          f"{flops / total_t / 1e9:8.1f} GFLOP/s  {nbytes / total_t / 1e9:7.2f} GB/s weights")
+    weights, flops, nbytes = [], 0.0, 0
+    for _ in range(layers):
+        for rows, cols in layer(shape).values():
+            t = quantize(rng.standard_normal((rows, cols), dtype=np.float32) * 0.05, fmt, 32)
+            weights.append((kernel_args(t), cols))
+            flops += 2.0 * n * rows * cols
+            nbytes += t.nbytes
+    xs = {cols: rng.standard_normal((n, cols), dtype=np.float32) for _, cols in weights}
+
+    def one_pass() -> None:
+        for kw, cols in weights:
+            _native.linear(xs[cols], isa=isa, **kw)
+
+    dt = best_time(one_pass, min_time)
+    print(f"linear {fmt:5s} {isa:7s} N={n:4d}  {shape} x{layers}  layer {dt / layers * 1e3:8.3f} ms  "
+          f"{flops / dt / 1e9:8.1f} GFLOP/s  {nbytes / dt / 1e9:7.2f} GB/s weights ({nbytes / 2**20:.0f} MiB)")
 
 
-def bench_attention(isa: str, n: int, length: int, min_time: float) -> None:
+def bench_attention(isa: str, n: int, length: int, min_time: float, shape: str) -> None:
+    _, _, HEADS, KV_HEADS, HEAD_DIM = SHAPES[shape]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((n, HEADS, HEAD_DIM), dtype=np.float32)
     k = rng.standard_normal((length, KV_HEADS, HEAD_DIM), dtype=np.float32).astype(np.float16)
@@ -74,15 +90,18 @@ def main() -> None:
     ap.add_argument("--tokens", default="1,512")
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--no-attention", action="store_true")
+    ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--layers", type=int, default=1,
+                    help="distinct layers per pass (10 at qwen2.5-0.5b: 4x a 32 MiB L3)")
     args = ap.parse_args()
     _native.set_threads(args.threads)
     print(f"isa={args.isa} threads={_native.get_threads()}")
     for n in (int(s) for s in args.tokens.split(",")):
         for fmt in args.formats.split(","):
-            bench_linear(fmt, args.isa, n, args.min_time)
+            bench_linear(fmt, args.isa, n, args.min_time, args.shape, args.layers)
     if not args.no_attention:
-        bench_attention(args.isa, 512, 512, args.min_time)
-        bench_attention(args.isa, 1, 6000, args.min_time)
+        bench_attention(args.isa, 512, 512, args.min_time, args.shape)
+        bench_attention(args.isa, 1, 6000, args.min_time, args.shape)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 // The integer GEMMs with AVX512-VNNI (EVEX vpdpbusd / vpdpwssd: Ice Lake and later, Zen 4): q4
 // panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). Many tokens take 512-bit vectors holding two
-// panels or two rows side by side, which halves the instructions per multiply-add (Zen 5, 2 cores,
-// 512 tokens: q4 654 -> 1,230 and q8 242 -> 417 GFLOP/s); decode's one or two tokens take the 256-bit
-// tiles, which stream from memory faster. EVEX reaches 32 vector registers, so tiles hold more tokens
-// and rows than the AVX2 ones. Every lane holds one output's integers and runs its float steps in
-// the order every other x86 ISA does, so the results are theirs bit for bit.
+// panels or two rows side by side, which halves the instructions per multiply-add
+// (bench/kernels.py, Zen 5, 2 cores, 512 tokens: q4 619 -> 1,198 and q8 230 -> 408 GFLOP/s).
+// Decode's one or two tokens take the 256-bit tiles, which stream from memory faster. EVEX reaches
+// 32 vector registers, so tiles hold more tokens and rows than the AVX2 ones. Every lane holds one
+// output's integers and runs its float steps in the order every other x86 ISA does, so the results
+// are theirs bit for bit.
 #include "qgemm_panel.h"
 #include "qgemm_q8.h"
 
@@ -103,7 +104,7 @@ struct Q8Zmm {
 
 struct Avx512RowPairWordDot {
   using V = Q8Zmm;
-  using Narrow = Avx512WordDot;  // a lone last row, and decode (it streams faster: 40 against 35 GB/s)
+  using Narrow = Avx512WordDot;  // a lone last row, and decode (streams faster from memory, measured)
   static constexpr int kR = 2, kT = 6;  // 2 pairs x 6 tokens: 12 float accumulators of 32 registers
   static __m512i madd(__m512i acc, __m512i w, __m512i x) { return _mm512_dpwssd_epi32(acc, w, x); }
 };

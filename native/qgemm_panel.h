@@ -60,8 +60,9 @@ struct Ymm {
   }
 };
 
-// Decode (one or two tokens) streams the panel from memory: asking for the bytes this far ahead
-// raised it from 36 to 46 GB/s on a 2-core Zen 5 (bench: weights far larger than the caches).
+// Decode (one or two tokens) streams the panel from memory: asking for the bytes this far ahead,
+// with the chain split below, raised it from 34 to 45 GB/s at the AVX2 level (bench/kernels.py
+// --layers 10 on a 2-core Zen 5).
 constexpr int kPanelPrefetchBytes = 4096;
 
 // Y[n + t, r + lane] for T tokens and the V::kRows rows of one panel (or two, side by side).
@@ -107,7 +108,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
       }
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
-        if constexpr (T <= 2) _mm_prefetch(reinterpret_cast<const char*>(pw + 32 * j + kPanelPrefetchBytes), _MM_HINT_T0);
+        if constexpr (T <= 2)
+          _mm_prefetch(reinterpret_cast<const char*>(pw + 32 * j + kPanelPrefetchBytes), _MM_HINT_T0);
         const I raw = V::load_w(pw + 32 * j, panel_bytes);
         const I lo = V::low(raw, m4), hi = V::high(raw, m4);
 #pragma GCC unroll 16
