@@ -24,9 +24,7 @@ struct Avx512ByteDot {
 
 // Two panels side by side: rows r..r+7 in the low 256 bits, r+8..r+15 in the high ones. Each lane
 // still holds one row's integers and one row's floats, so the results are the Ymm policy's bits.
-struct Zmm {
-  using I = __m512i;
-  using F = __m512;
+struct Zmm : Vec512 {
   static constexpr int kRows = 16;
   static I load_w(const std::uint8_t* p, std::size_t panel_bytes) {
     return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
@@ -45,12 +43,6 @@ struct Zmm {
   static I nibbles() { return _mm512_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
   static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
-  static I zero_i() { return _mm512_setzero_si512(); }
-  static F zero_f() { return _mm512_setzero_ps(); }
-  static F bcast_f(const float* p) { return _mm512_set1_ps(*p); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
   static void store(float* y, int nrows, F v) {
     _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << nrows) - 1), v);
   }
@@ -75,9 +67,7 @@ struct Avx512WordDot {
 // q8 rows two at a time: row r's 8 lanes in the low 256 bits of a vector, row r + 1's in the high
 // ones. Every lane holds the integers and runs the float steps of the 256-bit tile, so the results
 // are its bits, with half the instructions per multiply-add.
-struct Q8Zmm {
-  using I = __m512i;
-  using F = __m512;
+struct Q8Zmm : Vec512 {
   static constexpr int kRows = 2;
   static I load_w(const std::int8_t* p, std::size_t row_bytes) {
     return _mm512_cvtepi8_epi16(
@@ -90,12 +80,6 @@ struct Q8Zmm {
   static F scale(const std::uint16_t* p, int group_stride) {
     return _mm512_insertf32x8(_mm512_castps256_ps512(h16_scalar(p[0])), h16_scalar(p[group_stride]), 1);
   }
-  static I zero_i() { return _mm512_setzero_si512(); }
-  static F zero_f() { return _mm512_setzero_ps(); }
-  static F bcast_f(const float* p) { return _mm512_set1_ps(*p); }
-  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
-  static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
   static void store(float* y, F v) {
     y[0] = hsum8(_mm512_castps512_ps256(v));
     y[1] = hsum8(_mm512_extractf32x8_ps(v, 1));

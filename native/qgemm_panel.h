@@ -26,15 +26,14 @@
 #include <cstring>
 
 #include "kernels.h"
+#include "qgemm_vec.h"
 
 namespace seqshare {
 namespace {
 
 // One panel's 8 rows in the lanes of a 256-bit vector. `panel_bytes` / `panel_halves` step to the
 // next panel; a wider policy (qgemm_avx512.cpp) puts two panels side by side in one vector.
-struct Ymm {
-  using I = __m256i;
-  using F = __m256;
+struct Ymm : Vec256 {
   static constexpr int kRows = 8;
   static I load_w(const std::uint8_t* p, std::size_t) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
   static F load_h(const std::uint16_t* p, std::size_t) {
@@ -48,12 +47,6 @@ struct Ymm {
   static I nibbles() { return _mm256_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
   static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
-  static I zero_i() { return _mm256_setzero_si256(); }
-  static F zero_f() { return _mm256_setzero_ps(); }
-  static F bcast_f(const float* p) { return _mm256_broadcast_ss(p); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
   static void store(float* y, int nrows, F v) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(y, m, v);

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "kernels.h"
+#include "qgemm_vec.h"
 
 namespace seqshare {
 namespace {
@@ -46,9 +47,7 @@ inline void q8_prefetch_next(const std::int8_t* W, std::size_t K, int r, int g) 
 
 // One row's 8 lanes per 256-bit vector. `row_bytes` / `group_stride` step to the next row's weights
 // and scales; qgemm_avx512.cpp's wider policy holds two rows side by side in a 512-bit vector.
-struct Q8Ymm {
-  using I = __m256i;
-  using F = __m256;
+struct Q8Ymm : Vec256 {
   static constexpr int kRows = 1;
   // 16 int8 weights of a row, sign-extended to int16.
   static I load_w(const std::int8_t* p, std::size_t) {
@@ -56,12 +55,6 @@ struct Q8Ymm {
   }
   static I load_x(const std::int16_t* p) { return _mm256_loadu_si256(reinterpret_cast<const I*>(p)); }
   static F scale(const std::uint16_t* p, int) { return h16_scalar(*p); }
-  static I zero_i() { return _mm256_setzero_si256(); }
-  static F zero_f() { return _mm256_setzero_ps(); }
-  static F bcast_f(const float* p) { return _mm256_broadcast_ss(p); }
-  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
   static void store(float* y, F v) { y[0] = hsum8(v); }
 };
 

@@ -1,0 +1,36 @@
+// The float and integer-zero steps every x86 integer GEMM policy shares, per vector width: the q4
+// panel policies (qgemm_panel.h, qgemm_avx512.cpp) and the q8 row policies (qgemm_q8.h,
+// qgemm_avx512.cpp) add their own loads and stores. Internal linkage, as in qgemm_panel.h; the
+// 512-bit set exists only where the file is compiled with AVX-512.
+#pragma once
+#include <immintrin.h>
+
+namespace seqshare {
+namespace {
+
+struct Vec256 {
+  using I = __m256i;
+  using F = __m256;
+  static I zero_i() { return _mm256_setzero_si256(); }
+  static F zero_f() { return _mm256_setzero_ps(); }
+  static F bcast_f(const float* p) { return _mm256_broadcast_ss(p); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
+};
+
+#ifdef __AVX512F__
+struct Vec512 {
+  using I = __m512i;
+  using F = __m512;
+  static I zero_i() { return _mm512_setzero_si512(); }
+  static F zero_f() { return _mm512_setzero_ps(); }
+  static F bcast_f(const float* p) { return _mm512_set1_ps(*p); }
+  static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+  static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
+};
+#endif
+
+}  // namespace
+}  // namespace seqshare
