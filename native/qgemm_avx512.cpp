@@ -35,14 +35,6 @@ struct Zmm : Vec512 {
         _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + panel_halves)), 1));
   }
-  static I bcast4(const std::int8_t* p) {
-    std::int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm512_set1_epi32(v);
-  }
-  static I nibbles() { return _mm512_set1_epi8(0x0F); }
-  static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
-  static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
   static void store(float* y, int nrows, F v) {
     _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << nrows) - 1), v);
   }

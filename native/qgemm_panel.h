@@ -23,7 +23,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "kernels.h"
 #include "qgemm_vec.h"
@@ -39,14 +38,6 @@ struct Ymm : Vec256 {
   static F load_h(const std::uint16_t* p, std::size_t) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
-  static I bcast4(const std::int8_t* p) {
-    std::int32_t v;
-    std::memcpy(&v, p, 4);
-    return _mm256_set1_epi32(v);
-  }
-  static I nibbles() { return _mm256_set1_epi8(0x0F); }
-  static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
-  static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
   static void store(float* y, int nrows, F v) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(y, m, v);

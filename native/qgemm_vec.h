@@ -5,8 +5,17 @@
 #pragma once
 #include <immintrin.h>
 
+#include <cstdint>
+#include <cstring>
+
 namespace seqshare {
 namespace {
+
+inline std::int32_t load_i32(const std::int8_t* p) {
+  std::int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
+}
 
 struct Vec256 {
   using I = __m256i;
@@ -17,6 +26,11 @@ struct Vec256 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
+  // The q4 panel's integer steps: 4 activation bytes to every lane, and a byte's two nibbles.
+  static I bcast4(const std::int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
+  static I nibbles() { return _mm256_set1_epi8(0x0F); }
+  static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
+  static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
 };
 
 #ifdef __AVX512F__
@@ -29,6 +43,10 @@ struct Vec512 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
+  static I bcast4(const std::int8_t* p) { return _mm512_set1_epi32(load_i32(p)); }
+  static I nibbles() { return _mm512_set1_epi8(0x0F); }
+  static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
+  static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
 };
 #endif
 
