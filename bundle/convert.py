@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from seqshare.bundle.quant import GROUP_SIZES, PANEL, QTensor, q4_tensor, q4_values, quantize
+from seqshare.bundle.quant import GROUP_SIZES, PANEL, PANEL_FORMATS, QTensor, panel_tensor, panel_values, quantize
 from seqshare.bundle.spec import ModelSpec
 from seqshare.worker.errors import UnsupportedQuantError
 
@@ -118,7 +118,7 @@ def target_format(quant: str, stored: str, name: str = "") -> str:
 def plan_tensor(name: str, shape: tuple[int, ...], fmt: str, group_size: int) -> TensorPlan:
     if len(shape) == 1:
         return TensorPlan(name, "f32", shape, 0)
-    if fmt in ("q8", "q4"):
+    if fmt in ("q8", *PANEL_FORMATS):
         if shape[1] % group_size:
             raise UnsupportedQuantError(
                 f"{name} has {shape[1]} columns, not a multiple of the group size {group_size}; "
@@ -128,7 +128,7 @@ def plan_tensor(name: str, shape: tuple[int, ...], fmt: str, group_size: int) ->
     return TensorPlan(name, fmt, shape, 0)
 
 
-ROW_BLOCK = 1024  # rows converted at a time (whole q4 panels): bounds the float temporaries
+ROW_BLOCK = 1024  # rows converted at a time (whole panels): bounds the float temporaries
 
 
 def from_float(w: np.ndarray, p: TensorPlan) -> QTensor:
@@ -144,8 +144,8 @@ def from_rows(read: Callable[[int, int], np.ndarray], p: TensorPlan) -> QTensor:
         return QTensor("f32", p.shape, 0, {"data": data})
     rows = p.shape[0]
 
-    def lead(n: int) -> int:  # planes are indexed by row, q4 planes by 8-row panel
-        return -(-n // PANEL) if p.fmt == "q4" else n
+    def lead(n: int) -> int:  # planes are indexed by row, q4/q5 planes by 8-row panel
+        return -(-n // PANEL) if p.fmt in PANEL_FORMATS else n
 
     planes: dict[str, np.ndarray] = {}
     for r0 in range(0, rows, ROW_BLOCK):
@@ -159,10 +159,10 @@ def from_rows(read: Callable[[int, int], np.ndarray], p: TensorPlan) -> QTensor:
 
 
 def permute_rows(t: QTensor, order: np.ndarray) -> QTensor:
-    """Reorder the rows of a weight; lossless (q4 values, scales and mins move, nothing is requantized)."""
-    if t.fmt == "q4":
-        q, scales, mins = q4_values(t)
-        return q4_tensor(q[order], scales[order], mins[order], t.group_size)
+    """Reorder the rows of a weight; lossless (panel values, scales and mins move, nothing is requantized)."""
+    if t.fmt in PANEL_FORMATS:
+        q, scales, mins = panel_values(t)
+        return panel_tensor(t.fmt, q[order], scales[order], mins[order], t.group_size)
     return QTensor(
         t.fmt, t.shape, t.group_size, {k: np.ascontiguousarray(v[order]) for k, v in t.planes.items()}
     )

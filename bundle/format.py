@@ -79,10 +79,10 @@ def plane_layout(fmt: str, shape: tuple[int, ...], group: int) -> list[tuple[str
         return [("data", "<u2", shape)]
     if fmt == "q8":
         return [("qs", "i1", shape), ("scales", "<f2", (rows, cols // group))]
-    if fmt == "q4":
+    if fmt in ("q4", "q5"):
         panels = -(-rows // 8)
         return [
-            ("qs", "u1", (panels, cols // 32, 128)),
+            ("qs", "u1", (panels, cols // 32, 128 if fmt == "q4" else 160)),
             ("scales", "<f2", (panels, cols // group, 8)),
             ("mins", "<f2", (panels, cols // group, 8)),
         ]

@@ -30,8 +30,8 @@ from seqshare.worker.errors import BadMagicError, TruncatedBundleError, Unsuppor
 
 T = gguf.GGMLQuantizationType
 # Imported block by block without a second quantization (quant.from_gguf_blocks): exactly, or for
-# Q4_K within float16 rounding of its scales.
-_DIRECT = {T.Q4_0: "q4", T.Q4_1: "q4", T.Q8_0: "q8", T.Q5_0: "q8", T.Q4_K: "q4"}
+# Q4_K and Q5_K within float16 rounding of their scales.
+_DIRECT = {T.Q4_0: "q4", T.Q4_1: "q4", T.Q8_0: "q8", T.Q5_0: "q5", T.Q5_1: "q5", T.Q4_K: "q4", T.Q5_K: "q5"}
 _FLOAT = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
 # Under `keep`, other block types are requantized to the nearest runtime format.
 _LOW_BIT = {

@@ -12,17 +12,23 @@ Every 2-D weight is logically [rows=out_features, cols=in_features] and stored a
   q4    qs     uint8   [P, cols // 32, 128]  value = scale * q + min, q in 0..15, in 8-row panels
         scales float16 [P, cols // G, 8]
         mins   float16 [P, cols // G, 8]
+  q5    qs     uint8   [P, cols // 32, 160]  as q4 with q in 0..31: the nibbles, then the fifth bits
+        scales, mins as q4
 
-q4 is stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the layout
-the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
+q4 and q5 are stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the
+layout the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
 32 * j + 4 * i + c (j < 4, row i < 8, c < 4) holds column 32b + 4j + c of row 8p + i in its low
-nibble and column 32b + 16 + 4j + c in its high nibble; scales and mins of the panel's 8 rows sit
-side by side per group. One kernel reads one layout for any number of tokens, so a row's result
-never depends on how many tokens were multiplied with it (batch invariance).
+nibble and column 32b + 16 + 4j + c in its high nibble; a q5 block then has 32 more bytes, whose
+byte 4 * i + c holds in bit 2 * j + h the fifth bit (16) of the value in nibble h of byte
+32 * j + 4 * i + c. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
+reads one layout for any number of tokens, so a row's result never depends on how many tokens were
+multiplied with it (batch invariance).
 
 GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4 (scale=d, min=-8d, an
-exact power-of-two multiple in float16); Q8_0 (d) -> q8 (scale=d). All at G = 32. The nibbles and
-float16 bits are moved, never recomputed.
+exact power-of-two multiple in float16); Q5_1 -> q5 (scale=d, min=m); Q5_0 -> q5 (scale=d,
+min=-16d); Q8_0 (d) -> q8 (scale=d). All at G = 32. The bits and float16 values are moved, never
+recomputed. Q4_K and Q5_K keep their values and round each 32-column group's scale and min to
+float16 once (Q4_K_F16_REL_ERR).
 """
 
 from __future__ import annotations
@@ -34,8 +40,11 @@ import numpy as np
 
 from seqshare.worker.errors import UnsupportedQuantError
 
-WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4"]
-FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4")
+WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5"]
+FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5")
+PANEL_FORMATS = ("q4", "q5")  # stored in 8-row panels
+_LEVELS = {"q4": 15, "q5": 31}
+_BLOCK_BYTES = {"q4": 128, "q5": 160}
 GROUP_SIZES = (32, 64, 128)
 GGUF_BLOCK = 32
 
@@ -94,19 +103,20 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
         q = np.where(s > 0, np.rint(g / np.where(s > 0, s, 1)), 0)
         qs = np.clip(q, -127, 127).astype(np.int8).reshape(rows, cols)
         return QTensor("q8", (rows, cols), group, {"qs": qs, "scales": scales})
-    if fmt == "q4":
+    if fmt in PANEL_FORMATS:
+        levels = _LEVELS[fmt]
         mn = g.min(axis=2)
         mx = g.max(axis=2)
         mins = mn.astype(np.float16)
-        scales = ((mx - mins.astype(np.float32)) / 15.0).astype(np.float16)
+        scales = ((mx - mins.astype(np.float32)) / levels).astype(np.float16)
         s = scales.astype(np.float32)[..., None]
         q = np.where(s > 0, np.rint((g - mins.astype(np.float32)[..., None]) / np.where(s > 0, s, 1)), 0)
-        q = np.clip(q, 0, 15).astype(np.uint8)
-        return q4_tensor(q.reshape(rows, cols), scales, mins, group)
+        q = np.clip(q, 0, levels).astype(np.uint8)
+        return panel_tensor(fmt, q.reshape(rows, cols), scales, mins, group)
     raise UnsupportedQuantError(f"unknown weight format {fmt!r} (choose one of {FORMATS})")
 
 
-PANEL = 8  # rows per q4 panel
+PANEL = 8  # rows per q4/q5 panel
 
 
 def kernel_args(t: QTensor) -> dict[str, object]:
@@ -115,43 +125,57 @@ def kernel_args(t: QTensor) -> dict[str, object]:
     if t.fmt in ("f32", "f16", "bf16"):
         return {"fmt": t.fmt, "data": p["data"]}
     kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
-    if t.fmt == "q4":
+    if t.fmt in PANEL_FORMATS:
         kw["mins"] = p["mins"]
         kw["rows"] = t.shape[0]
     return kw
 
 
-def q4_tensor(q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
-    """A q4 QTensor from values q [rows, cols] in 0..15 and float16 scales/mins [rows, cols // G]."""
+def panel_tensor(fmt: str, q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
+    """A q4 or q5 QTensor from values q [rows, cols] (0..15 or 0..31) and float16 scales/mins
+    [rows, cols // G]."""
     rows, cols = q.shape
-    return QTensor("q4", (rows, cols), group, {
-        "qs": pack_q4_panels(q), "scales": _panel_groups(scales), "mins": _panel_groups(mins)})
+    return QTensor(fmt, (rows, cols), group, {
+        "qs": pack_panels(fmt, q), "scales": _panel_groups(scales), "mins": _panel_groups(mins)})
 
 
-def q4_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q [rows, cols] uint8 0..15, scales, mins [rows, cols // G] float16) of a q4 QTensor."""
+def panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(q [rows, cols] uint8, scales, mins [rows, cols // G] float16) of a q4 or q5 QTensor."""
     rows, cols = t.shape
-    return (unpack_q4_panels(t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
+    return (unpack_panels(t.fmt, t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
             _unpanel_groups(t.planes["mins"], rows))
 
 
-def pack_q4_panels(q: np.ndarray) -> np.ndarray:
-    """Values [rows, cols] in 0..15 -> panel bytes [P, cols // 32, 128] (see the module doc)."""
+def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
+    """Values [rows, cols] -> panel bytes [P, cols // 32, 128 (q4) or 160 (q5)] (see the module doc)."""
     rows, cols = q.shape
     P = -(-rows // PANEL)
     v = np.zeros((P * PANEL, cols), np.uint8)
     v[:rows] = q
-    # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, half, j, i, c)
-    v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 3, 4, 1, 5)
-    return np.ascontiguousarray((v[:, :, 0] | (v[:, :, 1] << 4)).reshape(P, cols // 32, 128))
+    # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, j, i, c, half)
+    v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)
+    nib = (v[..., 0] & 0x0F) | ((v[..., 1] & 0x0F) << 4)  # (p, b, j, i, c)
+    out = np.empty((P, cols // 32, _BLOCK_BYTES[fmt]), np.uint8)
+    out[:, :, :128] = nib.reshape(P, cols // 32, 128)
+    if fmt == "q5":  # byte 4i + c, bit 2j + half
+        bits = (v >> 4).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)
+        out[:, :, 128:] = (bits << np.arange(8, dtype=np.uint16)).sum(axis=3).astype(np.uint8)
+    return out
 
 
-def unpack_q4_panels(qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Panel bytes [P, cols // 32, 128] -> values [rows, cols] in 0..15."""
+def unpack_panels(fmt: str, qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Panel bytes [P, cols // 32, 128 or 160] -> values [rows, cols]."""
     P = qs.shape[0]
-    b = np.asarray(qs).reshape(P, cols // 32, 1, 4, PANEL, 4)
-    v = np.concatenate([b & 0x0F, b >> 4], axis=2)  # (p, b, half, j, i, c)
-    return np.ascontiguousarray(v.transpose(0, 4, 1, 2, 3, 5).reshape(P * PANEL, cols)[:rows])
+    qs = np.asarray(qs)
+    b = qs[:, :, :128].reshape(P, cols // 32, 4, PANEL, 4, 1)
+    v = np.concatenate([b & 0x0F, b >> 4], axis=5)  # (p, b, j, i, c, half)
+    if fmt == "q5":
+        plane = qs[:, :, 128:].reshape(P, cols // 32, 1, PANEL, 4, 1)
+        shift = (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
+                 + np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 2))
+        v = v | (((plane >> shift) & 1) << 4)
+    # (p, b, j, i, c, half) -> (p, i, b, half, j, c)
+    return np.ascontiguousarray(v.transpose(0, 3, 1, 5, 2, 4).reshape(P * PANEL, cols)[:rows])
 
 
 def _panel_groups(a: np.ndarray) -> np.ndarray:
@@ -189,8 +213,8 @@ def dequantize(t: QTensor) -> np.ndarray:
     if t.fmt == "q8":
         sc = p["scales"].astype(np.float32).reshape(rows, cols // G, 1)
         return (p["qs"].astype(np.float32).reshape(rows, cols // G, G) * sc).reshape(rows, cols)
-    if t.fmt == "q4":
-        q, scales, mins = q4_values(t)
+    if t.fmt in PANEL_FORMATS:
+        q, scales, mins = panel_values(t)
         sc4 = scales.astype(np.float32)[..., None]
         mi = mins.astype(np.float32)[..., None]
         return (q.reshape(rows, cols // G, G).astype(np.float32) * sc4 + mi).reshape(rows, cols)
@@ -202,16 +226,27 @@ _Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
 _Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
 _Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
 _Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
+_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
 _Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
+_Q5_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)])
 QK_K = 256  # values per K-quant super-block
-# Q4_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit) rounded to our float16 planes: each
-# weight is then within this fraction of |d * sc * q| + |dmin * m| of gguf's own dequantization.
+# Q4_K's and Q5_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit) rounded to our float16
+# planes: each weight is then within this fraction of |d * sc * q| + |dmin * m| of gguf's own
+# dequantization.
 Q4_K_F16_REL_ERR = 2.0**-11
 
 
+def _gguf_q5_values(b: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Values 0..31 [rows, cols] of Q5_0 / Q5_1 blocks: nibbles as Q4's, bit j of qh is column j's 16."""
+    low = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
+    high = (np.asarray(b["qh"]).reshape(rows, cols // GGUF_BLOCK, 1) >> np.arange(32, dtype=np.uint32)) & 1
+    return (low | (high.reshape(rows, cols) << 4).astype(np.uint8)).astype(np.uint8)
+
+
 def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Repack GGUF block bytes of a [rows, cols] tensor into q4 / q8 planes without quantizing again:
-    Q4_0, Q4_1, Q8_0 and Q5_0 exactly, Q4_K up to Q4_K_F16_REL_ERR (its scale products in float16)."""
+    """Repack GGUF block bytes of a [rows, cols] tensor into q4 / q5 / q8 planes without quantizing
+    again: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly, Q4_K and Q5_K up to Q4_K_F16_REL_ERR (their
+    scale products in float16)."""
     if cols % GGUF_BLOCK:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
     nb = rows * cols // GGUF_BLOCK
@@ -220,32 +255,36 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
     if kind == "Q4_1":
         b = raw.view(_Q4_1)[:nb]
         q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
-        return q4_tensor(q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
+        return panel_tensor("q4", q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
     if kind == "Q4_0":
         b = raw.view(_Q4_0)[:nb]
         d = np.ascontiguousarray(b["d"]).reshape(shape2)
         mins = (d.astype(np.float32) * -8.0).astype(np.float16)
         if not np.all(np.isfinite(mins)):
             raise UnsupportedQuantError("a Q4_0 scale is too large to represent its minimum in float16")
-        return q4_tensor(gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)), d, mins, 32)
-    if kind == "Q5_0":  # d * (q - 16), q 5-bit: int8 values and the block's scale, exactly
+        q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
+        return panel_tensor("q4", q, d, mins, 32)
+    if kind == "Q5_0":  # d * (q - 16): min = -16d, exact in float16 as Q4_0's -8d
         b = raw.view(_Q5_0)[:nb]
-        low = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16)).reshape((*shape2, 32))
-        high = (np.asarray(b["qh"]).reshape((*shape2, 1)) >> np.arange(32, dtype=np.uint32)) & 1
-        q = (low.astype(np.int16) | (high.astype(np.int16) << 4)) - 16
-        return QTensor("q8", (rows, cols), 32, {
-            "qs": np.ascontiguousarray(q.astype(np.int8).reshape(rows, cols)),
-            "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
-        })
-    if kind == "Q4_K":
-        return _from_q4_k(raw, rows, cols)
+        d = np.ascontiguousarray(b["d"]).reshape(shape2)
+        mins = (d.astype(np.float32) * -16.0).astype(np.float16)
+        if not np.all(np.isfinite(mins)):
+            raise UnsupportedQuantError("a Q5_0 scale is too large to represent its minimum in float16")
+        return panel_tensor("q5", _gguf_q5_values(b, rows, cols), d, mins, 32)
+    if kind == "Q5_1":
+        b = raw.view(_Q5_1)[:nb]
+        return panel_tensor("q5", _gguf_q5_values(b, rows, cols), np.asarray(b["d"]).reshape(shape2),
+                            np.asarray(b["m"]).reshape(shape2), 32)
+    if kind in ("Q4_K", "Q5_K"):
+        return _from_k_quant(kind, raw, rows, cols)
     if kind == "Q8_0":
         b = raw.view(_Q8_0)[:nb]
         return QTensor("q8", (rows, cols), 32, {
             "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols),
             "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
         })
-    raise UnsupportedQuantError(f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q8_0, Q4_K)")
+    raise UnsupportedQuantError(
+        f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K)")
 
 
 def q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -258,21 +297,26 @@ def q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sc, m
 
 
-def _from_q4_k(raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Q4_K super-blocks (256 values: 8 groups of 32, each d * sc * q - dmin * m) as q4 with group 32:
-    the nibbles as they are, scale and minimum per group rounded once to float16."""
+def _from_k_quant(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
+    """Q4_K / Q5_K super-blocks (256 values: 8 groups of 32, each d * sc * q - dmin * m) as q4 / q5
+    with group 32: the values as they are, scale and minimum per group rounded once to float16."""
     if cols % QK_K:
-        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the Q4_K super-block size {QK_K}")
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the {kind} super-block size {QK_K}")
     nsb = rows * cols // QK_K
-    b = raw.view(_Q4_K)[:nsb]
+    b = raw.view(_Q4_K if kind == "Q4_K" else _Q5_K)[:nsb]
     sc, m = q4_k_scales_mins(np.asarray(b["scales"]))
     scale = np.asarray(b["d"]).astype(np.float32)[:, None] * sc
     minimum = -(np.asarray(b["dmin"]).astype(np.float32)[:, None] * m)
     # qs: 4 chunks of 32 bytes; chunk j holds group 2j in its low nibbles and group 2j + 1 in its high.
     qs = np.asarray(b["qs"]).reshape(nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    q = (qs & 0x0F).reshape(rows, cols)
+    q = qs & 0x0F  # (super-block, chunk, nibble, 32)
+    if kind == "Q5_K":  # bit 2j + h of qh[l] is the 16 of value l of group 2j + h
+        bit = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
+        q = q | (((np.asarray(b["qh"]).reshape(nsb, 1, 1, 32) >> bit) & 1) << 4)
     ng = cols // GGUF_BLOCK
     scales16, mins16 = scale.astype(np.float16), minimum.astype(np.float16)
     if not (np.all(np.isfinite(scales16)) and np.all(np.isfinite(mins16))):
-        raise UnsupportedQuantError("a Q4_K scale or minimum is too large for float16")
-    return q4_tensor(q, scales16.reshape(rows, ng), mins16.reshape(rows, ng), 32)
+        raise UnsupportedQuantError(f"a {kind} scale or minimum is too large for float16")
+    fmt = "q4" if kind == "Q4_K" else "q5"
+    return panel_tensor(fmt, q.astype(np.uint8).reshape(rows, cols), scales16.reshape(rows, ng),
+                        mins16.reshape(rows, ng), 32)

@@ -40,7 +40,8 @@ inline WFmt fmt_arg(const std::string& f) {
   if (f == "bf16") return WFmt::BF16;
   if (f == "q8") return WFmt::Q8;
   if (f == "q4") return WFmt::Q4;
-  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8 or q4)");
+  if (f == "q5") return WFmt::Q5;
+  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8, q4 or q5)");
 }
 
 // A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
@@ -53,15 +54,18 @@ inline const void* raw(const py::array& a, const char* what, const std::string& 
   return a.data();
 }
 
-// `rows` is the logical row count; only q4 needs it (its panels pad the rows to a multiple of 8).
+// `rows` is the logical row count; only q4/q5 need it (their panels pad the rows to a multiple of 8).
 inline WeightView weight_arg(const std::string& fmt, const py::array& data, const py::object& scales,
                              const py::object& mins, int group, int rows) {
   WeightView w;
   w.fmt = fmt_arg(fmt);
-  if (w.fmt == WFmt::Q4) {
-    if (data.ndim() != 3 || data.shape(2) != 128) throw std::invalid_argument("q4 data must be (panels, cols/32, 128)");
+  if (is_panel(w.fmt)) {
+    const int block = panel_block_bytes(w.fmt);
+    if (data.ndim() != 3 || data.shape(2) != block)
+      throw std::invalid_argument(fmt + " data must be (panels, cols/32, " + std::to_string(block) + ")");
     if (rows <= 0 || (rows + 7) / 8 != data.shape(0))
-      throw std::invalid_argument("q4 rows must be given and fill the " + std::to_string(data.shape(0)) + " panels");
+      throw std::invalid_argument(fmt + " rows must be given and fill the " + std::to_string(data.shape(0)) +
+                                  " panels");
     w.rows = rows;
     w.cols = static_cast<int>(data.shape(1)) * 32;
     w.data = raw(data, "qs", "u", 1);
@@ -76,20 +80,20 @@ inline WeightView weight_arg(const std::string& fmt, const py::array& data, cons
       default: w.data = raw(data, "qs", "i", 1); break;
     }
   }
-  if (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q4) {
+  if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
     w.group = group;
     if (w.group <= 0 || w.cols % w.group) throw std::invalid_argument("group must divide the columns");
-    const auto groups = static_cast<py::ssize_t>(w.fmt == WFmt::Q4 ? w.panels() * 8 : w.rows) * (w.cols / w.group);
+    const auto groups = static_cast<py::ssize_t>(is_panel(w.fmt) ? w.panels() * 8 : w.rows) * (w.cols / w.group);
     auto plane = [&](const py::object& o, const char* what) {
       if (o.is_none()) throw std::invalid_argument(std::string(what) + " are required for " + fmt);
       auto a = py::cast<py::array>(o);
       if (a.size() != groups)
-        throw std::invalid_argument(std::string(what) + (w.fmt == WFmt::Q4 ? " must be (panels, cols/group, 8)"
+        throw std::invalid_argument(std::string(what) + (is_panel(w.fmt) ? " must be (panels, cols/group, 8)"
                                                                             : " must be (rows, cols/group)"));
       return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
     };
     w.scales = plane(scales, "scales");
-    if (w.fmt == WFmt::Q4) w.mins = plane(mins, "mins");
+    if (is_panel(w.fmt)) w.mins = plane(mins, "mins");
   }
   check_weight(w);
   return w;

@@ -13,7 +13,7 @@ static void fill_ref(KernelTable& t) {
   t.qacts_row_bytes = qacts_row_bytes_ref;
   t.quantize_acts = quantize_acts_ref;
   t.qgemm[0] = qgemm_q8_ref;
-  t.qgemm[1] = qgemm_q4_ref;
+  t.qgemm[1] = t.qgemm[2] = qgemm_panel_ref;
   t.attention = attention_ref;
   t.rmsnorm = rmsnorm_ref;
   t.silu_mul = silu_mul_ref;
@@ -35,6 +35,7 @@ static KernelTable make_table(Isa isa) {
     t.quantize_acts = quantize_acts_avx2;
     t.qgemm[0] = qgemm_q8_avx2;
     t.qgemm[1] = qgemm_q4_avx2;
+    t.qgemm[2] = qgemm_q5_avx2;
     t.attention = attention_avx2;
     t.rmsnorm = rmsnorm_avx2;
     t.silu_mul = silu_mul_avx2;
@@ -45,11 +46,13 @@ static KernelTable make_table(Isa isa) {
   if (isa == Isa::AvxVnni) {
     t.qgemm[0] = qgemm_q8_avxvnni;
     t.qgemm[1] = qgemm_q4_avxvnni;
+    t.qgemm[2] = qgemm_q5_avxvnni;
   }
   if (isa == Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
     t.qgemm[0] = qgemm_q8_avx512;
     t.qgemm[1] = qgemm_q4_avx512;
+    t.qgemm[2] = qgemm_q5_avx512;
   }
 #endif
 #if defined(SEQSHARE_ARM)
@@ -61,6 +64,7 @@ static KernelTable make_table(Isa isa) {
     t.quantize_acts = quantize_acts_neon;  // into the reference layout: qacts_row_bytes stays _ref
     t.qgemm[0] = qgemm_q8_neon;
     t.qgemm[1] = qgemm_q4_neon;
+    t.qgemm[2] = qgemm_q5_neon;
     t.attention = attention_neon;
     t.rmsnorm = rmsnorm_neon;
     t.silu_mul = silu_mul_neon;
@@ -69,8 +73,14 @@ static KernelTable make_table(Isa isa) {
     t.f16_to_f32 = f16_to_f32_neon;
   }
   // q8 weights take int16 activations, which neither sdot nor smmla multiplies: smlal serves all levels.
-  if (isa >= Isa::Dotprod) t.qgemm[1] = qgemm_q4_dotprod;
-  if (isa >= Isa::I8mm) t.qgemm[1] = qgemm_q4_i8mm;
+  if (isa >= Isa::Dotprod) {
+    t.qgemm[1] = qgemm_q4_dotprod;
+    t.qgemm[2] = qgemm_q5_dotprod;
+  }
+  if (isa >= Isa::I8mm) {
+    t.qgemm[1] = qgemm_q4_i8mm;
+    t.qgemm[2] = qgemm_q5_i8mm;
+  }
 #endif
   return t;
 }

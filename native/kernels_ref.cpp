@@ -100,8 +100,8 @@ void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy,
   }
 }
 
-// q4: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned nibbles.
-void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+// q4 and q5: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned values (0..15, 0..31).
+void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   const int K = w.cols, G = w.group, ng = K / G;
   const std::size_t stride = qacts_row_bytes_ref(K, G, false);
   for (int n = 0; n < N; ++n) {
@@ -112,8 +112,8 @@ void qgemm_q4_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy,
       double acc = 0.0;
       for (int g = 0; g < ng; ++g) {
         int isum = 0;
-        for (int c = g * G; c < (g + 1) * G; ++c) isum += q4_at(w, r, c) * q[c];
-        const std::size_t gi = q4_group_at(w, r, g);
+        for (int c = g * G; c < (g + 1) * G; ++c) isum += panel_q_at(w, r, c) * q[c];
+        const std::size_t gi = panel_group_at(w, r, g);
         acc += static_cast<double>(f16_to_f32(w.scales[gi])) * d[g] * isum +
                static_cast<double>(f16_to_f32(w.mins[gi])) * s[g];
       }

@@ -43,11 +43,11 @@ constexpr int kQueryBlock = 16;  // queries per attention work unit
 
 void check_weight(const WeightView& w) {
   if (w.rows <= 0 || w.cols <= 0 || !w.data) throw std::invalid_argument("weight: empty view");
-  if (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q4) {
+  if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
     if (w.group != 32 && w.group != 64 && w.group != 128)
       throw std::invalid_argument("weight: group must be 32, 64 or 128, got " + std::to_string(w.group));
     if (w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of the group");
-    if (!w.scales || (w.fmt == WFmt::Q4 && !w.mins)) throw std::invalid_argument("weight: missing scales/mins");
+    if (!w.scales || (is_panel(w.fmt) && !w.mins)) throw std::invalid_argument("weight: missing scales/mins");
   }
 }
 
@@ -62,7 +62,7 @@ void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const*
       throw std::invalid_argument("linear: fused weights must share columns, format and group");
   }
   const WeightView& w0 = ws[0];
-  const bool quantized = w0.fmt == WFmt::Q8 || w0.fmt == WFmt::Q4, q8 = w0.fmt == WFmt::Q8;
+  const bool quantized = w0.fmt == WFmt::Q8 || is_panel(w0.fmt), q8 = w0.fmt == WFmt::Q8;
   const std::uint8_t* xq = nullptr;
   std::size_t rb = 0;
   if (quantized) {  // quantise the activations once per call; every thread reads them for its rows
@@ -84,7 +84,7 @@ void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const*
       const WeightView& w = ws[i];
       const int r0 = u * kChunk, r1 = std::min(w.rows, r0 + kChunk);
       if (quantized)
-        kt.qgemm[q8 ? 0 : 1](w, xq, N, Ys[i], w.rows, r0, r1);
+        kt.qgemm[static_cast<int>(w.fmt) - static_cast<int>(WFmt::Q8)](w, xq, N, Ys[i], w.rows, r0, r1);
       else
         kt.gemm[static_cast<int>(w.fmt)](w, X, N, Ys[i], w.rows, r0, r1);
     }
@@ -135,10 +135,12 @@ void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* ou
           for (std::size_t i = 0; i < C; ++i) o[i] = f16_to_f32(s[i / w.group]) * q[i];
           break;
         }
-        case WFmt::Q4: {
+        case WFmt::Q4:
+        case WFmt::Q5: {
           for (std::size_t c = 0; c < C; ++c) {
-            const std::size_t gi = q4_group_at(w, static_cast<int>(r), static_cast<int>(c / w.group));
-            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(q4_at(w, static_cast<int>(r), static_cast<int>(c))) +
+            const int ri = static_cast<int>(r), ci = static_cast<int>(c);
+            const std::size_t gi = panel_group_at(w, ri, ci / w.group);
+            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(panel_q_at(w, ri, ci)) +
                    f16_to_f32(w.mins[gi]);
           }
           break;

@@ -13,29 +13,38 @@
 namespace seqshare {
 
 // ---- weights, exactly as stored in a bundle (see bundle/quant.py for the layouts) ------------
-enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4 };
+enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5 };
+
+// q4 and q5 are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is the
+// 128 nibble bytes, then for q5 the 32 bytes of the values' fifth bits.
+inline bool is_panel(WFmt f) { return f == WFmt::Q4 || f == WFmt::Q5; }
+inline int panel_block_bytes(WFmt f) { return f == WFmt::Q5 ? 160 : 128; }
 
 struct WeightView {
   WFmt fmt = WFmt::F32;
   int rows = 0, cols = 0;     // logical matrix (rows = out_features, cols = in_features)
-  int group = 0;              // q8/q4 group size (32, 64, 128); 0 for float formats
-  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4: panel bytes
-  // q8: float16 (rows, cols/group). q4: float16 (panels, cols/group, 8), the 8 rows of a panel
-  // side by side. q4 bytes are (panels, cols/32, 128): byte 32j + 4i + c of block b holds column
-  // 32b + 4j + c of row 8p + i (low nibble) and column 32b + 16 + 4j + c (high nibble).
+  int group = 0;              // q8/q4/q5 group size (32, 64, 128); 0 for float formats
+  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4/q5: panel bytes
+  // q8: float16 (rows, cols/group). q4/q5: float16 (panels, cols/group, 8), the 8 rows of a panel
+  // side by side. Panel bytes are (panels, cols/32, 128 or 160): byte 32j + 4i + c of block b holds
+  // column 32b + 4j + c of row 8p + i (low nibble) and column 32b + 16 + 4j + c (high nibble); for
+  // q5, bit 2j + h of byte 128 + 4i + c holds the fifth bit (16) of the value in nibble h of that byte.
   const std::uint16_t* scales = nullptr;
-  const std::uint16_t* mins = nullptr;    // q4 only
+  const std::uint16_t* mins = nullptr;    // q4/q5 only
   int panels() const { return (rows + 7) / 8; }
 };
 
-// Nibble q (0..15) of row r, column c of a q4 weight, and the float16 bits of its scale and min.
-inline int q4_at(const WeightView& w, int r, int c) {
+// Value q (q4: 0..15, q5: 0..31) of row r, column c of a panel weight, and where the float16 bits
+// of its scale and min are.
+inline int panel_q_at(const WeightView& w, int r, int c) {
   const auto* p = static_cast<const std::uint8_t*>(w.data) +
-                  (static_cast<std::size_t>(r / 8) * (w.cols / 32) + c / 32) * 128;
-  const int k = c % 32, byte = 32 * ((k % 16) / 4) + 4 * (r % 8) + k % 4;
-  return k < 16 ? (p[byte] & 0x0F) : (p[byte] >> 4);
+                  (static_cast<std::size_t>(r / 8) * (w.cols / 32) + c / 32) * panel_block_bytes(w.fmt);
+  const int k = c % 32, h = k / 16, j = (k % 16) / 4, lane = 4 * (r % 8) + k % 4;
+  int q = h ? (p[32 * j + lane] >> 4) : (p[32 * j + lane] & 0x0F);
+  if (w.fmt == WFmt::Q5) q |= ((p[128 + lane] >> (2 * j + h)) & 1) << 4;
+  return q;
 }
-inline std::size_t q4_group_at(const WeightView& w, int r, int g) {
+inline std::size_t panel_group_at(const WeightView& w, int r, int g) {
   return (static_cast<std::size_t>(r / 8) * (w.cols / w.group) + g) * 8 + r % 8;
 }
 

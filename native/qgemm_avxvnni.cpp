@@ -1,5 +1,5 @@
 // The integer GEMMs with AVX-VNNI (VEX vpdpbusd / vpdpwssd on 256-bit vectors: Alder Lake and later,
-// Zen 5): q4 panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). The dot products go straight into
+// Zen 5): q4 and q5 panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). The dot products go straight into
 // int32 lanes; the integers, and so the results, are those of the AVX2 path bit for bit.
 #include "qgemm_panel.h"
 #include "qgemm_q8.h"
@@ -11,6 +11,7 @@ namespace {
 struct AvxVnniDot {
   using V = Ymm;
   static constexpr int tokens(int) { return 6; }  // 6 float + 6 int32 accumulators of 16 registers
+  static constexpr bool kInt16Sums = false;
   static __m256i start(__m256i a32) { return a32; }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }
@@ -26,7 +27,11 @@ struct AvxVnniWordDot {
 }  // namespace
 
 void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  qgemm_q4_panels<AvxVnniDot>(w, xq, N, Y, ldy, r0, r1);
+  qgemm_panels<AvxVnniDot, 4>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<AvxVnniDot, 5>(w, xq, N, Y, ldy, r0, r1);
 }
 
 void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {

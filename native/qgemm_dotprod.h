@@ -1,4 +1,4 @@
-// The sdot policy of the q4 panel tile (qgemm_neon.h), shared by qgemm_dotprod.cpp and
+// The sdot policy of the q4/q5 panel tile (qgemm_neon.h), shared by qgemm_dotprod.cpp and
 // qgemm_i8mm.cpp (which uses it for the odd token of a tile). Needs +dotprod.
 #pragma once
 #include "qgemm_neon.h"
@@ -8,12 +8,12 @@ namespace {
 
 struct SdotDot {
   static constexpr int kTokens = 4;  // 4 x (2 int32 + 2 float) accumulators, 16 weight registers
-  template <int G, int T>
+  template <int Bits, int G, int T>
   static void group(const std::uint8_t* pw, const std::int8_t* const* x, int col0, int32x4_t (*out)[2]) {
     for (int t = 0; t < T; ++t) out[t][0] = out[t][1] = vdupq_n_s32(0);
     Panel p;
-    for (int q = 0; q < G / 32; ++q, pw += 128) {
-      load_block(pw, p);
+    for (int q = 0; q < G / 32; ++q, pw += kBlockBytes<Bits>) {
+      load_block<Bits>(pw, p);
       const int col = col0 + 32 * q;
       for (int t = 0; t < T; ++t) {
         const int8x16_t xl = vld1q_s8(x[t] + col), xh = vld1q_s8(x[t] + col + 16);

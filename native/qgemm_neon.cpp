@@ -1,4 +1,4 @@
-// q4 panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
+// q4 and q5 panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
 // 8 int8 pairs into int16 and sadalp adds neighbours into int32; the pairs of a row are added at the
 // end of each group (addp). The tile and the float part are in qgemm_neon.h.
 #include "qgemm_neon.h"
@@ -9,14 +9,14 @@ namespace {
 
 struct NeonDot {
   static constexpr int kTokens = 3;  // 3 x (4 int32 + 2 float) accumulators, 8 weight registers
-  template <int G, int T>
+  template <int Bits, int G, int T>
   static void group(const std::uint8_t* pw, const std::int8_t* const* x, int col0, int32x4_t (*out)[2]) {
     int32x4_t a[T][4];  // rows (0,1), (2,3), (4,5), (6,7), each as two pair sums per row
     for (int t = 0; t < T; ++t)
       for (int k = 0; k < 4; ++k) a[t][k] = vdupq_n_s32(0);
     Panel p;
-    for (int q = 0; q < G / 32; ++q, pw += 128) {
-      load_block(pw, p);
+    for (int q = 0; q < G / 32; ++q, pw += kBlockBytes<Bits>) {
+      load_block<Bits>(pw, p);
       const int col = col0 + 32 * q;
       for (int t = 0; t < T; ++t) {
         const int32x4_t xl = vreinterpretq_s32_s8(vld1q_s8(x[t] + col));
@@ -44,7 +44,11 @@ struct NeonDot {
 }  // namespace
 
 void qgemm_q4_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  qgemm_q4_neon_panels<NeonDot>(w, xq, N, Y, ldy, r0, r1);
+  qgemm_neon_panels<NeonDot, 4>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q5_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_neon_panels<NeonDot, 5>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

@@ -1,5 +1,5 @@
-// q4 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every ARM
-// level: the tile below is written once and instantiated by qgemm_neon.cpp, qgemm_dotprod.cpp and
+// q4 and q5 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// ARM level: the tile below is written once and instantiated by qgemm_neon.cpp, qgemm_dotprod.cpp and
 // qgemm_i8mm.cpp, each compiled with its own -march, with a policy `P` that computes the exact
 // int32 sums of one weight group for T tokens:
 //   baseline:  smull (int8 x int8 -> int16) and sadalp (pairwise into int32), reduced by addp;
@@ -9,9 +9,11 @@
 // minimum) is the same code, so the three levels agree bit for bit and no result depends on the
 // batch. Internal linkage throughout, as in qgemm_panel.h.
 //
-// Panel bytes: block b (32 columns) of panel p is 128 bytes; byte 32j + 4i + c holds column
-// 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i. Activations: the reference
-// layout (kernels_ref.cpp): int8 q[cols], float d[ng], float s[ng].
+// Panel bytes: block b (32 columns) of panel p is 128 bytes (q5: 160); byte 32j + 4i + c holds column
+// 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i, and for q5 bit 2j + h of byte
+// 128 + 4i + c is the fifth bit of nibble h. q5 values (0..31) are still int8, so every policy
+// multiplies them as it does the nibbles. Activations: the reference layout (kernels_ref.cpp):
+// int8 q[cols], float d[ng], float s[ng].
 #pragma once
 #include <arm_neon.h>
 
@@ -24,21 +26,34 @@ namespace seqshare {
 namespace {
 
 struct Panel {
-  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: nibbles as int8 0..15
+  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31)
 };
 
+// Bytes of one 32-column block of a panel (Bits: 4 for q4, 5 for q5).
+template <int Bits>
+constexpr int kBlockBytes = Bits == 5 ? 160 : 128;
+
+template <int Bits>
 inline void load_block(const std::uint8_t* pw, Panel& p) {
-  const uint8x16_t m4 = vdupq_n_u8(0x0F);
-  for (int j = 0; j < 4; ++j)
-    for (int h = 0; h < 2; ++h) {
+  const uint8x16_t m4 = vdupq_n_u8(0x0F), b4 = vdupq_n_u8(0x10);
+  for (int h = 0; h < 2; ++h) {
+    uint8x16_t plane = vdupq_n_u8(0);
+    if constexpr (Bits == 5) plane = vld1q_u8(pw + 128 + 16 * h);
+    for (int j = 0; j < 4; ++j) {
       const uint8x16_t raw = vld1q_u8(pw + 32 * j + 16 * h);
-      p.lo[j][h] = vreinterpretq_s32_u8(vandq_u8(raw, m4));
-      p.hi[j][h] = vreinterpretq_s32_u8(vshrq_n_u8(raw, 4));
+      uint8x16_t lo = vandq_u8(raw, m4), hi = vshrq_n_u8(raw, 4);
+      if constexpr (Bits == 5) {  // bit s of the plane to bit 4 (a negative count shifts right)
+        lo = vorrq_u8(lo, vandq_u8(vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(4 - 2 * j))), b4));
+        hi = vorrq_u8(hi, vandq_u8(vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(3 - 2 * j))), b4));
+      }
+      p.lo[j][h] = vreinterpretq_s32_u8(lo);
+      p.hi[j][h] = vreinterpretq_s32_u8(hi);
     }
+  }
 }
 
 // Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
-template <class P, int G, int T>
+template <class P, int Bits, int G, int T>
 void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, float* Y, int ldy,
                      int nrows) {
   const int K = w.cols, ng = K / G, nb = K / 32;
@@ -50,12 +65,13 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   }
   float32x4_t acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
-  const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * 128;
+  const std::uint8_t* pw =
+      static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * kBlockBytes<Bits>;
   const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
   const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * ng * 8;
-  for (int g = 0; g < ng; ++g, pw += (G / 32) * 128) {
+  for (int g = 0; g < ng; ++g, pw += (G / 32) * kBlockBytes<Bits>) {
     int32x4_t s[T][2];
-    P::template group<G, T>(pw, x, g * G, s);
+    P::template group<Bits, G, T>(pw, x, g * G, s);
     float32x4_t dw[2], mw[2];
     for (int h = 0; h < 2; ++h) {
       dw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 8 * g + 4 * h)));
@@ -75,20 +91,20 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   }
 }
 
-template <class P, int G>
+template <class P, int Bits, int G>
 void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = P::kTokens;
   const std::size_t x_stride = qacts_row_bytes_ref(w.cols, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
   for_panel_tiles<T>(N, r0, r1, [&](int r, int n, int nrows, auto L) {
-    neon_panel_tile<P, G, L.value>(w, r / 8, x + n * x_stride, x_stride, Y + r + static_cast<std::size_t>(n) * ldy, ldy,
-                                   nrows);
+    neon_panel_tile<P, Bits, G, L.value>(w, r / 8, x + n * x_stride, x_stride,
+                                         Y + r + static_cast<std::size_t>(n) * ldy, ldy, nrows);
   });
 }
 
-template <class P>
-void qgemm_q4_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_group(w.group, [&](auto G) { neon_panel_run<P, G.value>(w, xq, N, Y, ldy, r0, r1); });
+template <class P, int Bits>
+void qgemm_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  with_group(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// q4 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every x86
-// ISA: the tile below is written once and instantiated by qgemm_panel_avx2.cpp, _avxvnni.cpp and
+// q4 and q5 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// x86 ISA: the tile below is written once and instantiated by qgemm_panel_avx2.cpp, _avxvnni.cpp and
 // _avx512.cpp, each compiled with its own flags, with a policy `D` for the integer dot product
 // (start / madd / add / finish on the vectors of its width policy `D::V`: one panel per 256-bit
 // vector, or two panels per 512-bit vector in qgemm_avx512.cpp).
@@ -10,7 +10,10 @@
 //   AVX2:        vpmaddubsw into int16 lanes; a 32-column block adds up without saturating
 //                (8 x 2 x 15 x 127 < 2^15) before one vpmaddwd widens it to int32;
 //   (AVX-)VNNI:  vpdpbusd adds the four products straight into the int32 lanes.
-// Both give the exact integer sum of a 32-column block (however the chain of steps is split into
+// q5 adds each value's fifth bit to its nibble (with_fifth) and is then the same step. Its values
+// reach 31, so AVX2's int16 lanes take at most four steps (4 x 2 x 31 x 127 < 2^15) before they are
+// widened.
+// All give the exact integer sum of a 32-column block (however the chain of steps is split into
 // partial sums), so every ISA computes the same integers and
 // then the same float operations -- one FMA per group, in group order -- whatever the number of
 // tokens: results are bit-identical across ISAs and do not depend on the batch.
@@ -51,14 +54,19 @@ constexpr int kPanelPrefetchBytes = 4096;
 
 // Y[n + t, r + lane] for T tokens and the V::kRows rows of one panel (or two, side by side).
 // D::V is the vector policy; D's integer steps work on its vectors.
-template <class D, int G, int T>
+template <class D, int Bits, int G, int T>
 void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                 int ldy, int nrows) {
   using V = typename D::V;
   using I = typename V::I;
   using F = typename V::F;
+  constexpr int kBlock = Bits == 5 ? 160 : 128;
   const int K = w.cols, ng = K / G, nb = K / 32;
-  const std::size_t panel_bytes = static_cast<std::size_t>(nb) * 128, panel_halves = static_cast<std::size_t>(ng) * 8;
+  const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
+  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
+  // q5 sums in int16 lanes are widened every four steps: each of the four chains, or the one chain
+  // halfway through the block (a second chain per token would not fit the registers).
+  constexpr bool kWidenEach = Bits == 5 && D::kInt16Sums;
   constexpr int kChains = T <= 2 ? 4 : 1;
   const I m4 = V::nibbles();
   const std::int8_t* x[T];
@@ -79,7 +87,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) a32[t] = V::zero_i();
 #pragma GCC unroll 4
-    for (int q = 0; q < G / 32; ++q, pw += 128) {
+    for (int q = 0; q < G / 32; ++q, pw += kBlock) {
       const int col = g * G + 32 * q;
       // With few tokens one chain of multiply-adds would wait on its own latency: split it into
       // kChains partial sums, added at the end (exact integers, so the same bits).
@@ -90,12 +98,21 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 4
         for (int k = 1; k < kChains; ++k) blk[t][k] = V::zero_i();
       }
+      I plane = V::zero_i();
+      if constexpr (Bits == 5) {
+        if constexpr (T <= 2) _mm_prefetch(reinterpret_cast<const char*>(pw + 128 + kPanelPrefetchBytes), _MM_HINT_T0);
+        plane = V::load_w(pw + 128, panel_bytes);
+      }
 #pragma GCC unroll 4
       for (int j = 0; j < 4; ++j) {
         if constexpr (T <= 2)
           _mm_prefetch(reinterpret_cast<const char*>(pw + 32 * j + kPanelPrefetchBytes), _MM_HINT_T0);
         const I raw = V::load_w(pw + 32 * j, panel_bytes);
-        const I lo = V::low(raw, m4), hi = V::high(raw, m4);
+        I lo = V::low(raw, m4), hi = V::high(raw, m4);
+        if constexpr (Bits == 5) {
+          lo = V::with_fifth(lo, plane, 2 * j);
+          hi = V::with_fifth(hi, plane, 2 * j + 1);
+        }
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
           I& lo_sum = blk[t][(2 * j) % kChains];
@@ -103,12 +120,26 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
           lo_sum = D::madd(lo_sum, lo, V::bcast4(x[t] + col + 4 * j));
           hi_sum = D::madd(hi_sum, hi, V::bcast4(x[t] + col + 16 + 4 * j));
         }
+        if constexpr (kWidenEach && kChains == 1) {
+          if (j == 1) {
+#pragma GCC unroll 16
+            for (int t = 0; t < T; ++t) {
+              a32[t] = D::finish(a32[t], blk[t][0]);
+              blk[t][0] = V::zero_i();
+            }
+          }
+        }
       }
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) {
+        if constexpr (kWidenEach) {
 #pragma GCC unroll 4
-        for (int k = 1; k < kChains; ++k) blk[t][0] = D::add(blk[t][0], blk[t][k]);
-        a32[t] = D::finish(a32[t], blk[t][0]);
+          for (int k = 0; k < kChains; ++k) a32[t] = D::finish(a32[t], blk[t][k]);
+        } else {
+#pragma GCC unroll 4
+          for (int k = 1; k < kChains; ++k) blk[t][0] = D::add(blk[t][0], blk[t][k]);
+          a32[t] = D::finish(a32[t], blk[t][0]);
+        }
       }
     }
     const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::load_h(mn + 8 * g, panel_halves);
@@ -123,7 +154,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
 }
 
-template <class D, int G>
+template <class D, int Bits, int G>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = D::tokens(G);  // accumulators that fit the register file
   constexpr int kRows = D::V::kRows;
@@ -138,18 +169,19 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
       // has no second one to read: the narrow policy takes both cases.
       using Narrow = typename NarrowOf<D>::type;
       if (L.value <= 2 || nrows <= 8) {
-        panel_tile<Narrow, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
-        if (nrows > 8) panel_tile<Narrow, G, L.value>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
+        panel_tile<Narrow, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
+        if (nrows > 8) panel_tile<Narrow, Bits, G, L.value>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
         return;
       }
     }
-    panel_tile<D, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
+    panel_tile<D, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
   });
 }
 
-template <class D>
-void qgemm_q4_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_group(w.group, [&](auto G) { panel_run<D, G.value>(w, xq, N, Y, ldy, r0, r1); });
+// Bits: 4 (q4) or 5 (q5).
+template <class D, int Bits>
+void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  with_group(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

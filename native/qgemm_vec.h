@@ -1,4 +1,4 @@
-// The float and integer-zero steps every x86 integer GEMM policy shares, per vector width: the q4
+// The float and integer-zero steps every x86 integer GEMM policy shares, per vector width: the q4/q5
 // panel policies (qgemm_panel.h, qgemm_avx512.cpp) and the q8 row policies (qgemm_q8.h,
 // qgemm_avx512.cpp) add their own loads and stores. Internal linkage, as in qgemm_panel.h; the
 // 512-bit set exists only where the file is compiled with AVX-512.
@@ -31,6 +31,12 @@ struct Vec256 {
   static I nibbles() { return _mm256_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
   static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
+  // q5: bit s of every byte of the fifth-bit plane, moved to 16 and added to the nibbles. (16-bit
+  // shifts carry bits across bytes, but none of those lands on bit 4.)
+  static I with_fifth(I nib, I plane, int s) {
+    const I b = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
+    return _mm256_or_si256(nib, _mm256_and_si256(b, _mm256_set1_epi8(0x10)));
+  }
 };
 
 #ifdef __AVX512F__
@@ -47,6 +53,10 @@ struct Vec512 {
   static I nibbles() { return _mm512_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
   static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
+  static I with_fifth(I nib, I plane, int s) {
+    const I b = s <= 4 ? _mm512_slli_epi16(plane, 4 - s) : _mm512_srli_epi16(plane, s - 4);
+    return _mm512_ternarylogic_epi32(nib, b, _mm512_set1_epi8(0x10), 0xF8);  // nib | (b & 0x10)
+  }
 };
 #endif
 

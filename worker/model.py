@@ -62,7 +62,7 @@ def native_weights(tensors: dict[str, QTensor]) -> dict[str, Any]:
         if len(t.shape) == 1:
             out[name] = t.planes["data"]
             continue
-        data = t.planes["qs"] if t.fmt in ("q8", "q4") else t.planes["data"]
+        data = t.planes["qs"] if "qs" in t.planes else t.planes["data"]
         out[name] = (t.fmt, data, t.planes.get("scales"), t.planes.get("mins"), t.group_size)
     return out
 

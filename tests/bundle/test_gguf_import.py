@@ -10,7 +10,7 @@ import pytest
 
 from seqshare.bundle.convert import Checkpoint, load_checkpoint
 from seqshare.bundle.import_gguf import canonical_name, qk_unpermute_order
-from seqshare.bundle.quant import dequantize, q4_values
+from seqshare.bundle.quant import dequantize, panel_values
 from seqshare.worker.errors import UnsupportedQuantError
 
 _HF = {
@@ -71,7 +71,7 @@ def test_keep_repacks_blocks_without_touching_them(keep: Checkpoint, reader: ggu
     # byte i holds column i (low nibble) and column i + 16 (high nibble).
     nib = blocks[:, 4:]
     want = np.concatenate([nib & 0x0F, nib >> 4], axis=1).reshape(q.shape)
-    values, scales, mins = q4_values(q)
+    values, scales, mins = panel_values(q)
     assert np.array_equal(values, want)
     assert np.array_equal(scales.reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 0:2])
     assert np.array_equal(mins.reshape(-1).view(np.uint8).reshape(-1, 2), blocks[:, 2:4])

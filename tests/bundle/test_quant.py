@@ -11,11 +11,16 @@ from seqshare import _native
 from seqshare.bundle.quant import (
     _Q4_K,
     _Q5_0,
+    _Q5_1,
+    _Q5_K,
     Q4_K_F16_REL_ERR,
     dequantize,
     from_gguf_blocks,
     kernel_args,
+    pack_panels,
+    panel_values,
     q4_k_scales_mins,
+    unpack_panels,
 )
 from seqshare.worker.errors import UnsupportedQuantError
 
@@ -29,44 +34,58 @@ def gguf_reference(raw: np.ndarray, qtype: T, rows: int, cols: int) -> np.ndarra
 def random_blocks(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     b = np.frombuffer(rng.integers(0, 256, n * dtype.itemsize, dtype=np.uint8).tobytes(), dtype).copy()
-    for f in ("d", "dmin"):  # realistic float16 scales (random bits could be inf or NaN)
+    for f in ("d", "dmin", "m"):  # realistic float16 scales (random bits could be inf or NaN)
         if f in dtype.names:
-            b[f] = (rng.random(n) * 0.02 + 1e-4).astype(np.float16)
+            b[f] = (rng.random(n) * 0.02 + 1e-4).astype(np.float16) * (-1 if f == "m" else 1)
     return b
 
 
-def test_q5_0_becomes_q8_exactly() -> None:
+@pytest.mark.parametrize("fmt", ["q4", "q5"])
+def test_panel_packing_round_trips(fmt: str) -> None:
+    rows, cols = 13, 96  # a partial last panel
+    q = np.random.default_rng(5).integers(0, 32 if fmt == "q5" else 16, (rows, cols)).astype(np.uint8)
+    packed = pack_panels(fmt, q)
+    assert packed.shape == (2, 3, 160 if fmt == "q5" else 128)
+    np.testing.assert_array_equal(unpack_panels(fmt, packed, rows, cols), q)
+
+
+@pytest.mark.parametrize(("kind", "dtype"), [("Q5_0", _Q5_0), ("Q5_1", _Q5_1)])
+def test_q5_blocks_become_q5_exactly(kind: str, dtype: np.dtype) -> None:
     rows, cols = 10, 96
-    raw = random_blocks(_Q5_0, rows * cols // 32, 1)
-    t = from_gguf_blocks("Q5_0", raw, rows, cols)
-    assert t.fmt == "q8" and t.group_size == 32
-    assert int(t.planes["qs"].min()) >= -16 and int(t.planes["qs"].max()) <= 15
-    np.testing.assert_array_equal(dequantize(t), gguf_reference(raw, T.Q5_0, rows, cols))
+    raw = random_blocks(dtype, rows * cols // 32, 1)
+    t = from_gguf_blocks(kind, raw, rows, cols)
+    assert t.fmt == "q5" and t.group_size == 32
+    values, _, _ = panel_values(t)
+    assert int(values.max()) == 31  # the fifth bits arrived
+    np.testing.assert_array_equal(dequantize(t), gguf_reference(raw, getattr(T, kind), rows, cols))
 
 
-def test_q4_k_becomes_q4_within_the_float16_bound() -> None:
+@pytest.mark.parametrize(("kind", "dtype", "fmt", "top"), [("Q4_K", _Q4_K, "q4", 15), ("Q5_K", _Q5_K, "q5", 31)])
+def test_k_quants_keep_their_values_within_the_float16_bound(kind: str, dtype: np.dtype, fmt: str, top: int) -> None:
     rows, cols = 9, 512
-    raw = random_blocks(_Q4_K, rows * cols // 256, 2)
-    t = from_gguf_blocks("Q4_K", raw, rows, cols)
-    assert t.fmt == "q4" and t.group_size == 32
-    want = gguf_reference(raw, T.Q4_K, rows, cols)
+    raw = random_blocks(dtype, rows * cols // 256, 2)
+    t = from_gguf_blocks(kind, raw, rows, cols)
+    assert t.fmt == fmt and t.group_size == 32
+    want = gguf_reference(raw, getattr(T, kind), rows, cols)
     sc, m = q4_k_scales_mins(raw["scales"])
     d = raw["d"].astype(np.float64)[:, None] * sc  # per (super-block, group)
     dm = raw["dmin"].astype(np.float64)[:, None] * m
-    terms = (np.repeat(d, 32, axis=1) * 15 + np.repeat(dm, 32, axis=1)).reshape(rows, cols)
+    terms = (np.repeat(d, 32, axis=1) * top + np.repeat(dm, 32, axis=1)).reshape(rows, cols)
     err = np.abs(dequantize(t).astype(np.float64) - want)
     assert np.all(err <= Q4_K_F16_REL_ERR * terms + 1e-12)
     assert err.max() > 0  # the bound is not vacuous: float16 does round some products
 
 
-def test_q4_k_runs_in_the_q4_kernels() -> None:
+@pytest.mark.parametrize(("kind", "dtype"), [("Q4_K", _Q4_K), ("Q5_K", _Q5_K), ("Q5_0", _Q5_0)])
+def test_imported_blocks_run_in_the_panel_kernels(kind: str, dtype: np.dtype) -> None:
     rows, cols = 16, 512
-    raw = random_blocks(_Q4_K, rows * cols // 256, 3)
-    t = from_gguf_blocks("Q4_K", raw, rows, cols)
+    per_block = 256 if kind.endswith("_K") else 32
+    raw = random_blocks(dtype, rows * cols // per_block, 3)
+    t = from_gguf_blocks(kind, raw, rows, cols)
     x = np.random.default_rng(0).standard_normal((3, cols), dtype=np.float32)
     got = _native.linear(x, **kernel_args(t))
-    want = x.astype(np.float64) @ gguf_reference(raw, T.Q4_K, rows, cols).astype(np.float64).T
-    # int8 activations (the q4 path's own error, tests/native/test_kernels.py INT8_ACT_QUANT_RTOL)
+    want = x.astype(np.float64) @ gguf_reference(raw, getattr(T, kind), rows, cols).astype(np.float64).T
+    # int8 activations (the panel path's own error, tests/native/test_kernels.py INT8_ACT_QUANT_RTOL)
     assert np.max(np.abs(got - want)) / np.max(np.abs(want)) < 1.5e-2
 
 

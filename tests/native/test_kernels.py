@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqshare import _native
-from seqshare.bundle.quant import QTensor, dequantize, kernel_args, quantize
+from seqshare.bundle.quant import QTensor, dequantize, kernel_args, panel_tensor, quantize
 
 ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
 
@@ -71,7 +71,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
     assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5"])
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
@@ -92,7 +92,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
-@pytest.mark.parametrize("fmt", ["q8", "q4"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5"])
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
@@ -106,15 +106,34 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
-def test_arm_q4_kernels_give_the_neon_bits(isa: str) -> None:
+@pytest.mark.parametrize("fmt", ["q4", "q5"])
+def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
     """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
     steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
     need(isa)
     for group, n, rows in [(32, 1, 45), (64, 7, 40), (128, 13, 17), (32, 37, 64), (64, 12, 8), (32, 2, 3)]:
-        t = weight("q4", rows, 1536, group, group + n)
+        t = weight(fmt, rows, 1536, group, group + n)
         x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
         want = _native.linear(x, isa="neon", **kernel_args(t))
         np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_q5_extremes_sum_exactly(isa: str) -> None:
+    """Values of 31 against activations at +-127: the largest sums a q5 block makes, which would
+    overflow AVX2's int16 lanes if a chain took more than four steps before widening."""
+    need(isa)
+    rows, cols = 16, 512
+    q = np.full((rows, cols), 31, np.uint8)
+    q[1::2, ::3] = 0  # some rows not all at the top
+    for group in (32, 128):
+        ones = np.ones((rows, cols // group), np.float16)
+        t = panel_tensor("q5", q, ones, -ones, group)
+        for n in (1, 2, 7):  # decode's split chains and the prefill tile
+            x = np.ones((n, cols), np.float32)
+            x[1::2] = -1.0
+            got = _native.linear(x, isa=isa, **kernel_args(t))
+            assert rel_err(got, int8_path_reference(x, t)) < INT8_PATH_RTOL, (isa, group, n)
 
 
 def test_linear_same_result_with_one_or_two_threads() -> None:
@@ -133,7 +152,7 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5"])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
@@ -149,14 +168,16 @@ def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
 def test_bad_weights_are_value_errors() -> None:
     x = np.ones((1, 64), np.float32)
     with pytest.raises(ValueError, match="unknown weight format"):
-        _native.linear(x, fmt="q5", data=np.zeros((4, 64), np.float32))
+        _native.linear(x, fmt="q6", data=np.zeros((4, 64), np.float32))
+    with pytest.raises(ValueError, match=r"q5 data must be \(panels, cols/32, 160\)"):
+        _native.linear(x, fmt="q5", data=np.zeros((1, 2, 128), np.uint8), rows=8, group=32)
     with pytest.raises(ValueError, match="scales are required"):
         _native.linear(x, fmt="q8", data=np.zeros((4, 64), np.int8), group=32)
     with pytest.raises(ValueError, match="x must be"):
         _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5"])
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
