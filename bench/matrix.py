@@ -1,7 +1,7 @@
 """The benchmark matrix: seqshare vs llama.cpp at real model shapes, in every GGUF format users download.
 
     .venv/bin/python bench/matrix.py [--shapes smollm2-135m,qwen2.5-0.5b,qwen2.5-1.5b,qwen2.5-3b]
-                                     [--formats Q4_0,Q4_1,Q8_0,Q4_K_M] [--lengths 512,2048]
+                                     [--formats Q4_0,Q4_1,Q8_0,Q4_K_M,Q5_K_M] [--lengths 512,2048]
                                      [--decode-after 512,2048] [--rounds 1] [--threads 2]
 
 For each shape it writes a GGUF of random f16 weights (the `gguf` package; hidden size, layers, heads,
@@ -53,8 +53,10 @@ SHAPES = {
     "qwen2.5-1.5b": Shape("qwen2", 1536, 28, 12, 2, 8960, True, 1000000.0, 1e-6),
     "qwen2.5-3b": Shape("qwen2", 2048, 36, 16, 2, 11008, True, 1000000.0, 1e-6),
 }
-# llama.cpp's llama_ftype numbers.
-FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15}
+# llama.cpp's llama_ftype numbers. The matrix runs the first four; Q5_K_M (its 5-bit tensors run as
+# q5) on request.
+FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q4_K_M": 15, "Q5_K_M": 17}
+MATRIX_FORMATS = ("Q4_0", "Q4_1", "Q8_0", "Q4_K_M")
 
 
 def cache_dir() -> Path:
@@ -184,7 +186,7 @@ def cpu_line() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default=",".join(SHAPES))
-    ap.add_argument("--formats", default=",".join(FTYPES))
+    ap.add_argument("--formats", default=",".join(MATRIX_FORMATS), help=f"any of {', '.join(FTYPES)}")
     ap.add_argument("--lengths", default="512,2048", help="prefill lengths (add 6000 for the small shapes)")
     ap.add_argument("--decode-after", default="512,2048")
     ap.add_argument("--steps", type=int, default=32)
