@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from seqshare.bundle.convert import Checkpoint, TensorPlan
-from seqshare.bundle.quant import QTensor
+from seqshare.bundle.quant import PANEL_BLOCK_BYTES, QTensor
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedVersionError
 
 MAGIC = b"SEQSHRB\0"
@@ -79,10 +79,10 @@ def plane_layout(fmt: str, shape: tuple[int, ...], group: int) -> list[tuple[str
         return [("data", "<u2", shape)]
     if fmt == "q8":
         return [("qs", "i1", shape), ("scales", "<f2", (rows, cols // group))]
-    if fmt in ("q4", "q5"):
+    if fmt in PANEL_BLOCK_BYTES:
         panels = -(-rows // 8)
         return [
-            ("qs", "u1", (panels, cols // 32, 128 if fmt == "q4" else 160)),
+            ("qs", "u1", (panels, cols // 32, PANEL_BLOCK_BYTES[fmt])),
             ("scales", "<f2", (panels, cols // group, 8)),
             ("mins", "<f2", (panels, cols // group, 8)),
         ]

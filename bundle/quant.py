@@ -44,7 +44,7 @@ WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5"]
 FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5")
 PANEL_FORMATS = ("q4", "q5")  # stored in 8-row panels
 _LEVELS = {"q4": 15, "q5": 31}
-_BLOCK_BYTES = {"q4": 128, "q5": 160}
+PANEL_BLOCK_BYTES = {"q4": 128, "q5": 160}  # bytes per 32 columns of a panel
 GROUP_SIZES = (32, 64, 128)
 GGUF_BLOCK = 32
 
@@ -155,7 +155,7 @@ def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
     # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, j, i, c, half)
     v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)
     nib = (v[..., 0] & 0x0F) | ((v[..., 1] & 0x0F) << 4)  # (p, b, j, i, c)
-    out = np.empty((P, cols // 32, _BLOCK_BYTES[fmt]), np.uint8)
+    out = np.empty((P, cols // 32, PANEL_BLOCK_BYTES[fmt]), np.uint8)
     out[:, :, :128] = nib.reshape(P, cols // 32, 128)
     if fmt == "q5":  # byte 4i + c, bit 2j + half
         bits = (v >> 4).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)

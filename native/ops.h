@@ -18,7 +18,8 @@ enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5 };
 // q4 and q5 are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is the
 // 128 nibble bytes, then for q5 the 32 bytes of the values' fifth bits.
 inline bool is_panel(WFmt f) { return f == WFmt::Q4 || f == WFmt::Q5; }
-inline int panel_block_bytes(WFmt f) { return f == WFmt::Q5 ? 160 : 128; }
+constexpr int panel_block_bytes(int bits) { return bits == 5 ? 160 : 128; }
+inline int panel_block_bytes(WFmt f) { return panel_block_bytes(f == WFmt::Q5 ? 5 : 4); }
 
 struct WeightView {
   WFmt fmt = WFmt::F32;

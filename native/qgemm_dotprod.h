@@ -12,7 +12,7 @@ struct SdotDot {
   static void group(const std::uint8_t* pw, const std::int8_t* const* x, int col0, int32x4_t (*out)[2]) {
     for (int t = 0; t < T; ++t) out[t][0] = out[t][1] = vdupq_n_s32(0);
     Panel p;
-    for (int q = 0; q < G / 32; ++q, pw += kBlockBytes<Bits>) {
+    for (int q = 0; q < G / 32; ++q, pw += panel_block_bytes(Bits)) {
       load_block<Bits>(pw, p);
       const int col = col0 + 32 * q;
       for (int t = 0; t < T; ++t) {

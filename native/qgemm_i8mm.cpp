@@ -19,7 +19,7 @@ struct SmmlaDot {
       for (int k = 0; k < 4; ++k) a[p][k] = vdupq_n_s32(0);
     const std::uint8_t* pw0 = pw;
     Panel blk;
-    for (int q = 0; q < G / 32; ++q, pw += kBlockBytes<Bits>) {
+    for (int q = 0; q < G / 32; ++q, pw += panel_block_bytes(Bits)) {
       load_block<Bits>(pw, blk);
       const int col = col0 + 32 * q;
       // Columns 8m..8m+7 of the block: m = 0, 1 from the low nibbles of j = (0,1), (2,3); m = 2, 3

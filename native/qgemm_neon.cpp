@@ -15,7 +15,7 @@ struct NeonDot {
     for (int t = 0; t < T; ++t)
       for (int k = 0; k < 4; ++k) a[t][k] = vdupq_n_s32(0);
     Panel p;
-    for (int q = 0; q < G / 32; ++q, pw += kBlockBytes<Bits>) {
+    for (int q = 0; q < G / 32; ++q, pw += panel_block_bytes(Bits)) {
       load_block<Bits>(pw, p);
       const int col = col0 + 32 * q;
       for (int t = 0; t < T; ++t) {

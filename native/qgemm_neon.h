@@ -29,10 +29,6 @@ struct Panel {
   int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31)
 };
 
-// Bytes of one 32-column block of a panel (Bits: 4 for q4, 5 for q5).
-template <int Bits>
-constexpr int kBlockBytes = Bits == 5 ? 160 : 128;
-
 template <int Bits>
 inline void load_block(const std::uint8_t* pw, Panel& p) {
   const uint8x16_t m4 = vdupq_n_u8(0x0F), b4 = vdupq_n_u8(0x10);
@@ -66,10 +62,10 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   float32x4_t acc[T][2];
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
   const std::uint8_t* pw =
-      static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * kBlockBytes<Bits>;
+      static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * panel_block_bytes(Bits);
   const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
   const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * ng * 8;
-  for (int g = 0; g < ng; ++g, pw += (G / 32) * kBlockBytes<Bits>) {
+  for (int g = 0; g < ng; ++g, pw += (G / 32) * panel_block_bytes(Bits)) {
     int32x4_t s[T][2];
     P::template group<Bits, G, T>(pw, x, g * G, s);
     float32x4_t dw[2], mw[2];

@@ -60,7 +60,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   using V = typename D::V;
   using I = typename V::I;
   using F = typename V::F;
-  constexpr int kBlock = Bits == 5 ? 160 : 128;
+  constexpr int kBlock = panel_block_bytes(Bits);
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
