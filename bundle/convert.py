@@ -6,10 +6,10 @@ and returns a `Checkpoint`. Weights are produced lazily, one tensor at a time, i
 tensor; `.tensors` materialises them all for callers that want a dict.
 
 Requested quant schemes (the CLI spellings): f32, f16, bf16, int8 (-> q8), int4 (-> q4), keep.
-`keep` repacks GGUF Q4_0/Q4_1/Q8_0/Q5_0 blocks losslessly and Q4_K blocks with their per-32 scales
-in float16 (quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float format; other
-block types (Q5_1, Q5_K, Q6_K, ...) are dequantized and quantized again. 1-D tensors (norms, biases)
-are always f32.
+`keep` repacks GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks losslessly and Q4_K/Q5_K/Q6_K blocks with their
+group scales in float16 (quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float
+format; other block types (Q2_K, Q3_K, the IQ types, ...) are dequantized and quantized again. 1-D
+tensors (norms, biases) are always f32.
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def from_rows(read: Callable[[int, int], np.ndarray], p: TensorPlan) -> QTensor:
         return QTensor("f32", p.shape, 0, {"data": data})
     rows = p.shape[0]
 
-    def lead(n: int) -> int:  # planes are indexed by row, q4/q5 planes by 8-row panel
+    def lead(n: int) -> int:  # planes are indexed by row, panel planes by 8-row panel
         return -(-n // PANEL) if p.fmt in PANEL_FORMATS else n
 
     planes: dict[str, np.ndarray] = {}
@@ -162,7 +162,7 @@ def permute_rows(t: QTensor, order: np.ndarray) -> QTensor:
     """Reorder the rows of a weight; lossless (panel values, scales and mins move, nothing is requantized)."""
     if t.fmt in PANEL_FORMATS:
         q, scales, mins = panel_values(t)
-        return panel_tensor(t.fmt, q[order], scales[order], mins[order], t.group_size)
+        return panel_tensor(t.fmt, q[order], scales[order], None if mins is None else mins[order], t.group_size)
     return QTensor(
         t.fmt, t.shape, t.group_size, {k: np.ascontiguousarray(v[order]) for k, v in t.planes.items()}
     )

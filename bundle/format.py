@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from seqshare.bundle.convert import Checkpoint, TensorPlan
-from seqshare.bundle.quant import PANEL_BLOCK_BYTES, QTensor
+from seqshare.bundle.quant import PANEL_BLOCK_BYTES, SYMMETRIC_ZERO, QTensor
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedVersionError
 
 MAGIC = b"SEQSHRB\0"
@@ -81,11 +81,11 @@ def plane_layout(fmt: str, shape: tuple[int, ...], group: int) -> list[tuple[str
         return [("qs", "i1", shape), ("scales", "<f2", (rows, cols // group))]
     if fmt in PANEL_BLOCK_BYTES:
         panels = -(-rows // 8)
-        return [
+        planes: list[tuple[str, str, tuple[int, ...]]] = [
             ("qs", "u1", (panels, cols // 32, PANEL_BLOCK_BYTES[fmt])),
             ("scales", "<f2", (panels, cols // group, 8)),
-            ("mins", "<f2", (panels, cols // group, 8)),
         ]
+        return planes if fmt in SYMMETRIC_ZERO else [*planes, ("mins", "<f2", (panels, cols // group, 8))]
     raise ValueError(f"unknown format {fmt}")
 
 

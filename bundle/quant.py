@@ -14,21 +14,28 @@ Every 2-D weight is logically [rows=out_features, cols=in_features] and stored a
         mins   float16 [P, cols // G, 8]
   q5    qs     uint8   [P, cols // 32, 160]  as q4 with q in 0..31: the nibbles, then the fifth bits
         scales, mins as q4
+  q6    qs     uint8   [P, cols // 32, 192]  value = scale * (q - 32), q in 0..63, G = 16: the
+        scales float16 [P, cols // 16, 8]      nibbles, the fifth bits, then the sixth bits
+  q4s   qs, scales as q4                   value = scale * (q - 8): symmetric, no mins plane
+  q5s   qs, scales as q5                   value = scale * (q - 16): symmetric, no mins plane
 
 q4 and q5 are stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the
 layout the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
 32 * j + 4 * i + c (j < 4, row i < 8, c < 4) holds column 32b + 4j + c of row 8p + i in its low
 nibble and column 32b + 16 + 4j + c in its high nibble; a q5 block then has 32 more bytes, whose
 byte 4 * i + c holds in bit 2 * j + h the fifth bit (16) of the value in nibble h of byte
-32 * j + 4 * i + c. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
+32 * j + 4 * i + c, and a q6 block 32 more again, the same way, for the sixth bit (32). A q6 group
+(16 columns, GGUF Q6_K's sub-block) is thus the low or the high nibbles of a block. q6, q4s and q5s
+are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they have no mins
+plane. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
 reads one layout for any number of tokens, so a row's result never depends on how many tokens were
 multiplied with it (batch invariance).
 
-GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4 (scale=d, min=-8d, an
-exact power-of-two multiple in float16); Q5_1 -> q5 (scale=d, min=m); Q5_0 -> q5 (scale=d,
-min=-16d); Q8_0 (d) -> q8 (scale=d). All at G = 32. The bits and float16 values are moved, never
-recomputed. Q4_K and Q5_K keep their values and round each 32-column group's scale and min to
-float16 once (Q4_K_F16_REL_ERR).
+GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4s (scale=d); Q5_1 ->
+q5 (scale=d, min=m); Q5_0 -> q5s (scale=d); Q8_0 (d) -> q8 (scale=d). All at G = 32. The bits and
+float16 values are moved, never recomputed. Q4_K and Q5_K keep their values and round each
+32-column group's scale and min to float16 once (Q4_K_F16_REL_ERR), and Q6_K each 16-column
+group's scale (q6, the same bound).
 """
 
 from __future__ import annotations
@@ -40,12 +47,16 @@ import numpy as np
 
 from seqshare.worker.errors import UnsupportedQuantError
 
-WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5"]
-FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5")
-PANEL_FORMATS = ("q4", "q5")  # stored in 8-row panels
+WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"]
+FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s")
+PANEL_FORMATS = ("q4", "q5", "q6", "q4s", "q5s")  # stored in 8-row panels
 _LEVELS = {"q4": 15, "q5": 31}
-PANEL_BLOCK_BYTES = {"q4": 128, "q5": 160}  # bytes per 32 columns of a panel
+PANEL_BITS = {"q4": 4, "q5": 5, "q6": 6, "q4s": 4, "q5s": 5}
+# The value that stands for 0 in the symmetric panels: their minimum is -zero x their scale.
+SYMMETRIC_ZERO = {"q4s": 8, "q5s": 16, "q6": 32}
+PANEL_BLOCK_BYTES = {f: 128 + 32 * (b - 4) for f, b in PANEL_BITS.items()}  # bytes per 32 columns of a panel
 GROUP_SIZES = (32, 64, 128)
+Q6_GROUP = 16  # q6's only group size
 GGUF_BLOCK = 32
 
 
@@ -63,8 +74,11 @@ class QTensor:
         return sum(int(p.nbytes) for p in self.planes.values())
 
 
-def _check_group(cols: int, group: int) -> None:
-    if group not in GROUP_SIZES:
+def _check_group(cols: int, group: int, fmt: str) -> None:
+    if fmt == "q6":
+        if group != Q6_GROUP:
+            raise UnsupportedQuantError(f"q6 groups are {Q6_GROUP} columns, not {group}")
+    elif group not in GROUP_SIZES:
         raise UnsupportedQuantError(f"group size {group} is not supported (choose one of {GROUP_SIZES})")
     if cols % group:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of the group size {group}")
@@ -94,7 +108,9 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
         return QTensor("f16", (rows, cols), 0, {"data": w.astype(np.float16).view(np.uint16)})
     if fmt == "bf16":
         return QTensor("bf16", (rows, cols), 0, {"data": f32_to_bf16_bits(w)})
-    _check_group(cols, group)
+    _check_group(cols, group, fmt)
+    if cols % 32:
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of 32")
     g = w.reshape(rows, cols // group, group)
     if fmt == "q8":
         amax = np.abs(g).max(axis=2)
@@ -103,6 +119,13 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
         q = np.where(s > 0, np.rint(g / np.where(s > 0, s, 1)), 0)
         qs = np.clip(q, -127, 127).astype(np.int8).reshape(rows, cols)
         return QTensor("q8", (rows, cols), group, {"qs": qs, "scales": scales})
+    if fmt in SYMMETRIC_ZERO:  # q - zero in -zero..zero - 1, the largest magnitude at +-(zero - 1)
+        zero = SYMMETRIC_ZERO[fmt]
+        scales = (np.abs(g).max(axis=2) / (zero - 1)).astype(np.float16)
+        s = scales.astype(np.float32)[..., None]
+        q = np.where(s > 0, np.rint(g / np.where(s > 0, s, 1)), 0)
+        q = (np.clip(q, -zero, zero - 1) + zero).astype(np.uint8)
+        return panel_tensor(fmt, q.reshape(rows, cols), scales, None, group)
     if fmt in PANEL_FORMATS:
         levels = _LEVELS[fmt]
         mn = g.min(axis=2)
@@ -116,7 +139,7 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
     raise UnsupportedQuantError(f"unknown weight format {fmt!r} (choose one of {FORMATS})")
 
 
-PANEL = 8  # rows per q4/q5 panel
+PANEL = 8  # rows per panel
 
 
 def kernel_args(t: QTensor) -> dict[str, object]:
@@ -126,28 +149,34 @@ def kernel_args(t: QTensor) -> dict[str, object]:
         return {"fmt": t.fmt, "data": p["data"]}
     kw: dict[str, object] = {"fmt": t.fmt, "data": p["qs"], "scales": p["scales"], "group": t.group_size}
     if t.fmt in PANEL_FORMATS:
-        kw["mins"] = p["mins"]
+        kw["mins"] = p.get("mins")
         kw["rows"] = t.shape[0]
     return kw
 
 
-def panel_tensor(fmt: str, q: np.ndarray, scales: np.ndarray, mins: np.ndarray, group: int) -> QTensor:
-    """A q4 or q5 QTensor from values q [rows, cols] (0..15 or 0..31) and float16 scales/mins
-    [rows, cols // G]."""
+def panel_tensor(fmt: str, q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, group: int) -> QTensor:
+    """A panel QTensor from values q [rows, cols] (0..15, 0..31 or 0..63) and float16 scales and
+    mins [rows, cols // G] (the symmetric formats: mins None)."""
     rows, cols = q.shape
-    return QTensor(fmt, (rows, cols), group, {
-        "qs": pack_panels(fmt, q), "scales": _panel_groups(scales), "mins": _panel_groups(mins)})
+    if (mins is None) != (fmt in SYMMETRIC_ZERO):
+        raise ValueError(f"{fmt}: mins must be given exactly when the format has a mins plane")
+    planes = {"qs": pack_panels(fmt, q), "scales": _panel_groups(scales)}
+    if mins is not None:
+        planes["mins"] = _panel_groups(mins)
+    return QTensor(fmt, (rows, cols), group, planes)
 
 
-def panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(q [rows, cols] uint8, scales, mins [rows, cols // G] float16) of a q4 or q5 QTensor."""
+def panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(q [rows, cols] uint8, scales, mins [rows, cols // G] float16) of a panel QTensor (the
+    symmetric formats: mins None)."""
     rows, cols = t.shape
+    mins = t.planes.get("mins")
     return (unpack_panels(t.fmt, t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
-            _unpanel_groups(t.planes["mins"], rows))
+            None if mins is None else _unpanel_groups(mins, rows))
 
 
 def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
-    """Values [rows, cols] -> panel bytes [P, cols // 32, 128 (q4) or 160 (q5)] (see the module doc)."""
+    """Values [rows, cols] -> panel bytes [P, cols // 32, PANEL_BLOCK_BYTES[fmt]] (see the module doc)."""
     rows, cols = q.shape
     P = -(-rows // PANEL)
     v = np.zeros((P * PANEL, cols), np.uint8)
@@ -157,23 +186,25 @@ def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
     nib = (v[..., 0] & 0x0F) | ((v[..., 1] & 0x0F) << 4)  # (p, b, j, i, c)
     out = np.empty((P, cols // 32, PANEL_BLOCK_BYTES[fmt]), np.uint8)
     out[:, :, :128] = nib.reshape(P, cols // 32, 128)
-    if fmt == "q5":  # byte 4i + c, bit 2j + half
-        bits = (v >> 4).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)
-        out[:, :, 128:] = (bits << np.arange(8, dtype=np.uint16)).sum(axis=3).astype(np.uint8)
+    for bit in range(4, PANEL_BITS[fmt]):  # plane bit - 4: byte 4i + c, bit 2j + half
+        bits = ((v >> bit) & 1).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)
+        at = 128 + 32 * (bit - 4)
+        out[:, :, at:at + 32] = (bits << np.arange(8, dtype=np.uint16)).sum(axis=3).astype(np.uint8)
     return out
 
 
 def unpack_panels(fmt: str, qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Panel bytes [P, cols // 32, 128 or 160] -> values [rows, cols]."""
+    """Panel bytes [P, cols // 32, PANEL_BLOCK_BYTES[fmt]] -> values [rows, cols]."""
     P = qs.shape[0]
     qs = np.asarray(qs)
     b = qs[:, :, :128].reshape(P, cols // 32, 4, PANEL, 4, 1)
     v = np.concatenate([b & 0x0F, b >> 4], axis=5)  # (p, b, j, i, c, half)
-    if fmt == "q5":
-        plane = qs[:, :, 128:].reshape(P, cols // 32, 1, PANEL, 4, 1)
-        shift = (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
-                 + np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 2))
-        v = v | (((plane >> shift) & 1) << 4)
+    shift = (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
+             + np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 2))
+    for bit in range(4, PANEL_BITS[fmt]):
+        at = 128 + 32 * (bit - 4)
+        plane = qs[:, :, at:at + 32].reshape(P, cols // 32, 1, PANEL, 4, 1)
+        v = v | (((plane >> shift) & 1) << bit).astype(np.uint8)
     # (p, b, j, i, c, half) -> (p, i, b, half, j, c)
     return np.ascontiguousarray(v.transpose(0, 3, 1, 5, 2, 4).reshape(P * PANEL, cols)[:rows])
 
@@ -216,7 +247,7 @@ def dequantize(t: QTensor) -> np.ndarray:
     if t.fmt in PANEL_FORMATS:
         q, scales, mins = panel_values(t)
         sc4 = scales.astype(np.float32)[..., None]
-        mi = mins.astype(np.float32)[..., None]
+        mi = -SYMMETRIC_ZERO[t.fmt] * sc4 if mins is None else mins.astype(np.float32)[..., None]
         return (q.reshape(rows, cols // G, G).astype(np.float32) * sc4 + mi).reshape(rows, cols)
     raise UnsupportedQuantError(f"unknown weight format {t.fmt!r}")
 
@@ -229,10 +260,12 @@ _Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
 _Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
 _Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
 _Q5_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)])
+_Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
 QK_K = 256  # values per K-quant super-block
-# Q4_K's and Q5_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit) rounded to our float16
-# planes: each weight is then within this fraction of |d * sc * q| + |dmin * m| of gguf's own
-# dequantization.
+# Q4_K's and Q5_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit), and Q6_K's per-16 scale
+# d * sc (sc int8), rounded to our float16 planes: each weight is then within this fraction of
+# |d * sc * q| + |dmin * m| (Q6_K: |d * sc * (q - 32)|) of gguf's own dequantization, while the
+# products stay in float16's normal range (at least 2^-14).
 Q4_K_F16_REL_ERR = 2.0**-11
 
 
@@ -244,9 +277,9 @@ def _gguf_q5_values(b: np.ndarray, rows: int, cols: int) -> np.ndarray:
 
 
 def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Repack GGUF block bytes of a [rows, cols] tensor into q4 / q5 / q8 planes without quantizing
-    again: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly, Q4_K and Q5_K up to Q4_K_F16_REL_ERR (their
-    scale products in float16)."""
+    """Repack GGUF block bytes of a [rows, cols] tensor into panel or q8 planes without quantizing
+    again: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly, Q4_K, Q5_K and Q6_K up to
+    Q4_K_F16_REL_ERR (their scale products in float16)."""
     if cols % GGUF_BLOCK:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
     nb = rows * cols // GGUF_BLOCK
@@ -256,27 +289,22 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
         b = raw.view(_Q4_1)[:nb]
         q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
         return panel_tensor("q4", q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
-    if kind == "Q4_0":
+    if kind == "Q4_0":  # d * (q - 8)
         b = raw.view(_Q4_0)[:nb]
-        d = np.ascontiguousarray(b["d"]).reshape(shape2)
-        mins = (d.astype(np.float32) * -8.0).astype(np.float16)
-        if not np.all(np.isfinite(mins)):
-            raise UnsupportedQuantError("a Q4_0 scale is too large to represent its minimum in float16")
         q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
-        return panel_tensor("q4", q, d, mins, 32)
-    if kind == "Q5_0":  # d * (q - 16): min = -16d, exact in float16 as Q4_0's -8d
+        return panel_tensor("q4s", q, np.ascontiguousarray(b["d"]).reshape(shape2), None, 32)
+    if kind == "Q5_0":  # d * (q - 16)
         b = raw.view(_Q5_0)[:nb]
-        d = np.ascontiguousarray(b["d"]).reshape(shape2)
-        mins = (d.astype(np.float32) * -16.0).astype(np.float16)
-        if not np.all(np.isfinite(mins)):
-            raise UnsupportedQuantError("a Q5_0 scale is too large to represent its minimum in float16")
-        return panel_tensor("q5", _gguf_q5_values(b, rows, cols), d, mins, 32)
+        return panel_tensor("q5s", _gguf_q5_values(b, rows, cols), np.ascontiguousarray(b["d"]).reshape(shape2),
+                            None, 32)
     if kind == "Q5_1":
         b = raw.view(_Q5_1)[:nb]
         return panel_tensor("q5", _gguf_q5_values(b, rows, cols), np.asarray(b["d"]).reshape(shape2),
                             np.asarray(b["m"]).reshape(shape2), 32)
     if kind in ("Q4_K", "Q5_K"):
         return _from_k_quant(kind, raw, rows, cols)
+    if kind == "Q6_K":
+        return _from_q6_k(raw, rows, cols)
     if kind == "Q8_0":
         b = raw.view(_Q8_0)[:nb]
         return QTensor("q8", (rows, cols), 32, {
@@ -284,7 +312,7 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
             "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
         })
     raise UnsupportedQuantError(
-        f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K)")
+        f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
 
 
 def q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -320,3 +348,27 @@ def _from_k_quant(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
     fmt = "q4" if kind == "Q4_K" else "q5"
     return panel_tensor(fmt, q.astype(np.uint8).reshape(rows, cols), scales16.reshape(rows, ng),
                         mins16.reshape(rows, ng), 32)
+
+
+def _from_q6_k(raw: np.ndarray, rows: int, cols: int) -> QTensor:
+    """Q6_K super-blocks (256 values: 16 groups of 16, each d * sc * (q - 32), q 6-bit) as q6: the
+    values as they are, each group's scale rounded once to float16."""
+    if cols % QK_K:
+        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the Q6_K super-block size {QK_K}")
+    nsb = rows * cols // QK_K
+    b = raw.view(_Q6_K)[:nsb]
+    # Each half of a super-block (128 values) has 64 ql bytes and 32 qh bytes: value 64n + 32k + l
+    # (n the nibble, k the ql chunk, l < 32) is nibble n of ql[32k + l] with bits 2(2n + k), +1 of
+    # qh[l] above it.
+    ql = np.asarray(b["ql"]).reshape(nsb, 2, 1, 2, 32)
+    nib = (ql >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & 0x0F  # (sb, half, n, k, l)
+    qh = np.asarray(b["qh"]).reshape(nsb, 2, 1, 1, 32)
+    n, k = np.arange(2, dtype=np.uint8).reshape(1, 1, 2, 1, 1), np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 2, 1)
+    shift = 2 * (2 * n + k)
+    q = nib | (((qh >> shift) & 3) << 4)
+    scale = np.asarray(b["d"]).astype(np.float32)[:, None] * np.asarray(b["scales"]).astype(np.float32)
+    scales16 = scale.astype(np.float16)
+    if not np.all(np.isfinite(scales16)):
+        raise UnsupportedQuantError("a Q6_K scale is too large for float16")
+    return panel_tensor("q6", q.astype(np.uint8).reshape(rows, cols), scales16.reshape(rows, cols // Q6_GROUP),
+                        None, Q6_GROUP)

@@ -39,9 +39,10 @@ inline WFmt fmt_arg(const std::string& f) {
   if (f == "f16") return WFmt::F16;
   if (f == "bf16") return WFmt::BF16;
   if (f == "q8") return WFmt::Q8;
-  if (f == "q4") return WFmt::Q4;
-  if (f == "q5") return WFmt::Q5;
-  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8, q4 or q5)");
+  if (f == "q4" || f == "q4s") return WFmt::Q4;
+  if (f == "q5" || f == "q5s") return WFmt::Q5;
+  if (f == "q6") return WFmt::Q6;
+  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8, q4, q5, q6, q4s or q5s)");
 }
 
 // A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
@@ -54,7 +55,7 @@ inline const void* raw(const py::array& a, const char* what, const std::string& 
   return a.data();
 }
 
-// `rows` is the logical row count; only q4/q5 need it (their panels pad the rows to a multiple of 8).
+// `rows` is the logical row count; only the panels need it (their panels pad the rows to a multiple of 8).
 inline WeightView weight_arg(const std::string& fmt, const py::array& data, const py::object& scales,
                              const py::object& mins, int group, int rows) {
   WeightView w;
@@ -93,7 +94,10 @@ inline WeightView weight_arg(const std::string& fmt, const py::array& data, cons
       return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
     };
     w.scales = plane(scales, "scales");
-    if (is_panel(w.fmt)) w.mins = plane(mins, "mins");
+    // The symmetric panels (q4s, q5s, q6) have no mins plane (ops.h panel_mins).
+    const bool symmetric = fmt == "q4s" || fmt == "q5s" || fmt == "q6";
+    if (is_panel(w.fmt) && !symmetric) w.mins = plane(mins, "mins");
+    if (symmetric && !mins.is_none()) throw std::invalid_argument(fmt + " is symmetric: it takes no mins");
   }
   check_weight(w);
   return w;

@@ -13,7 +13,7 @@ static void fill_ref(KernelTable& t) {
   t.qacts_row_bytes = qacts_row_bytes_ref;
   t.quantize_acts = quantize_acts_ref;
   t.qgemm[0] = qgemm_q8_ref;
-  t.qgemm[1] = t.qgemm[2] = qgemm_panel_ref;
+  t.qgemm[1] = t.qgemm[2] = t.qgemm[3] = qgemm_panel_ref;
   t.attention = attention_ref;
   t.rmsnorm = rmsnorm_ref;
   t.silu_mul = silu_mul_ref;
@@ -36,6 +36,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[0] = qgemm_q8_avx2;
     t.qgemm[1] = qgemm_q4_avx2;
     t.qgemm[2] = qgemm_q5_avx2;
+    t.qgemm[3] = qgemm_q6_avx2;
     t.attention = attention_avx2;
     t.rmsnorm = rmsnorm_avx2;
     t.silu_mul = silu_mul_avx2;
@@ -47,12 +48,14 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[0] = qgemm_q8_avxvnni;
     t.qgemm[1] = qgemm_q4_avxvnni;
     t.qgemm[2] = qgemm_q5_avxvnni;
+    t.qgemm[3] = qgemm_q6_avxvnni;
   }
   if (isa == Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
     t.qgemm[0] = qgemm_q8_avx512;
     t.qgemm[1] = qgemm_q4_avx512;
     t.qgemm[2] = qgemm_q5_avx512;
+    t.qgemm[3] = qgemm_q6_avx512;
   }
 #endif
 #if defined(SEQSHARE_ARM)
@@ -65,6 +68,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[0] = qgemm_q8_neon;
     t.qgemm[1] = qgemm_q4_neon;
     t.qgemm[2] = qgemm_q5_neon;
+    t.qgemm[3] = qgemm_q6_neon;
     t.attention = attention_neon;
     t.rmsnorm = rmsnorm_neon;
     t.silu_mul = silu_mul_neon;
@@ -76,10 +80,12 @@ static KernelTable make_table(Isa isa) {
   if (isa >= Isa::Dotprod) {
     t.qgemm[1] = qgemm_q4_dotprod;
     t.qgemm[2] = qgemm_q5_dotprod;
+    t.qgemm[3] = qgemm_q6_dotprod;
   }
   if (isa >= Isa::I8mm) {
     t.qgemm[1] = qgemm_q4_i8mm;
     t.qgemm[2] = qgemm_q5_i8mm;
+    t.qgemm[3] = qgemm_q6_i8mm;
   }
 #endif
   return t;

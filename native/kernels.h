@@ -120,7 +120,7 @@ struct KernelTable {
   GemmFn gemm[3];  // indexed by WFmt F32, F16, BF16
   QActsRowBytesFn qacts_row_bytes;
   QuantizeActsFn quantize_acts;
-  QGemmFn qgemm[3];  // [0] = q8, [1] = q4, [2] = q5 (WFmt order)
+  QGemmFn qgemm[4];  // [0] = q8, [1] = q4, [2] = q5, [3] = q6 (WFmt order)
   AttnFn attention;
   RmsNormFn rmsnorm;
   SiluMulFn silu_mul;
@@ -137,7 +137,7 @@ void gemm_bf16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy
 std::size_t qacts_row_bytes_ref(int cols, int group, bool for_q8);
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // q4 and q5
+void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // q4, q5, q6
 void attention_ref(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_ref(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_ref(float* gate, const float* up, std::size_t n);
@@ -155,6 +155,7 @@ void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* 
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_avx2(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_avx2(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_avx2(float* gate, const float* up, std::size_t n);
@@ -164,10 +165,12 @@ void f16_to_f32_avx2(const std::uint16_t* src, float* dst, std::size_t n);
 void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 // ARM variants (declared everywhere, defined only in AArch64 builds). The ARM levels quantise
 // activations into the reference layout (qacts_row_bytes_ref).
@@ -179,6 +182,7 @@ void quantize_acts_neon(const float* x, int cols, int group, bool for_q8, void* 
 void qgemm_q8_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_neon(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_neon(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_neon(float* gate, const float* up, std::size_t n);
@@ -187,8 +191,10 @@ void f32_to_f16_neon(const float* src, std::uint16_t* dst, std::size_t n);
 void f16_to_f32_neon(const std::uint16_t* src, float* dst, std::size_t n);
 void qgemm_q4_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q6_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }

@@ -100,7 +100,8 @@ void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy,
   }
 }
 
-// q4 and q5: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned values (0..15, 0..31).
+// Panels: sum_g d_w * d_x * sum(q_w * q_x) + m_w * s_x, with q_w the unsigned values (0..15, 0..31,
+// 0..63) and a symmetric panel's m_w = -2^(bits - 1) d_w.
 void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   const int K = w.cols, G = w.group, ng = K / G;
   const std::size_t stride = qacts_row_bytes_ref(K, G, false);
@@ -115,7 +116,7 @@ void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int l
         for (int c = g * G; c < (g + 1) * G; ++c) isum += panel_q_at(w, r, c) * q[c];
         const std::size_t gi = panel_group_at(w, r, g);
         acc += static_cast<double>(f16_to_f32(w.scales[gi])) * d[g] * isum +
-               static_cast<double>(f16_to_f32(w.mins[gi])) * s[g];
+               static_cast<double>(panel_min_at(w, gi)) * s[g];
       }
       Y[static_cast<std::size_t>(n) * ldy + r] = static_cast<float>(acc);
     }

@@ -43,11 +43,17 @@ constexpr int kQueryBlock = 16;  // queries per attention work unit
 
 void check_weight(const WeightView& w) {
   if (w.rows <= 0 || w.cols <= 0 || !w.data) throw std::invalid_argument("weight: empty view");
-  if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
+  if (w.fmt == WFmt::Q6) {
+    if (w.group != kQ6Group)
+      throw std::invalid_argument("weight: q6 groups are 16 columns, got " + std::to_string(w.group));
+  } else if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
     if (w.group != 32 && w.group != 64 && w.group != 128)
       throw std::invalid_argument("weight: group must be 32, 64 or 128, got " + std::to_string(w.group));
-    if (w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of the group");
-    if (!w.scales || (is_panel(w.fmt) && !w.mins)) throw std::invalid_argument("weight: missing scales/mins");
+  }
+  if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
+    if (w.cols % 32 || w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of 32 and the group");
+    if (!w.scales) throw std::invalid_argument("weight: missing scales");
+    if (w.mins && (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q6)) throw std::invalid_argument("weight: q8 and q6 have no mins");
   }
 }
 
@@ -136,12 +142,12 @@ void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* ou
           break;
         }
         case WFmt::Q4:
-        case WFmt::Q5: {
+        case WFmt::Q5:
+        case WFmt::Q6: {
           for (std::size_t c = 0; c < C; ++c) {
             const int ri = static_cast<int>(r), ci = static_cast<int>(c);
             const std::size_t gi = panel_group_at(w, ri, ci / w.group);
-            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(panel_q_at(w, ri, ci)) +
-                   f16_to_f32(w.mins[gi]);
+            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(panel_q_at(w, ri, ci)) + panel_min_at(w, gi);
           }
           break;
         }

@@ -76,13 +76,17 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
     const __m256 id = _mm256_set1_ps(dg > 0.0f ? 1.0f / dg : 0.0f);
     __m256i sum = _mm256_setzero_si256();
     for (int i = 0; i < G; i += 32) {
+      const int n = G - i < 32 ? 2 : 4;  // q6's groups are 16 columns
       __m256i v[4];
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < n; ++j) {
         v[j] = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(xg + i + 8 * j), id));  // round to nearest even
         sum = _mm256_add_epi32(sum, v[j]);
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + static_cast<std::size_t>(g) * G + i),
-                          pack_i8(v[0], v[1], v[2], v[3]));
+      auto* dst = q + static_cast<std::size_t>(g) * G + i;
+      if (n == 2)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm256_castsi256_si128(pack_i8(v[0], v[1], v[0], v[1])));
+      else
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), pack_i8(v[0], v[1], v[2], v[3]));
     }
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));

@@ -97,6 +97,10 @@ void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int l
   qgemm_panels<Avx512PanelPairDot, 5>(w, xq, N, Y, ldy, r0, r1);
 }
 
+void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<Avx512PanelPairDot, 6>(w, xq, N, Y, ldy, r0, r1);
+}
+
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_q8_rows<Avx512RowPairWordDot>(w, xq, N, Y, ldy, r0, r1);
 }

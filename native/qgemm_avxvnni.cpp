@@ -10,7 +10,7 @@ namespace {
 
 struct AvxVnniDot {
   using V = Ymm;
-  static constexpr int tokens(int) { return 6; }  // 6 float + 6 int32 accumulators of 16 registers
+  static constexpr int tokens(int G) { return G == 16 ? 5 : 6; }  // float + int32 accumulators of 16 registers
   static constexpr bool kInt16Sums = false;
   static __m256i start(__m256i a32) { return a32; }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
@@ -32,6 +32,10 @@ void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int 
 
 void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_panels<AvxVnniDot, 5>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q6_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<AvxVnniDot, 6>(w, xq, N, Y, ldy, r0, r1);
 }
 
 void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {

@@ -1,4 +1,4 @@
-// q4 and q5 panels with the int8 matrix-multiply extension (smmla; Cortex-A78/X, Neoverse V, RK3588-class
+// q4, q5 and q6 panels with the int8 matrix-multiply extension (smmla; Cortex-A78/X, Neoverse V, RK3588-class
 // boards): one smmla multiplies 2 rows x 8 columns by 2 tokens x 8 columns into a 2 x 2 int32 block,
 // 32 multiply-adds per instruction against sdot's 16. Two 4-column groups of the panel zipped by
 // 32-bit lanes are 2 rows x 8 columns. Tokens go in pairs; an odd one left over takes the sdot path.
@@ -19,12 +19,13 @@ struct SmmlaDot {
       for (int k = 0; k < 4; ++k) a[p][k] = vdupq_n_s32(0);
     const std::uint8_t* pw0 = pw;
     Panel blk;
-    for (int q = 0; q < G / 32; ++q, pw += panel_block_bytes(Bits)) {
+    const int m0 = uses_low(G, col0) ? 0 : 2, m1 = uses_high(G, col0) ? 4 : 2;
+    for (int q = 0; q < group_blocks<G>(); ++q, pw += panel_block_bytes(Bits)) {
       load_block<Bits>(pw, blk);
-      const int col = col0 + 32 * q;
+      const int col = col0 - col0 % 32 + 32 * q;
       // Columns 8m..8m+7 of the block: m = 0, 1 from the low nibbles of j = (0,1), (2,3); m = 2, 3
       // from the high nibbles.
-      for (int m = 0; m < 4; ++m) {
+      for (int m = m0; m < m1; ++m) {
         const int32x4_t(*src)[2] = m < 2 ? blk.lo : blk.hi;
         const int j = 2 * (m % 2);
         int8x16_t wv[4];
@@ -55,6 +56,10 @@ void qgemm_q4_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy
 
 void qgemm_q5_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_neon_panels<SmmlaDot, 5>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q6_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_neon_panels<SmmlaDot, 6>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

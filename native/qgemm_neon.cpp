@@ -1,4 +1,4 @@
-// q4 and q5 panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
+// q4, q5 and q6 panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
 // 8 int8 pairs into int16 and sadalp adds neighbours into int32; the pairs of a row are added at the
 // end of each group (addp). The tile and the float part are in qgemm_neon.h.
 #include "qgemm_neon.h"
@@ -15,9 +15,10 @@ struct NeonDot {
     for (int t = 0; t < T; ++t)
       for (int k = 0; k < 4; ++k) a[t][k] = vdupq_n_s32(0);
     Panel p;
-    for (int q = 0; q < G / 32; ++q, pw += panel_block_bytes(Bits)) {
+    const bool low = uses_low(G, col0), high = uses_high(G, col0);
+    for (int q = 0; q < group_blocks<G>(); ++q, pw += panel_block_bytes(Bits)) {
       load_block<Bits>(pw, p);
-      const int col = col0 + 32 * q;
+      const int col = col0 - col0 % 32 + 32 * q;
       for (int t = 0; t < T; ++t) {
         const int32x4_t xl = vreinterpretq_s32_s8(vld1q_s8(x[t] + col));
         const int32x4_t xh = vreinterpretq_s32_s8(vld1q_s8(x[t] + col + 16));
@@ -26,10 +27,14 @@ struct NeonDot {
           const int8x16_t bh = vreinterpretq_s8_s32(vdupq_laneq_s32(xh, j));
           for (int h = 0; h < 2; ++h) {
             const int8x16_t wl = vreinterpretq_s8_s32(p.lo[j][h]), wh = vreinterpretq_s8_s32(p.hi[j][h]);
-            a[t][2 * h] = vpadalq_s16(a[t][2 * h], vmull_s8(vget_low_s8(wl), vget_low_s8(bl)));
-            a[t][2 * h + 1] = vpadalq_s16(a[t][2 * h + 1], vmull_high_s8(wl, bl));
-            a[t][2 * h] = vpadalq_s16(a[t][2 * h], vmull_s8(vget_low_s8(wh), vget_low_s8(bh)));
-            a[t][2 * h + 1] = vpadalq_s16(a[t][2 * h + 1], vmull_high_s8(wh, bh));
+            if (low) {
+              a[t][2 * h] = vpadalq_s16(a[t][2 * h], vmull_s8(vget_low_s8(wl), vget_low_s8(bl)));
+              a[t][2 * h + 1] = vpadalq_s16(a[t][2 * h + 1], vmull_high_s8(wl, bl));
+            }
+            if (high) {
+              a[t][2 * h] = vpadalq_s16(a[t][2 * h], vmull_s8(vget_low_s8(wh), vget_low_s8(bh)));
+              a[t][2 * h + 1] = vpadalq_s16(a[t][2 * h + 1], vmull_high_s8(wh, bh));
+            }
           }
         }
       }
@@ -49,6 +54,10 @@ void qgemm_q4_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy
 
 void qgemm_q5_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_neon_panels<NeonDot, 5>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q6_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_neon_panels<NeonDot, 6>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

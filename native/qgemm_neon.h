@@ -1,4 +1,4 @@
-// q4 and q5 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// q4, q5 and q6 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
 // ARM level: the tile below is written once and instantiated by qgemm_neon.cpp, qgemm_dotprod.cpp and
 // qgemm_i8mm.cpp, each compiled with its own -march, with a policy `P` that computes the exact
 // int32 sums of one weight group for T tokens:
@@ -9,11 +9,12 @@
 // minimum) is the same code, so the three levels agree bit for bit and no result depends on the
 // batch. Internal linkage throughout, as in qgemm_panel.h.
 //
-// Panel bytes: block b (32 columns) of panel p is 128 bytes (q5: 160); byte 32j + 4i + c holds column
-// 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i, and for q5 bit 2j + h of byte
-// 128 + 4i + c is the fifth bit of nibble h. q5 values (0..31) are still int8, so every policy
-// multiplies them as it does the nibbles. Activations: the reference layout (kernels_ref.cpp):
-// int8 q[cols], float d[ng], float s[ng].
+// Panel bytes: block b (32 columns) of panel p is 128 bytes (q5: 160, q6: 192); byte 32j + 4i + c
+// holds column 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i, bit 2j + h of byte
+// 128 + 4i + c is the fifth bit of nibble h, and of byte 160 + 4i + c the sixth. q5 and q6 values
+// (0..31, 0..63) are still int8, so every policy multiplies them as it does the nibbles. A q6 group
+// is 16 columns, half a block: the policies then take only its nibbles (uses_low / uses_high).
+// Activations: the reference layout (kernels_ref.cpp): int8 q[cols], float d[ng], float s[ng].
 #pragma once
 #include <arm_neon.h>
 
@@ -26,21 +27,32 @@ namespace seqshare {
 namespace {
 
 struct Panel {
-  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31)
+  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31, q6: 0..63)
 };
+
+// Bit s of every byte of a bit plane, moved to bit b and added to v (a negative count shifts right).
+inline uint8x16_t with_bit(uint8x16_t v, uint8x16_t plane, int s, int b) {
+  const uint8x16_t moved = vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(b - s)));
+  return vorrq_u8(v, vandq_u8(moved, vdupq_n_u8(static_cast<std::uint8_t>(1 << b))));
+}
 
 template <int Bits>
 inline void load_block(const std::uint8_t* pw, Panel& p) {
-  const uint8x16_t m4 = vdupq_n_u8(0x0F), b4 = vdupq_n_u8(0x10);
+  const uint8x16_t m4 = vdupq_n_u8(0x0F);
   for (int h = 0; h < 2; ++h) {
-    uint8x16_t plane = vdupq_n_u8(0);
-    if constexpr (Bits == 5) plane = vld1q_u8(pw + 128 + 16 * h);
+    uint8x16_t fifth = vdupq_n_u8(0), sixth = vdupq_n_u8(0);
+    if constexpr (Bits >= 5) fifth = vld1q_u8(pw + 128 + 16 * h);
+    if constexpr (Bits == 6) sixth = vld1q_u8(pw + 160 + 16 * h);
     for (int j = 0; j < 4; ++j) {
       const uint8x16_t raw = vld1q_u8(pw + 32 * j + 16 * h);
       uint8x16_t lo = vandq_u8(raw, m4), hi = vshrq_n_u8(raw, 4);
-      if constexpr (Bits == 5) {  // bit s of the plane to bit 4 (a negative count shifts right)
-        lo = vorrq_u8(lo, vandq_u8(vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(4 - 2 * j))), b4));
-        hi = vorrq_u8(hi, vandq_u8(vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(3 - 2 * j))), b4));
+      if constexpr (Bits >= 5) {
+        lo = with_bit(lo, fifth, 2 * j, 4);
+        hi = with_bit(hi, fifth, 2 * j + 1, 4);
+      }
+      if constexpr (Bits == 6) {
+        lo = with_bit(lo, sixth, 2 * j, 5);
+        hi = with_bit(hi, sixth, 2 * j + 1, 5);
       }
       p.lo[j][h] = vreinterpretq_s32_u8(lo);
       p.hi[j][h] = vreinterpretq_s32_u8(hi);
@@ -64,14 +76,17 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   const std::uint8_t* pw =
       static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * panel_block_bytes(Bits);
   const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
-  const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * ng * 8;
-  for (int g = 0; g < ng; ++g, pw += (G / 32) * panel_block_bytes(Bits)) {
+  const PanelMins mins = panel_mins(w);
+  const std::uint16_t* mn = mins.plane + static_cast<std::size_t>(panel) * ng * 8;
+  for (int g = 0; g < ng; ++g) {
     int32x4_t s[T][2];
-    P::template group<Bits, G, T>(pw, x, g * G, s);
+    // The group's first block (q6's 16-column groups are each half a block).
+    const std::uint8_t* pg = pw + static_cast<std::size_t>(g) * G / 32 * panel_block_bytes(Bits);
+    P::template group<Bits, G, T>(pg, x, g * G, s);
     float32x4_t dw[2], mw[2];
     for (int h = 0; h < 2; ++h) {
       dw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 8 * g + 4 * h)));
-      mw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(mn + 8 * g + 4 * h)));
+      mw[h] = vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(mn + 8 * g + 4 * h))), mins.factor);
     }
     for (int t = 0; t < T; ++t)
       for (int h = 0; h < 2; ++h) {
@@ -100,8 +115,18 @@ void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ld
 
 template <class P, int Bits>
 void qgemm_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_group(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  if constexpr (Bits == 6)
+    neon_panel_run<P, 6, kQ6Group>(w, xq, N, Y, ldy, r0, r1);
+  else
+    with_group(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
+
+// The blocks a policy's group reads (one for q6's half-block groups) and, for q6, which half: the low
+// nibbles (columns 0-15 of the block) or the high ones.
+template <int G>
+constexpr int group_blocks() { return G < 32 ? 1 : G / 32; }
+inline bool uses_low(int G, int col0) { return G >= 32 || col0 % 32 == 0; }
+inline bool uses_high(int G, int col0) { return G >= 32 || col0 % 32 != 0; }
 
 }  // namespace
 }  // namespace seqshare

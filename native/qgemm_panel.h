@@ -1,4 +1,4 @@
-// q4 and q5 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// q4, q5 and q6 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
 // x86 ISA: the tile below is written once and instantiated by qgemm_panel_avx2.cpp, _avxvnni.cpp and
 // _avx512.cpp, each compiled with its own flags, with a policy `D` for the integer dot product
 // (start / madd / add / finish on the vectors of its width policy `D::V`: one panel per 256-bit
@@ -10,13 +10,14 @@
 //   AVX2:        vpmaddubsw into int16 lanes; a 32-column block adds up without saturating
 //                (8 x 2 x 15 x 127 < 2^15) before one vpmaddwd widens it to int32;
 //   (AVX-)VNNI:  vpdpbusd adds the four products straight into the int32 lanes.
-// q5 adds each value's fifth bit to its nibble (with_fifth) and is then the same step. Its values
+// q5 adds each value's fifth bit to its nibble (with_bit) and is then the same step. Its values
 // reach 31, so AVX2's int16 lanes take at most four steps (4 x 2 x 31 x 127 < 2^15) before they are
-// widened.
-// All give the exact integer sum of a 32-column block (however the chain of steps is split into
-// partial sums), so every ISA computes the same integers and
-// then the same float operations -- one FMA per group, in group order -- whatever the number of
-// tokens: results are bit-identical across ISAs and do not depend on the batch.
+// widened. q6 (q6_tile) adds a sixth bit and groups 16 columns.
+// All give the exact integer sum of a group (however the chain of steps is split into partial
+// sums), so every ISA computes the same integers and then the same float operations -- one FMA per
+// group for the scale and one for the minimum (a symmetric panel's: its scale x -2^(bits - 1)), in
+// group order -- whatever the number of tokens: results are bit-identical across ISAs and do not
+// depend on the batch.
 //
 // Everything here has internal linkage (an anonymous namespace): each including file gets its own
 // copy compiled for its ISA, and the linker can never hand an AVX2 caller an AVX-512 body.
@@ -81,7 +82,9 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   for (int t = 0; t < T; ++t) acc[t] = V::zero_f();
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
   const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
-  const std::uint16_t* mn = w.mins + static_cast<std::size_t>(panel) * panel_halves;
+  const PanelMins mins = panel_mins(w);
+  const std::uint16_t* mn = mins.plane + static_cast<std::size_t>(panel) * panel_halves;
+  const F min_factor = V::set1_f(mins.factor);
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -110,8 +113,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
         const I raw = V::load_w(pw + 32 * j, panel_bytes);
         I lo = V::low(raw, m4), hi = V::high(raw, m4);
         if constexpr (Bits == 5) {
-          lo = V::with_fifth(lo, plane, 2 * j);
-          hi = V::with_fifth(hi, plane, 2 * j + 1);
+          lo = V::template with_bit<4>(lo, plane, 2 * j);
+          hi = V::template with_bit<4>(hi, plane, 2 * j + 1);
         }
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
@@ -142,7 +145,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
         }
       }
     }
-    const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::load_h(mn + 8 * g, panel_halves);
+    const F dw = V::load_h(sc + 8 * g, panel_halves);
+    const F mw = V::mul(V::load_h(mn + 8 * g, panel_halves), min_factor);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const F scale = V::mul(dw, V::bcast_f(dx[t] + g));
@@ -152,6 +156,101 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   }
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+}
+
+// q6 (GGUF Q6_K): 16-column groups, each the low or the high nibbles of a 32-column block, so each
+// half of a block is its own group with its own float step; the values (0..63) are those of
+// nibbles plus a fifth and a sixth bit plane, and the minimum is -32 x the scale (no mins plane:
+// q6 is symmetric).
+// AVX2's int16 lanes hold two steps of them (2 x 2 x 63 x 127 < 2^15) before they are widened.
+template <class D, int T>
+void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
+             int ldy, int nrows) {
+  using V = typename D::V;
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int kBlock = panel_block_bytes(6);
+  constexpr int kChains = T <= 2 ? 2 : 1;  // as panel_tile: few tokens split the chain of steps
+  const int K = w.cols, nb = K / 32, ng = K / kQ6Group;
+  const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
+  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
+  const I m4 = V::nibbles();
+  const F min_per_scale = V::set1_f(panel_mins(w).factor);
+  const std::int8_t* x[T];
+  const float* dx[T];
+  F acc[T];
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
+    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
+    acc[t] = V::zero_f();
+  }
+  const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
+  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
+  for (int b = 0; b < nb; ++b, pw += kBlock) {
+    if constexpr (T <= 2)
+      for (int l = 0; l < kBlock; l += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(pw + l + kPanelPrefetchBytes), _MM_HINT_T0);
+    const I fifth = V::load_w(pw + 128, panel_bytes), sixth = V::load_w(pw + 160, panel_bytes);
+#pragma GCC unroll 2
+    for (int h = 0; h < 2; ++h) {
+      const int g = 2 * b + h;
+      I a32[T], blk[T][kChains];
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        a32[t] = V::zero_i();
+        blk[t][0] = D::start(a32[t]);
+        if constexpr (kChains > 1) blk[t][1] = V::zero_i();
+      }
+#pragma GCC unroll 4
+      for (int j = 0; j < 4; ++j) {
+        const I raw = V::load_w(pw + 32 * j, panel_bytes);
+        I v = h ? V::high(raw, m4) : V::low(raw, m4);
+        v = V::template with_bit<5>(V::template with_bit<4>(v, fifth, 2 * j + h), sixth, 2 * j + h);
+#pragma GCC unroll 16
+        for (int t = 0; t < T; ++t) {
+          I& sum = blk[t][j % kChains];
+          sum = D::madd(sum, v, V::bcast4(x[t] + 32 * b + 16 * h + 4 * j));
+        }
+        if constexpr (D::kInt16Sums && kChains == 1) {
+          if (j == 1) {
+#pragma GCC unroll 16
+            for (int t = 0; t < T; ++t) {
+              a32[t] = D::finish(a32[t], blk[t][0]);
+              blk[t][0] = D::start(a32[t]);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        if constexpr (D::kInt16Sums) {
+#pragma GCC unroll 2
+          for (int k = 0; k < kChains; ++k) a32[t] = D::finish(a32[t], blk[t][k]);
+        } else {
+          if constexpr (kChains > 1) blk[t][0] = D::add(blk[t][0], blk[t][1]);
+          a32[t] = D::finish(a32[t], blk[t][0]);
+        }
+      }
+      const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::mul(dw, min_per_scale);
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
+        acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+}
+
+template <class D, int Bits, int G, int T>
+void any_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
+                    int ldy, int nrows) {
+  if constexpr (Bits == 6)
+    q6_tile<D, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
+  else
+    panel_tile<D, Bits, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
 }
 
 template <class D, int Bits, int G>
@@ -169,19 +268,23 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
       // has no second one to read: the narrow policy takes both cases.
       using Narrow = typename NarrowOf<D>::type;
       if (L.value <= 2 || nrows <= 8) {
-        panel_tile<Narrow, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
-        if (nrows > 8) panel_tile<Narrow, Bits, G, L.value>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
+        any_panel_tile<Narrow, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
+        if (nrows > 8)
+          any_panel_tile<Narrow, Bits, G, L.value>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
         return;
       }
     }
-    panel_tile<D, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
+    any_panel_tile<D, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
   });
 }
 
-// Bits: 4 (q4) or 5 (q5).
+// Bits: 4 (q4), 5 (q5) or 6 (q6, whose group is always 16).
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_group(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  if constexpr (Bits == 6)
+    panel_run<D, 6, kQ6Group>(w, xq, N, Y, ldy, r0, r1);
+  else
+    with_group(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

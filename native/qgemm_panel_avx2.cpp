@@ -1,5 +1,5 @@
-// q4 and q5 weights x int8 activations with AVX2 (the tile is in qgemm_panel.h): vpmaddubsw into
-// int16 lanes, widened with vpmaddwd once per 32-column block (q5: once per half).
+// q4, q5 and q6 weights x int8 activations with AVX2 (the tile is in qgemm_panel.h): vpmaddubsw into
+// int16 lanes, widened with vpmaddwd once per 32-column block (q5: once per half, q6: per quarter).
 #include "qgemm_panel.h"
 
 namespace seqshare {
@@ -8,7 +8,7 @@ namespace {
 
 struct MaddubsDot {
   using V = Ymm;
-  static constexpr int tokens(int G) { return G == 32 ? 6 : 4; }  // 16 registers
+  static constexpr int tokens(int G) { return G == 16 ? 3 : G == 32 ? 6 : 4; }  // 16 registers
   static constexpr bool kInt16Sums = true;
   static __m256i start(__m256i) { return _mm256_setzero_si256(); }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
@@ -28,6 +28,10 @@ void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy
 
 void qgemm_q5_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_panels<MaddubsDot, 5>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q6_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<MaddubsDot, 6>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

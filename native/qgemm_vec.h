@@ -1,5 +1,5 @@
-// The float and integer-zero steps every x86 integer GEMM policy shares, per vector width: the q4/q5
-// panel policies (qgemm_panel.h, qgemm_avx512.cpp) and the q8 row policies (qgemm_q8.h,
+// The float and integer-zero steps every x86 integer GEMM policy shares, per vector width: the panel
+// policies (qgemm_panel.h, qgemm_avx512.cpp) and the q8 row policies (qgemm_q8.h,
 // qgemm_avx512.cpp) add their own loads and stores. Internal linkage, as in qgemm_panel.h; the
 // 512-bit set exists only where the file is compiled with AVX-512.
 #pragma once
@@ -26,16 +26,18 @@ struct Vec256 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
+  static F set1_f(float v) { return _mm256_set1_ps(v); }
   // The q4 panel's integer steps: 4 activation bytes to every lane, and a byte's two nibbles.
   static I bcast4(const std::int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
   static I nibbles() { return _mm256_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
   static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
-  // q5: bit s of every byte of the fifth-bit plane, moved to 16 and added to the nibbles. (16-bit
-  // shifts carry bits across bytes, but none of those lands on bit 4.)
-  static I with_fifth(I nib, I plane, int s) {
-    const I b = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
-    return _mm256_or_si256(nib, _mm256_and_si256(b, _mm256_set1_epi8(0x10)));
+  // q5/q6: bit s of every byte of a bit plane, moved to bit B (4: the fifth bit, 5: the sixth) and
+  // added to the value. (16-bit shifts carry bits across bytes, but none of those lands on bit B.)
+  template <int B>
+  static I with_bit(I v, I plane, int s) {
+    const I b = s <= B ? _mm256_slli_epi16(plane, B - s) : _mm256_srli_epi16(plane, s - B);
+    return _mm256_or_si256(v, _mm256_and_si256(b, _mm256_set1_epi8(1 << B)));
   }
 };
 
@@ -49,13 +51,15 @@ struct Vec512 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
+  static F set1_f(float v) { return _mm512_set1_ps(v); }
   static I bcast4(const std::int8_t* p) { return _mm512_set1_epi32(load_i32(p)); }
   static I nibbles() { return _mm512_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
   static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
-  static I with_fifth(I nib, I plane, int s) {
-    const I b = s <= 4 ? _mm512_slli_epi16(plane, 4 - s) : _mm512_srli_epi16(plane, s - 4);
-    return _mm512_ternarylogic_epi32(nib, b, _mm512_set1_epi8(0x10), 0xF8);  // nib | (b & 0x10)
+  template <int B>
+  static I with_bit(I v, I plane, int s) {
+    const I b = s <= B ? _mm512_slli_epi16(plane, B - s) : _mm512_srli_epi16(plane, s - B);
+    return _mm512_ternarylogic_epi32(v, b, _mm512_set1_epi8(1 << B), 0xF8);  // v | (b & bit)
   }
 };
 #endif

@@ -9,11 +9,15 @@ import pytest
 
 from seqshare import _native
 from seqshare.bundle.quant import (
+    _Q4_0,
     _Q4_K,
     _Q5_0,
     _Q5_1,
     _Q5_K,
+    _Q6_K,
+    PANEL_BLOCK_BYTES,
     Q4_K_F16_REL_ERR,
+    Q6_GROUP,
     dequantize,
     from_gguf_blocks,
     kernel_args,
@@ -40,23 +44,25 @@ def random_blocks(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
     return b
 
 
-@pytest.mark.parametrize("fmt", ["q4", "q5"])
-def test_panel_packing_round_trips(fmt: str) -> None:
+@pytest.mark.parametrize(("fmt", "levels"), [("q4", 16), ("q5", 32), ("q6", 64)])
+def test_panel_packing_round_trips(fmt: str, levels: int) -> None:
     rows, cols = 13, 96  # a partial last panel
-    q = np.random.default_rng(5).integers(0, 32 if fmt == "q5" else 16, (rows, cols)).astype(np.uint8)
+    q = np.random.default_rng(5).integers(0, levels, (rows, cols)).astype(np.uint8)
     packed = pack_panels(fmt, q)
-    assert packed.shape == (2, 3, 160 if fmt == "q5" else 128)
+    assert packed.shape == (2, 3, PANEL_BLOCK_BYTES[fmt]) and PANEL_BLOCK_BYTES[fmt] == 128 + (levels // 32) * 32
     np.testing.assert_array_equal(unpack_panels(fmt, packed, rows, cols), q)
 
 
-@pytest.mark.parametrize(("kind", "dtype"), [("Q5_0", _Q5_0), ("Q5_1", _Q5_1)])
-def test_q5_blocks_become_q5_exactly(kind: str, dtype: np.dtype) -> None:
+@pytest.mark.parametrize(("kind", "dtype", "fmt", "top"),
+                         [("Q5_0", _Q5_0, "q5s", 31), ("Q5_1", _Q5_1, "q5", 31), ("Q4_0", _Q4_0, "q4s", 15)])
+def test_legacy_blocks_become_panels_exactly(kind: str, dtype: np.dtype, fmt: str, top: int) -> None:
+    """Q4_0 and Q5_0 (d x (q - 8 or 16)) as symmetric panels without a mins plane, Q5_1 with its own."""
     rows, cols = 10, 96
     raw = random_blocks(dtype, rows * cols // 32, 1)
     t = from_gguf_blocks(kind, raw, rows, cols)
-    assert t.fmt == "q5" and t.group_size == 32
+    assert t.fmt == fmt and t.group_size == 32 and ("mins" in t.planes) == (fmt == "q5")
     values, _, _ = panel_values(t)
-    assert int(values.max()) == 31  # the fifth bits arrived
+    assert int(values.max()) == top  # the fifth bits arrived
     np.testing.assert_array_equal(dequantize(t), gguf_reference(raw, getattr(T, kind), rows, cols))
 
 
@@ -76,7 +82,24 @@ def test_k_quants_keep_their_values_within_the_float16_bound(kind: str, dtype: n
     assert err.max() > 0  # the bound is not vacuous: float16 does round some products
 
 
-@pytest.mark.parametrize(("kind", "dtype"), [("Q4_K", _Q4_K), ("Q5_K", _Q5_K), ("Q5_0", _Q5_0)])
+def test_q6_k_keeps_its_values_within_the_float16_bound() -> None:
+    rows, cols = 9, 512
+    raw = random_blocks(_Q6_K, rows * cols // 256, 4)
+    t = from_gguf_blocks("Q6_K", raw, rows, cols)
+    assert t.fmt == "q6" and t.group_size == Q6_GROUP and "mins" not in t.planes
+    values, _, _ = panel_values(t)
+    assert int(values.min()) == 0 and int(values.max()) == 63  # both high bits arrived
+    want = gguf_reference(raw, T.Q6_K, rows, cols)
+    d = raw["d"].astype(np.float64)[:, None] * raw["scales"]  # per (super-block, 16-value group)
+    terms = np.abs(np.repeat(d, 16, axis=1).reshape(rows, cols) * (values.astype(np.float64) - 32))
+    err = np.abs(dequantize(t).astype(np.float64) - want)
+    assert np.all(err <= Q4_K_F16_REL_ERR * terms + 1e-12)
+    assert err.max() > 0  # float16 does round some products
+
+
+@pytest.mark.parametrize(
+    ("kind", "dtype"), [("Q4_K", _Q4_K), ("Q5_K", _Q5_K), ("Q6_K", _Q6_K), ("Q5_0", _Q5_0), ("Q4_0", _Q4_0)]
+)
 def test_imported_blocks_run_in_the_panel_kernels(kind: str, dtype: np.dtype) -> None:
     rows, cols = 16, 512
     per_block = 256 if kind.endswith("_K") else 32

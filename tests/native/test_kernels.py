@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqshare import _native
-from seqshare.bundle.quant import QTensor, dequantize, kernel_args, panel_tensor, quantize
+from seqshare.bundle.quant import Q6_GROUP, QTensor, dequantize, kernel_args, panel_tensor, quantize
 
 ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
 
@@ -53,9 +53,10 @@ def int8_path_reference(x: np.ndarray, t: QTensor) -> np.ndarray:
 
 
 def weight(fmt: str, rows: int, cols: int, group: int, seed: int) -> QTensor:
+    """A random weight; q6 takes its one group size (16) whatever `group` says."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
-    return quantize(w, fmt, group)
+    return quantize(w, fmt, Q6_GROUP if fmt == "q6" else group)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -71,7 +72,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
     assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s"])
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
@@ -82,7 +83,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
     t = weight(fmt, rows, cols, group, rows * cols + group)
     x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
     x[:, 3] = 0.0  # an all-zero group must not divide by zero
-    x[0, :group] = 0.0
+    x[0, : t.group_size] = 0.0
     want = int8_path_reference(x, t)
     exact = x.astype(np.float64) @ dequantize(t).astype(np.float64).T
     bound = INT16_ACT_QUANT_RTOL if fmt == "q8" else INT8_ACT_QUANT_RTOL
@@ -92,7 +93,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s"])
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
@@ -106,7 +107,7 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
-@pytest.mark.parametrize("fmt", ["q4", "q5"])
+@pytest.mark.parametrize("fmt", ["q4", "q5", "q6", "q4s", "q5s"])
 def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
     """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
     steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
@@ -119,16 +120,19 @@ def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_q5_extremes_sum_exactly(isa: str) -> None:
-    """Values of 31 against activations at +-127: the largest sums a q5 block makes, which would
-    overflow AVX2's int16 lanes if a chain took more than four steps before widening."""
+@pytest.mark.parametrize("fmt", ["q5", "q6"])
+def test_wide_panel_extremes_sum_exactly(isa: str, fmt: str) -> None:
+    """Values at the top (q5: 31, q6: 63) against activations at +-127: the largest sums a block
+    makes, which would overflow AVX2's int16 lanes if a chain took more steps before widening than
+    the format allows (q5: four, q6: two)."""
     need(isa)
     rows, cols = 16, 512
-    q = np.full((rows, cols), 31, np.uint8)
+    top = 63 if fmt == "q6" else 31
+    q = np.full((rows, cols), top, np.uint8)
     q[1::2, ::3] = 0  # some rows not all at the top
-    for group in (32, 128):
+    for group in ((Q6_GROUP,) if fmt == "q6" else (32, 128)):
         ones = np.ones((rows, cols // group), np.float16)
-        t = panel_tensor("q5", q, ones, -ones, group)
+        t = panel_tensor(fmt, q, ones, None if fmt == "q6" else -ones, group)
         for n in (1, 2, 7):  # decode's split chains and the prefill tile
             x = np.ones((n, cols), np.float32)
             x[1::2] = -1.0
@@ -152,7 +156,7 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
@@ -168,16 +172,24 @@ def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
 def test_bad_weights_are_value_errors() -> None:
     x = np.ones((1, 64), np.float32)
     with pytest.raises(ValueError, match="unknown weight format"):
-        _native.linear(x, fmt="q6", data=np.zeros((4, 64), np.float32))
+        _native.linear(x, fmt="q7", data=np.zeros((4, 64), np.float32))
     with pytest.raises(ValueError, match=r"q5 data must be \(panels, cols/32, 160\)"):
         _native.linear(x, fmt="q5", data=np.zeros((1, 2, 128), np.uint8), rows=8, group=32)
     with pytest.raises(ValueError, match="scales are required"):
         _native.linear(x, fmt="q8", data=np.zeros((4, 64), np.int8), group=32)
+    with pytest.raises(ValueError, match="q6 groups are 16 columns, got 32"):
+        q6 = np.zeros((1, 2, 192), np.uint8)
+        _native.linear(x, fmt="q6", data=q6, scales=np.zeros((1, 2, 8), np.float16), rows=8, group=32)
+    q4, planes = np.zeros((1, 2, 128), np.uint8), np.zeros((1, 2, 8), np.float16)
+    with pytest.raises(ValueError, match="mins are required for q4"):
+        _native.linear(x, fmt="q4", data=q4, scales=planes, rows=8, group=32)
+    with pytest.raises(ValueError, match="q4s is symmetric: it takes no mins"):
+        _native.linear(x, fmt="q4s", data=q4, scales=planes, mins=planes, rows=8, group=32)
     with pytest.raises(ValueError, match="x must be"):
         _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"])
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
