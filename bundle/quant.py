@@ -15,7 +15,7 @@ Every 2-D weight is logically [rows=out_features, cols=in_features] and stored a
   q5    qs     uint8   [P, cols // 32, 160]  as q4 with q in 0..31: the nibbles, then the fifth bits
         scales, mins as q4
   q6    qs     uint8   [P, cols // 32, 192]  value = scale * (q - 32), q in 0..63, G = 16: the
-        scales float16 [P, cols // 16, 8]      nibbles, the fifth bits, then the sixth bits
+        scales float16 [P, cols // 16, 8]      nibbles, then the two high bits, in pairs
   q4s   qs, scales as q4                   value = scale * (q - 8): symmetric, no mins plane
   q5s   qs, scales as q5                   value = scale * (q - 16): symmetric, no mins plane
 
@@ -24,7 +24,9 @@ layout the int8 kernels consume without repacking: for panel p and block b of 32
 32 * j + 4 * i + c (j < 4, row i < 8, c < 4) holds column 32b + 4j + c of row 8p + i in its low
 nibble and column 32b + 16 + 4j + c in its high nibble; a q5 block then has 32 more bytes, whose
 byte 4 * i + c holds in bit 2 * j + h the fifth bit (16) of the value in nibble h of byte
-32 * j + 4 * i + c, and a q6 block 32 more again, the same way, for the sixth bit (32). A q6 group
+32 * j + 4 * i + c. A q6 block has 64 more bytes instead, for the values' two high bits (16 and
+32) side by side: byte 128 + 32 * (j // 2) + 4 * i + c holds in bits 2 * (2 * (j % 2) + h) and the
+next one those of the value in nibble h of byte 32 * j + 4 * i + c. A q6 group
 (16 columns, GGUF Q6_K's sub-block) is thus the low or the high nibbles of a block. q6, q4s and q5s
 are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they have no mins
 plane. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
@@ -186,10 +188,13 @@ def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
     nib = (v[..., 0] & 0x0F) | ((v[..., 1] & 0x0F) << 4)  # (p, b, j, i, c)
     out = np.empty((P, cols // 32, PANEL_BLOCK_BYTES[fmt]), np.uint8)
     out[:, :, :128] = nib.reshape(P, cols // 32, 128)
-    for bit in range(4, PANEL_BITS[fmt]):  # plane bit - 4: byte 4i + c, bit 2j + half
-        bits = ((v >> bit) & 1).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)
-        at = 128 + 32 * (bit - 4)
-        out[:, :, at:at + 32] = (bits << np.arange(8, dtype=np.uint16)).sum(axis=3).astype(np.uint8)
+    if PANEL_BITS[fmt] == 5:  # byte 4i + c, bit 2j + half
+        bits = ((v >> 4) & 1).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 8).astype(np.uint16)
+        out[:, :, 128:] = (bits << np.arange(8, dtype=np.uint16)).sum(axis=3).astype(np.uint8)
+    if PANEL_BITS[fmt] == 6:  # byte 32 (j // 2) + 4i + c, bits 2 (2 (j % 2) + half) and up
+        pairs = ((v >> 4) & 3).transpose(0, 1, 3, 4, 2, 5).reshape(P, cols // 32, 32, 2, 4).astype(np.uint16)
+        packed = (pairs << (2 * np.arange(4, dtype=np.uint16))).sum(axis=4).astype(np.uint8)
+        out[:, :, 128:] = packed.transpose(0, 1, 3, 2).reshape(P, cols // 32, 64)  # (p, b, j // 2, 4i + c)
     return out
 
 
@@ -199,12 +204,14 @@ def unpack_panels(fmt: str, qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
     qs = np.asarray(qs)
     b = qs[:, :, :128].reshape(P, cols // 32, 4, PANEL, 4, 1)
     v = np.concatenate([b & 0x0F, b >> 4], axis=5)  # (p, b, j, i, c, half)
-    shift = (2 * np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
-             + np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 2))
-    for bit in range(4, PANEL_BITS[fmt]):
-        at = 128 + 32 * (bit - 4)
-        plane = qs[:, :, at:at + 32].reshape(P, cols // 32, 1, PANEL, 4, 1)
-        v = v | (((plane >> shift) & 1) << bit).astype(np.uint8)
+    j = np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
+    half = np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 1, 1, 2)
+    if PANEL_BITS[fmt] == 5:
+        plane = qs[:, :, 128:].reshape(P, cols // 32, 1, PANEL, 4, 1)
+        v = v | (((plane >> (2 * j + half)) & 1) << 4).astype(np.uint8)
+    if PANEL_BITS[fmt] == 6:
+        planes = qs[:, :, 128:].reshape(P, cols // 32, 2, PANEL, 4)[:, :, [0, 0, 1, 1], :, :, None]
+        v = v | (((planes >> (2 * (2 * (j % 2) + half))) & 3) << 4).astype(np.uint8)
     # (p, b, j, i, c, half) -> (p, i, b, half, j, c)
     return np.ascontiguousarray(v.transpose(0, 3, 1, 5, 2, 4).reshape(P * PANEL, cols)[:rows])
 

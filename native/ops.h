@@ -17,9 +17,9 @@ namespace seqshare {
 enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5, Q6 = 6 };
 
 // q4, q5 and q6 are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is
-// the 128 nibble bytes, then 32 bytes per further bit of the values (q5: the fifth, q6: the fifth and
-// the sixth). A panel without a mins plane is symmetric (GGUF Q4_0, Q5_0, Q6_K; q6 always is): its
-// minimum is -2^(bits - 1) x its scale.
+// the 128 nibble bytes, then 32 bytes per further bit of the values (q5: the fifth; q6: the fifth and
+// sixth, side by side). A panel without a mins plane is symmetric (GGUF Q4_0, Q5_0, Q6_K; q6 always
+// is): its minimum is -2^(bits - 1) x its scale.
 inline bool is_panel(WFmt f) { return f == WFmt::Q4 || f == WFmt::Q5 || f == WFmt::Q6; }
 inline int panel_bits(WFmt f) { return f == WFmt::Q6 ? 6 : f == WFmt::Q5 ? 5 : 4; }
 constexpr int panel_block_bytes(int bits) { return 128 + 32 * (bits - 4); }
@@ -35,8 +35,8 @@ struct WeightView {
   // q8: float16 (rows, cols/group). Panels: float16 (panels, cols/group, 8), the 8 rows of a panel
   // side by side. Panel bytes are (panels, cols/32, 128, 160 or 192): byte 32j + 4i + c of block b
   // holds column 32b + 4j + c of row 8p + i (low nibble) and column 32b + 16 + 4j + c (high nibble);
-  // bit 2j + h of byte 128 + 4i + c holds the fifth bit (16) of the value in nibble h of that byte,
-  // and for q6 the same bit of byte 160 + 4i + c its sixth (32).
+  // for q5, bit 2j + h of byte 128 + 4i + c holds the fifth bit (16) of the value in nibble h of that
+  // byte; for q6, bits 2 (2 (j % 2) + h) and up of byte 128 + 32 (j / 2) + 4i + c its two high bits.
   const std::uint16_t* scales = nullptr;
   const std::uint16_t* mins = nullptr;    // asymmetric q4/q5 only
   int panels() const { return (rows + 7) / 8; }
@@ -49,7 +49,8 @@ inline int panel_q_at(const WeightView& w, int r, int c) {
                   (static_cast<std::size_t>(r / 8) * (w.cols / 32) + c / 32) * panel_block_bytes(w.fmt);
   const int k = c % 32, h = k / 16, j = (k % 16) / 4, lane = 4 * (r % 8) + k % 4;
   int q = h ? (p[32 * j + lane] >> 4) : (p[32 * j + lane] & 0x0F);
-  for (int b = 4; b < panel_bits(w.fmt); ++b) q |= ((p[128 + 32 * (b - 4) + lane] >> (2 * j + h)) & 1) << b;
+  if (w.fmt == WFmt::Q5) q |= ((p[128 + lane] >> (2 * j + h)) & 1) << 4;
+  if (w.fmt == WFmt::Q6) q |= ((p[128 + 32 * (j / 2) + lane] >> (2 * (2 * (j % 2) + h))) & 3) << 4;
   return q;
 }
 inline std::size_t panel_group_at(const WeightView& w, int r, int g) {

@@ -10,8 +10,9 @@
 // batch. Internal linkage throughout, as in qgemm_panel.h.
 //
 // Panel bytes: block b (32 columns) of panel p is 128 bytes (q5: 160, q6: 192); byte 32j + 4i + c
-// holds column 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i, bit 2j + h of byte
-// 128 + 4i + c is the fifth bit of nibble h, and of byte 160 + 4i + c the sixth. q5 and q6 values
+// holds column 4j + c (low nibble) and 16 + 4j + c (high nibble) of row 8p + i; for q5 bit 2j + h of
+// byte 128 + 4i + c is the fifth bit of nibble h, for q6 bits 2 (2 (j % 2) + h) and up of byte
+// 128 + 32 (j / 2) + 4i + c are its two high bits. q5 and q6 values
 // (0..31, 0..63) are still int8, so every policy multiplies them as it does the nibbles. A q6 group
 // is 16 columns, half a block: the policies then take only its nibbles (uses_low / uses_high).
 // Activations: the reference layout (kernels_ref.cpp): int8 q[cols], float d[ng], float s[ng].
@@ -30,29 +31,30 @@ struct Panel {
   int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31, q6: 0..63)
 };
 
-// Bit s of every byte of a bit plane, moved to bit b and added to v (a negative count shifts right).
-inline uint8x16_t with_bit(uint8x16_t v, uint8x16_t plane, int s, int b) {
-  const uint8x16_t moved = vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(b - s)));
-  return vorrq_u8(v, vandq_u8(moved, vdupq_n_u8(static_cast<std::uint8_t>(1 << b))));
+// The `width` bits from bit s of every byte of a bit plane, moved to bit 4 and added to v (a negative
+// count shifts right).
+inline uint8x16_t with_bits(uint8x16_t v, uint8x16_t plane, int s, int width) {
+  const uint8x16_t moved = vshlq_u8(plane, vdupq_n_s8(static_cast<std::int8_t>(4 - s)));
+  return vorrq_u8(v, vandq_u8(moved, vdupq_n_u8(static_cast<std::uint8_t>(((1 << width) - 1) << 4))));
 }
 
 template <int Bits>
 inline void load_block(const std::uint8_t* pw, Panel& p) {
   const uint8x16_t m4 = vdupq_n_u8(0x0F);
   for (int h = 0; h < 2; ++h) {
-    uint8x16_t fifth = vdupq_n_u8(0), sixth = vdupq_n_u8(0);
-    if constexpr (Bits >= 5) fifth = vld1q_u8(pw + 128 + 16 * h);
-    if constexpr (Bits == 6) sixth = vld1q_u8(pw + 160 + 16 * h);
+    uint8x16_t high[2] = {vdupq_n_u8(0), vdupq_n_u8(0)};  // q5: fifth bits; q6: high bits of j < 2, j >= 2
+    if constexpr (Bits >= 5) high[0] = vld1q_u8(pw + 128 + 16 * h);
+    if constexpr (Bits == 6) high[1] = vld1q_u8(pw + 160 + 16 * h);
     for (int j = 0; j < 4; ++j) {
       const uint8x16_t raw = vld1q_u8(pw + 32 * j + 16 * h);
       uint8x16_t lo = vandq_u8(raw, m4), hi = vshrq_n_u8(raw, 4);
-      if constexpr (Bits >= 5) {
-        lo = with_bit(lo, fifth, 2 * j, 4);
-        hi = with_bit(hi, fifth, 2 * j + 1, 4);
+      if constexpr (Bits == 5) {
+        lo = with_bits(lo, high[0], 2 * j, 1);
+        hi = with_bits(hi, high[0], 2 * j + 1, 1);
       }
       if constexpr (Bits == 6) {
-        lo = with_bit(lo, sixth, 2 * j, 5);
-        hi = with_bit(hi, sixth, 2 * j + 1, 5);
+        lo = with_bits(lo, high[j / 2], 4 * (j % 2), 2);
+        hi = with_bits(hi, high[j / 2], 4 * (j % 2) + 2, 2);
       }
       p.lo[j][h] = vreinterpretq_s32_u8(lo);
       p.hi[j][h] = vreinterpretq_s32_u8(hi);

@@ -10,7 +10,7 @@
 //   AVX2:        vpmaddubsw into int16 lanes; a 32-column block adds up without saturating
 //                (8 x 2 x 15 x 127 < 2^15) before one vpmaddwd widens it to int32;
 //   (AVX-)VNNI:  vpdpbusd adds the four products straight into the int32 lanes.
-// q5 adds each value's fifth bit to its nibble (with_bit) and is then the same step. Its values
+// q5 adds each value's fifth bit to its nibble (with_bits) and is then the same step. Its values
 // reach 31, so AVX2's int16 lanes take at most four steps (4 x 2 x 31 x 127 < 2^15) before they are
 // widened. q6 (q6_tile) adds a sixth bit and groups 16 columns.
 // All give the exact integer sum of a group (however the chain of steps is split into partial
@@ -113,8 +113,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
         const I raw = V::load_w(pw + 32 * j, panel_bytes);
         I lo = V::low(raw, m4), hi = V::high(raw, m4);
         if constexpr (Bits == 5) {
-          lo = V::template with_bit<4>(lo, plane, 2 * j);
-          hi = V::template with_bit<4>(hi, plane, 2 * j + 1);
+          lo = V::template with_bits<1>(lo, plane, 2 * j);
+          hi = V::template with_bits<1>(hi, plane, 2 * j + 1);
         }
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
@@ -159,9 +159,9 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 }
 
 // q6 (GGUF Q6_K): 16-column groups, each the low or the high nibbles of a 32-column block, so each
-// half of a block is its own group with its own float step; the values (0..63) are those of
-// nibbles plus a fifth and a sixth bit plane, and the minimum is -32 x the scale (no mins plane:
-// q6 is symmetric).
+// half of a block is its own group with its own float step; the values (0..63) are the nibbles plus
+// their two high bits, which sit side by side in two planes (one shift, mask and or per 32 values),
+// and the minimum is -32 x the scale (no mins plane: q6 is symmetric).
 // AVX2's int16 lanes hold two steps of them (2 x 2 x 63 x 127 < 2^15) before they are widened.
 template <class D, int T>
 void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
@@ -191,7 +191,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
     if constexpr (T <= 2)
       for (int l = 0; l < kBlock; l += 64)
         _mm_prefetch(reinterpret_cast<const char*>(pw + l + kPanelPrefetchBytes), _MM_HINT_T0);
-    const I fifth = V::load_w(pw + 128, panel_bytes), sixth = V::load_w(pw + 160, panel_bytes);
+    const I high01 = V::load_w(pw + 128, panel_bytes), high23 = V::load_w(pw + 160, panel_bytes);
 #pragma GCC unroll 2
     for (int h = 0; h < 2; ++h) {
       const int g = 2 * b + h;
@@ -206,7 +206,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
       for (int j = 0; j < 4; ++j) {
         const I raw = V::load_w(pw + 32 * j, panel_bytes);
         I v = h ? V::high(raw, m4) : V::low(raw, m4);
-        v = V::template with_bit<5>(V::template with_bit<4>(v, fifth, 2 * j + h), sixth, 2 * j + h);
+        v = V::template with_bits<2>(v, j < 2 ? high01 : high23, 2 * (2 * (j % 2) + h));
 #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) {
           I& sum = blk[t][j % kChains];

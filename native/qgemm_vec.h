@@ -32,12 +32,13 @@ struct Vec256 {
   static I nibbles() { return _mm256_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm256_and_si256(raw, m4); }
   static I high(I raw, I m4) { return _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4); }
-  // q5/q6: bit s of every byte of a bit plane, moved to bit B (4: the fifth bit, 5: the sixth) and
-  // added to the value. (16-bit shifts carry bits across bytes, but none of those lands on bit B.)
-  template <int B>
-  static I with_bit(I v, I plane, int s) {
-    const I b = s <= B ? _mm256_slli_epi16(plane, B - s) : _mm256_srli_epi16(plane, s - B);
-    return _mm256_or_si256(v, _mm256_and_si256(b, _mm256_set1_epi8(1 << B)));
+  // q5/q6: the W bits from bit s of every byte of a bit plane (q5: its fifth bit, q6: its two high
+  // bits), moved to bit 4 and added to the nibble. (16-bit shifts carry bits across bytes, but none
+  // of those lands on bits 4 and 5.)
+  template <int W>
+  static I with_bits(I v, I plane, int s) {
+    const I b = s <= 4 ? _mm256_slli_epi16(plane, 4 - s) : _mm256_srli_epi16(plane, s - 4);
+    return _mm256_or_si256(v, _mm256_and_si256(b, _mm256_set1_epi8(((1 << W) - 1) << 4)));
   }
 };
 
@@ -56,10 +57,10 @@ struct Vec512 {
   static I nibbles() { return _mm512_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
   static I high(I raw, I m4) { return _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4); }
-  template <int B>
-  static I with_bit(I v, I plane, int s) {
-    const I b = s <= B ? _mm512_slli_epi16(plane, B - s) : _mm512_srli_epi16(plane, s - B);
-    return _mm512_ternarylogic_epi32(v, b, _mm512_set1_epi8(1 << B), 0xF8);  // v | (b & bit)
+  template <int W>
+  static I with_bits(I v, I plane, int s) {
+    const I b = s <= 4 ? _mm512_slli_epi16(plane, 4 - s) : _mm512_srli_epi16(plane, s - 4);
+    return _mm512_ternarylogic_epi32(v, b, _mm512_set1_epi8(((1 << W) - 1) << 4), 0xF8);  // v | (b & bits)
   }
 };
 #endif
