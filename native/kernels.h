@@ -28,8 +28,8 @@ using QuantizeActsFn = void (*)(const float* x, int cols, int group, bool for_q8
 using QGemmFn = void (*)(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 // Compile-time sizes for the integer kernels' templates: f(std::integral_constant<int, G>{}) for the
-// weight's group size (check_weight allows only 32, 64 and 128), and f(integral_constant<int, T'>)
-// for the T' = `left` tokens (0 < left < T) a tile of T leaves over.
+// weight's group size (check_weight allows only 32, 64 and 128, and 16 for q6 alone), and
+// f(integral_constant<int, T'>) for the T' = `left` tokens (0 < left < T) a tile of T leaves over.
 template <class F>
 inline void with_group(int group, F&& f) {
   switch (group) {
@@ -37,6 +37,15 @@ inline void with_group(int group, F&& f) {
     case 64: return f(std::integral_constant<int, 64>{});
     default: return f(std::integral_constant<int, 128>{});
   }
+}
+// The same for a panel of `Bits` bits: q6 has only its 16-column groups, so no other size is
+// instantiated for it (nor 16 for the others).
+template <int Bits, class F>
+inline void with_panel_group(int group, F&& f) {
+  if constexpr (Bits == 6)
+    f(std::integral_constant<int, kQ6Group>{});
+  else
+    with_group(group, f);
 }
 template <int T, class F>
 inline void with_tokens(int left, F&& f) {

@@ -117,10 +117,7 @@ void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ld
 
 template <class P, int Bits>
 void qgemm_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  if constexpr (Bits == 6)
-    neon_panel_run<P, 6, kQ6Group>(w, xq, N, Y, ldy, r0, r1);
-  else
-    with_group(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  with_panel_group<Bits>(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 // The blocks a policy's group reads (one for q6's half-block groups) and, for q6, which half: the low

@@ -281,10 +281,7 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
 // Bits: 4 (q4), 5 (q5) or 6 (q6, whose group is always 16).
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  if constexpr (Bits == 6)
-    panel_run<D, 6, kQ6Group>(w, xq, N, Y, ldy, r0, r1);
-  else
-    with_group(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  with_panel_group<Bits>(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace

@@ -63,7 +63,7 @@ def _fail(e: SeqshareError | ValueError) -> click.ClickException:
     type=click.Choice(QUANTS),
     default="keep",
     show_default=True,
-    help="Weight format; keep = GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 and K-quant blocks and float tensors as they are.",
+    help="Weight format; keep = GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks and floats as they are.",
 )
 @click.option(
     "--group-size",
