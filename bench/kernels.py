@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--isa", default=_native.best_isa())
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default="q4,q5,q6,q8,f16,bf16,f32")
+    ap.add_argument("--formats", default="q4,q5,q6,q8,q8p,f16,bf16,f32")
     ap.add_argument("--tokens", default="1,512")
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--no-attention", action="store_true")

@@ -6,10 +6,11 @@ and returns a `Checkpoint`. Weights are produced lazily, one tensor at a time, i
 tensor; `.tensors` materialises them all for callers that want a dict.
 
 Requested quant schemes (the CLI spellings): f32, f16, bf16, int8 (-> q8), int4 (-> q4), keep.
-`keep` repacks GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks losslessly and Q4_K/Q5_K/Q6_K blocks with their
-group scales in float16 (quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float
-format; other block types (Q2_K, Q3_K, the IQ types, ...) are dequantized and quantized again. 1-D
-tensors (norms, biases) are always f32.
+`keep` repacks GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks losslessly (Q8_0 as q8p, for int8 activations;
+`int8` gives q8, for int16 ones) and Q4_K/Q5_K/Q6_K blocks with their group scales in float16
+(quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float format; other block types
+(Q2_K, Q3_K, the IQ types, ...) are dequantized and quantized again. 1-D tensors (norms, biases) are
+always f32.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def check_quant(quant: str, group_size: int) -> None:
 
 # The token embedding (and the output head it is tied to) stays at 8 bits in an int4 bundle, as
 # in llama.cpp's 4-bit files: at 4 bits it alone drops the top-1 agreement with f32 to ~0.8.
-_EMBEDDINGS = ("tok_embeddings", "output")
+EMBEDDINGS = ("tok_embeddings", "output")
 
 
 def target_format(quant: str, stored: str, name: str = "") -> str:
@@ -112,7 +113,7 @@ def target_format(quant: str, stored: str, name: str = "") -> str:
     if quant == "keep":
         return stored
     fmt = _SCHEME_FORMAT[quant]
-    return "q8" if fmt == "q4" and name in _EMBEDDINGS else fmt
+    return "q8" if fmt == "q4" and name in EMBEDDINGS else fmt
 
 
 def plan_tensor(name: str, shape: tuple[int, ...], fmt: str, group_size: int) -> TensorPlan:

@@ -15,6 +15,7 @@ import gguf
 import numpy as np
 
 from seqshare.bundle.convert import (
+    EMBEDDINGS,
     Checkpoint,
     SpecialTokens,
     TensorPlan,
@@ -32,7 +33,7 @@ T = gguf.GGMLQuantizationType
 # Imported block by block without a second quantization (quant.from_gguf_blocks): exactly, or for
 # Q4_K, Q5_K and Q6_K within float16 rounding of their scales.
 _DIRECT = {
-    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8", T.Q5_0: "q5s", T.Q5_1: "q5", T.Q4_K: "q4", T.Q5_K: "q5", T.Q6_K: "q6",
+    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8p", T.Q5_0: "q5s", T.Q5_1: "q5", T.Q4_K: "q4", T.Q5_K: "q5", T.Q6_K: "q6",
 }
 _FLOAT = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
 # Under `keep`, other block types are requantized to the nearest runtime format.
@@ -151,7 +152,11 @@ def _direct_group(fmt: str) -> int:
     return Q6_GROUP if fmt == "q6" else 32
 
 
-def _stored_format(qtype: T, group_size: int) -> tuple[str, int]:
+def _stored_format(qtype: T, group_size: int, name: str) -> tuple[str, int]:
+    if qtype == T.Q8_0 and name in EMBEDDINGS:
+        # The output head decides the argmax: int16 activations (q8) keep its top-1, where int8 ones
+        # (q8p) cost 1.6 points of it on tests/worker/test_model_block_types.py's file.
+        return "q8", 32
     if qtype in _DIRECT:
         return _DIRECT[qtype], _direct_group(_DIRECT[qtype])
     if qtype in _FLOAT:
@@ -170,9 +175,10 @@ class _GGUFProducer:
         qtype = T(t.tensor_type)
         rows = p.shape[0]
         cols = p.shape[1] if len(p.shape) == 2 else 0
-        direct = len(p.shape) == 2 and _DIRECT.get(qtype) == p.fmt and p.group_size == _direct_group(p.fmt)
+        direct_fmts = (_DIRECT.get(qtype), "q8" if qtype == T.Q8_0 else None)
+        direct = len(p.shape) == 2 and p.fmt in direct_fmts and p.group_size == _direct_group(p.fmt)
         if direct:
-            out = from_gguf_blocks(qtype.name, np.asarray(t.data), rows, cols)
+            out = from_gguf_blocks(qtype.name, np.asarray(t.data), rows, cols, p.fmt)
         else:
             data = np.asarray(t.data)  # GGUF rows are whole blocks, so row slices dequantize alone
             out = from_rows(lambda r0, r1: gguf.quants.dequantize(data[r0:r1], qtype), p)
@@ -198,7 +204,7 @@ def load_gguf(path: Path, quant: str, group_size: int) -> Checkpoint:
     for name in spec.tensor_names():
         t = by_name[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
-        stored, g = _stored_format(T(t.tensor_type), group_size)
+        stored, g = _stored_format(T(t.tensor_type), group_size, name)
         fmt = target_format(quant, stored, name)
         plan.append(plan_tensor(name, shape, fmt, g if quant == "keep" else group_size))
     ctx = spec.max_position

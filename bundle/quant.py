@@ -18,6 +18,8 @@ Every 2-D weight is logically [rows=out_features, cols=in_features] and stored a
         scales float16 [P, cols // 16, 8]      nibbles, then the two high bits, in pairs
   q4s   qs, scales as q4                   value = scale * (q - 8): symmetric, no mins plane
   q5s   qs, scales as q5                   value = scale * (q - 16): symmetric, no mins plane
+  q8p   qs     uint8   [P, cols // 32, 256]  value = scale * (q - 128), q in 0..255: q8 in panels, for
+        scales as q4                         the int8-activation kernels; symmetric, no mins plane
 
 q4 and q5 are stored in panels of 8 rows (P = ceil(rows / 8); the rows past the end are zero), the
 layout the int8 kernels consume without repacking: for panel p and block b of 32 columns, byte
@@ -27,14 +29,18 @@ byte 4 * i + c holds in bit 2 * j + h the fifth bit (16) of the value in nibble 
 32 * j + 4 * i + c. A q6 block has 64 more bytes instead, for the values' two high bits (16 and
 32) side by side: byte 128 + 32 * (j // 2) + 4 * i + c holds in bits 2 * (2 * (j % 2) + h) and the
 next one those of the value in nibble h of byte 32 * j + 4 * i + c. A q6 group
-(16 columns, GGUF Q6_K's sub-block) is thus the low or the high nibbles of a block. q6, q4s and q5s
-are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they have no mins
+(16 columns, GGUF Q6_K's sub-block) is thus the low or the high nibbles of a block. A q8p block is
+whole bytes: byte 32 * j + 4 * i + c (j < 8) holds column 32b + 4j + c of row 8p + i. q6, q4s, q5s
+and q8p are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they have no mins
 plane. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
 reads one layout for any number of tokens, so a row's result never depends on how many tokens were
 multiplied with it (batch invariance).
 
 GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4s (scale=d); Q5_1 ->
-q5 (scale=d, min=m); Q5_0 -> q5s (scale=d); Q8_0 (d) -> q8 (scale=d). All at G = 32. The bits and
+q5 (scale=d, min=m); Q5_0 -> q5s (scale=d); Q8_0 (d) -> q8p (scale=d, q = qs + 128), or q8 for the
+output head (scale=d). All at G = 32. q8p multiplies int8 activations as llama.cpp's Q8_0 does
+(VNNI's byte dot products: twice q8's multiply-adds per instruction); q8 takes int16 activations,
+which keep more accuracy: for the head, whose argmax is the answer, and for `--quant int8`. The bits and
 float16 values are moved, never recomputed. Q4_K and Q5_K keep their values and round each
 32-column group's scale and min to float16 once (Q4_K_F16_REL_ERR), and Q6_K each 16-column
 group's scale (q6, the same bound).
@@ -49,13 +55,13 @@ import numpy as np
 
 from seqshare.worker.errors import UnsupportedQuantError
 
-WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"]
-FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s")
-PANEL_FORMATS = ("q4", "q5", "q6", "q4s", "q5s")  # stored in 8-row panels
+WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"]
+FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p")
+PANEL_FORMATS = ("q4", "q5", "q6", "q4s", "q5s", "q8p")  # stored in 8-row panels
 _LEVELS = {"q4": 15, "q5": 31}
-PANEL_BITS = {"q4": 4, "q5": 5, "q6": 6, "q4s": 4, "q5s": 5}
+PANEL_BITS = {"q4": 4, "q5": 5, "q6": 6, "q4s": 4, "q5s": 5, "q8p": 8}
 # The value that stands for 0 in the symmetric panels: their minimum is -zero x their scale.
-SYMMETRIC_ZERO = {"q4s": 8, "q5s": 16, "q6": 32}
+SYMMETRIC_ZERO = {"q4s": 8, "q5s": 16, "q6": 32, "q8p": 128}
 PANEL_BLOCK_BYTES = {f: 128 + 32 * (b - 4) for f, b in PANEL_BITS.items()}  # bytes per 32 columns of a panel
 GROUP_SIZES = (32, 64, 128)
 Q6_GROUP = 16  # q6's only group size
@@ -157,7 +163,7 @@ def kernel_args(t: QTensor) -> dict[str, object]:
 
 
 def panel_tensor(fmt: str, q: np.ndarray, scales: np.ndarray, mins: np.ndarray | None, group: int) -> QTensor:
-    """A panel QTensor from values q [rows, cols] (0..15, 0..31 or 0..63) and float16 scales and
+    """A panel QTensor from values q [rows, cols] (0..15, 0..31, 0..63 or 0..255) and float16 scales and
     mins [rows, cols // G] (the symmetric formats: mins None)."""
     rows, cols = q.shape
     if (mins is None) != (fmt in SYMMETRIC_ZERO):
@@ -183,6 +189,9 @@ def pack_panels(fmt: str, q: np.ndarray) -> np.ndarray:
     P = -(-rows // PANEL)
     v = np.zeros((P * PANEL, cols), np.uint8)
     v[:rows] = q
+    if PANEL_BITS[fmt] == 8:  # (p, i, b, j, c) with column = 32b + 4j + c  ->  (p, b, j, i, c)
+        return np.ascontiguousarray(v.reshape(P, PANEL, cols // 32, 8, 4).transpose(0, 2, 3, 1, 4)
+                                    .reshape(P, cols // 32, 256))
     # (p, i, b, half, j, c) with column = 32b + 16 half + 4j + c  ->  (p, b, j, i, c, half)
     v = v.reshape(P, PANEL, cols // 32, 2, 4, 4).transpose(0, 2, 4, 1, 5, 3)
     nib = (v[..., 0] & 0x0F) | ((v[..., 1] & 0x0F) << 4)  # (p, b, j, i, c)
@@ -202,6 +211,9 @@ def unpack_panels(fmt: str, qs: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """Panel bytes [P, cols // 32, PANEL_BLOCK_BYTES[fmt]] -> values [rows, cols]."""
     P = qs.shape[0]
     qs = np.asarray(qs)
+    if PANEL_BITS[fmt] == 8:  # (p, b, j, i, c) -> (p, i, b, j, c)
+        v8 = qs.reshape(P, cols // 32, 8, PANEL, 4).transpose(0, 3, 1, 2, 4).reshape(P * PANEL, cols)
+        return np.ascontiguousarray(v8[:rows])
     b = qs[:, :, :128].reshape(P, cols // 32, 4, PANEL, 4, 1)
     v = np.concatenate([b & 0x0F, b >> 4], axis=5)  # (p, b, j, i, c, half)
     j = np.arange(4, dtype=np.uint8).reshape(1, 1, 4, 1, 1, 1)
@@ -283,10 +295,10 @@ def _gguf_q5_values(b: np.ndarray, rows: int, cols: int) -> np.ndarray:
     return (low | (high.reshape(rows, cols) << 4).astype(np.uint8)).astype(np.uint8)
 
 
-def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
+def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int, fmt: str | None = None) -> QTensor:
     """Repack GGUF block bytes of a [rows, cols] tensor into panel or q8 planes without quantizing
     again: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly, Q4_K, Q5_K and Q6_K up to
-    Q4_K_F16_REL_ERR (their scale products in float16)."""
+    Q4_K_F16_REL_ERR (their scale products in float16). Q8_0 becomes q8p, or q8 where `fmt` asks."""
     if cols % GGUF_BLOCK:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
     nb = rows * cols // GGUF_BLOCK
@@ -312,12 +324,16 @@ def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTenso
         return _from_k_quant(kind, raw, rows, cols)
     if kind == "Q6_K":
         return _from_q6_k(raw, rows, cols)
-    if kind == "Q8_0":
+    if kind == "Q8_0" and fmt == "q8":
         b = raw.view(_Q8_0)[:nb]
         return QTensor("q8", (rows, cols), 32, {
             "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols),
             "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
         })
+    if kind == "Q8_0":  # d * qs, qs int8: stored as qs + 128
+        b = raw.view(_Q8_0)[:nb]
+        q = (np.asarray(b["qs"]).reshape(rows, cols).astype(np.int16) + 128).astype(np.uint8)
+        return panel_tensor("q8p", q, np.ascontiguousarray(b["d"]).reshape(shape2), None, 32)
     raise UnsupportedQuantError(
         f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
 

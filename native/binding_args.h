@@ -42,7 +42,9 @@ inline WFmt fmt_arg(const std::string& f) {
   if (f == "q4" || f == "q4s") return WFmt::Q4;
   if (f == "q5" || f == "q5s") return WFmt::Q5;
   if (f == "q6") return WFmt::Q6;
-  throw std::invalid_argument("unknown weight format '" + f + "' (expected f32, f16, bf16, q8, q4, q5, q6, q4s or q5s)");
+  if (f == "q8p") return WFmt::Q8P;
+  throw std::invalid_argument("unknown weight format '" + f +
+                              "' (expected f32, f16, bf16, q8, q4, q5, q6, q4s, q5s or q8p)");
 }
 
 // A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
@@ -94,8 +96,8 @@ inline WeightView weight_arg(const std::string& fmt, const py::array& data, cons
       return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
     };
     w.scales = plane(scales, "scales");
-    // The symmetric panels (q4s, q5s, q6) have no mins plane (ops.h panel_mins).
-    const bool symmetric = fmt == "q4s" || fmt == "q5s" || fmt == "q6";
+    // The symmetric panels (q4s, q5s, q6, q8p) have no mins plane (ops.h panel_mins).
+    const bool symmetric = fmt == "q4s" || fmt == "q5s" || fmt == "q6" || fmt == "q8p";
     if (is_panel(w.fmt) && !symmetric) w.mins = plane(mins, "mins");
     if (symmetric && !mins.is_none()) throw std::invalid_argument(fmt + " is symmetric: it takes no mins");
   }

@@ -13,7 +13,7 @@ static void fill_ref(KernelTable& t) {
   t.qacts_row_bytes = qacts_row_bytes_ref;
   t.quantize_acts = quantize_acts_ref;
   t.qgemm[0] = qgemm_q8_ref;
-  t.qgemm[1] = t.qgemm[2] = t.qgemm[3] = qgemm_panel_ref;
+  t.qgemm[1] = t.qgemm[2] = t.qgemm[3] = t.qgemm[4] = qgemm_panel_ref;
   t.attention = attention_ref;
   t.rmsnorm = rmsnorm_ref;
   t.silu_mul = silu_mul_ref;
@@ -37,6 +37,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[1] = qgemm_q4_avx2;
     t.qgemm[2] = qgemm_q5_avx2;
     t.qgemm[3] = qgemm_q6_avx2;
+    t.qgemm[4] = qgemm_q8p_avx2;
     t.attention = attention_avx2;
     t.rmsnorm = rmsnorm_avx2;
     t.silu_mul = silu_mul_avx2;
@@ -49,6 +50,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[1] = qgemm_q4_avxvnni;
     t.qgemm[2] = qgemm_q5_avxvnni;
     t.qgemm[3] = qgemm_q6_avxvnni;
+    t.qgemm[4] = qgemm_q8p_avxvnni;
   }
   if (isa == Isa::Avx512) {
     t.dot_f32 = dot_f32_avx512;
@@ -56,6 +58,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[1] = qgemm_q4_avx512;
     t.qgemm[2] = qgemm_q5_avx512;
     t.qgemm[3] = qgemm_q6_avx512;
+    t.qgemm[4] = qgemm_q8p_avx512;
   }
 #endif
 #if defined(SEQSHARE_ARM)
@@ -69,6 +72,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[1] = qgemm_q4_neon;
     t.qgemm[2] = qgemm_q5_neon;
     t.qgemm[3] = qgemm_q6_neon;
+    t.qgemm[4] = qgemm_q8p_neon;
     t.attention = attention_neon;
     t.rmsnorm = rmsnorm_neon;
     t.silu_mul = silu_mul_neon;
@@ -81,11 +85,13 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[1] = qgemm_q4_dotprod;
     t.qgemm[2] = qgemm_q5_dotprod;
     t.qgemm[3] = qgemm_q6_dotprod;
+    t.qgemm[4] = qgemm_q8p_dotprod;
   }
   if (isa >= Isa::I8mm) {
     t.qgemm[1] = qgemm_q4_i8mm;
     t.qgemm[2] = qgemm_q5_i8mm;
     t.qgemm[3] = qgemm_q6_i8mm;
+    t.qgemm[4] = qgemm_q8p_i8mm;
   }
 #endif
   return t;

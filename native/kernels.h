@@ -17,11 +17,12 @@ namespace seqshare {
 using GemmFn = void (*)(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 
 // Quantised weights multiply quantised activations: each token's row is cut into blocks of
-// w.group values, block b stored as d_b * q_b. q4/q5 weights take int8 activations (q in -127..127,
-// with s_b = d_b * sum(q_b) for the weights' minimum), as llama.cpp does; q8 weights take int16
-// activations (q in -32767..32767): int8 x int8 loses ~2.5 points of top-1 agreement with float on
-// an int8 bundle, int8 x int16 almost nothing. The byte layout of one quantised row is private to
-// the ISA that wrote it (`qacts_row_bytes` tells its size); only the same ISA's qgemm reads it.
+// w.group values, block b stored as d_b * q_b. The panels (q4 .. q8p) take int8 activations (q in
+// -127..127, with s_b = d_b * sum(q_b) for the weights' minimum), as llama.cpp does; q8 weights take
+// int16 activations (q in -32767..32767): int8 x int8 loses ~2.5 points of top-1 agreement with float
+// on an int8 bundle, int8 x int16 almost nothing. q8p is the same 8-bit weights for int8 activations
+// (GGUF Q8_0 as llama.cpp runs it): VNNI's byte dot products do twice the multiply-adds of its word
+// ones. The byte layout of one quantised row is private to the ISA that wrote it (`qacts_row_bytes` tells its size); only the same ISA's qgemm reads it.
 using QActsRowBytesFn = std::size_t (*)(int cols, int group, bool for_q8);
 using QuantizeActsFn = void (*)(const float* x, int cols, int group, bool for_q8, void* out);
 // Y[n, r] for rows [r0, r1): xq holds N quantised rows of `qacts_row_bytes` bytes each.
@@ -129,7 +130,7 @@ struct KernelTable {
   GemmFn gemm[3];  // indexed by WFmt F32, F16, BF16
   QActsRowBytesFn qacts_row_bytes;
   QuantizeActsFn quantize_acts;
-  QGemmFn qgemm[4];  // [0] = q8, [1] = q4, [2] = q5, [3] = q6 (WFmt order)
+  QGemmFn qgemm[5];  // [0] = q8, [1] = q4, [2] = q5, [3] = q6, [4] = q8p (WFmt order)
   AttnFn attention;
   RmsNormFn rmsnorm;
   SiluMulFn silu_mul;
@@ -146,7 +147,7 @@ void gemm_bf16_ref(const WeightView& w, const float* X, int N, float* Y, int ldy
 std::size_t qacts_row_bytes_ref(int cols, int group, bool for_q8);
 void quantize_acts_ref(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
-void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // q4, q5, q6
+void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // q4 .. q8p
 void attention_ref(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_ref(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_ref(float* gate, const float* up, std::size_t n);
@@ -165,6 +166,7 @@ void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_avx2(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_avx2(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_avx2(float* gate, const float* up, std::size_t n);
@@ -175,11 +177,13 @@ void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int 
 void qgemm_q4_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 // ARM variants (declared everywhere, defined only in AArch64 builds). The ARM levels quantise
 // activations into the reference layout (qacts_row_bytes_ref).
@@ -192,6 +196,7 @@ void qgemm_q8_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy
 void qgemm_q4_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_neon(const AttnArgs& a, int n0, int n1, int b);
 void rmsnorm_neon(const float* x, const float* weight, float eps, int dim, float* y);
 void silu_mul_neon(float* gate, const float* up, std::size_t n);
@@ -201,9 +206,11 @@ void f16_to_f32_neon(const std::uint16_t* src, float* dst, std::size_t n);
 void qgemm_q4_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_dotprod(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q6_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
+void qgemm_q8p_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 
 const KernelTable& kernel_table(Isa isa);
 inline const KernelTable& kernels() { return kernel_table(active_isa()); }

@@ -53,7 +53,8 @@ void check_weight(const WeightView& w) {
   if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
     if (w.cols % 32 || w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of 32 and the group");
     if (!w.scales) throw std::invalid_argument("weight: missing scales");
-    if (w.mins && (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q6)) throw std::invalid_argument("weight: q8 and q6 have no mins");
+    if (w.mins && (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q6 || w.fmt == WFmt::Q8P))
+      throw std::invalid_argument("weight: q8, q6 and q8p have no mins");
   }
 }
 
@@ -143,7 +144,8 @@ void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* ou
         }
         case WFmt::Q4:
         case WFmt::Q5:
-        case WFmt::Q6: {
+        case WFmt::Q6:
+        case WFmt::Q8P: {
           for (std::size_t c = 0; c < C; ++c) {
             const int ri = static_cast<int>(r), ci = static_cast<int>(c);
             const std::size_t gi = panel_group_at(w, ri, ci / w.group);

@@ -14,14 +14,15 @@
 namespace seqshare {
 
 // ---- weights, exactly as stored in a bundle (see bundle/quant.py for the layouts) ------------
-enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5, Q6 = 6 };
+enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5, Q6 = 6, Q8P = 7 };
 
 // q4, q5 and q6 are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is
 // the 128 nibble bytes, then 32 bytes per further bit of the values (q5: the fifth; q6: the fifth and
-// sixth, side by side). A panel without a mins plane is symmetric (GGUF Q4_0, Q5_0, Q6_K; q6 always
-// is): its minimum is -2^(bits - 1) x its scale.
-inline bool is_panel(WFmt f) { return f == WFmt::Q4 || f == WFmt::Q5 || f == WFmt::Q6; }
-inline int panel_bits(WFmt f) { return f == WFmt::Q6 ? 6 : f == WFmt::Q5 ? 5 : 4; }
+// sixth, side by side). q8p (GGUF Q8_0 for the int8-activation kernels) has whole bytes instead: 256
+// per block. A panel without a mins plane is symmetric (GGUF Q4_0, Q5_0, Q6_K, Q8_0; q6 and q8p
+// always are): its minimum is -2^(bits - 1) x its scale.
+inline bool is_panel(WFmt f) { return f == WFmt::Q4 || f == WFmt::Q5 || f == WFmt::Q6 || f == WFmt::Q8P; }
+inline int panel_bits(WFmt f) { return f == WFmt::Q8P ? 8 : f == WFmt::Q6 ? 6 : f == WFmt::Q5 ? 5 : 4; }
 constexpr int panel_block_bytes(int bits) { return 128 + 32 * (bits - 4); }
 inline int panel_block_bytes(WFmt f) { return panel_block_bytes(panel_bits(f)); }
 // q6's 16-column groups are GGUF Q6_K's sub-blocks; the other panels group 32, 64 or 128 columns.
@@ -30,24 +31,27 @@ constexpr int kQ6Group = 16;
 struct WeightView {
   WFmt fmt = WFmt::F32;
   int rows = 0, cols = 0;     // logical matrix (rows = out_features, cols = in_features)
-  int group = 0;              // q8/q4/q5 group size (32, 64, 128), q6: 16; 0 for float formats
-  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4/q5/q6: panel bytes
+  int group = 0;              // q8/q4/q5/q8p group size (32, 64, 128), q6: 16; 0 for float formats
+  const void* data = nullptr; // f32/f16/bf16: the matrix; q8: int8 qs; q4/q5/q6/q8p: panel bytes
   // q8: float16 (rows, cols/group). Panels: float16 (panels, cols/group, 8), the 8 rows of a panel
   // side by side. Panel bytes are (panels, cols/32, 128, 160 or 192): byte 32j + 4i + c of block b
   // holds column 32b + 4j + c of row 8p + i (low nibble) and column 32b + 16 + 4j + c (high nibble);
   // for q5, bit 2j + h of byte 128 + 4i + c holds the fifth bit (16) of the value in nibble h of that
   // byte; for q6, bits 2 (2 (j % 2) + h) and up of byte 128 + 32 (j / 2) + 4i + c its two high bits.
+  // q8p blocks are (panels, cols/32, 256): byte 32j + 4i + c (j < 8) is column 32b + 4j + c of row
+  // 8p + i, its value + 128.
   const std::uint16_t* scales = nullptr;
   const std::uint16_t* mins = nullptr;    // asymmetric q4/q5 only
   int panels() const { return (rows + 7) / 8; }
 };
 
-// Value q (q4: 0..15, q5: 0..31, q6: 0..63) of row r, column c of a panel weight, where the float16
-// bits of its scale (and min) are, and its min.
+// Value q (q4: 0..15, q5: 0..31, q6: 0..63, q8p: 0..255) of row r, column c of a panel weight, where
+// the float16 bits of its scale (and min) are, and its min.
 inline int panel_q_at(const WeightView& w, int r, int c) {
   const auto* p = static_cast<const std::uint8_t*>(w.data) +
                   (static_cast<std::size_t>(r / 8) * (w.cols / 32) + c / 32) * panel_block_bytes(w.fmt);
   const int k = c % 32, h = k / 16, j = (k % 16) / 4, lane = 4 * (r % 8) + k % 4;
+  if (w.fmt == WFmt::Q8P) return p[32 * (k / 4) + lane];
   int q = h ? (p[32 * j + lane] >> 4) : (p[32 * j + lane] & 0x0F);
   if (w.fmt == WFmt::Q5) q |= ((p[128 + lane] >> (2 * j + h)) & 1) << 4;
   if (w.fmt == WFmt::Q6) q |= ((p[128 + 32 * (j / 2) + lane] >> (2 * (2 * (j % 2) + h))) & 3) << 4;

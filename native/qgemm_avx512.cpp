@@ -1,5 +1,5 @@
-// The integer GEMMs with AVX512-VNNI (EVEX vpdpbusd / vpdpwssd: Ice Lake and later, Zen 4): q4
-// and q5 panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). Many tokens take 512-bit vectors holding two
+// The integer GEMMs with AVX512-VNNI (EVEX vpdpbusd / vpdpwssd: Ice Lake and later, Zen 4): q4,
+// q5, q6 and q8p panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). Many tokens take 512-bit vectors holding two
 // panels or two rows side by side, which halves the instructions per multiply-add
 // (bench/kernels.py, Zen 5, 2 cores, 512 tokens: q4 619 -> 1,198 and q8 230 -> 408 GFLOP/s).
 // Decode's one or two tokens take the 256-bit tiles, which stream from memory faster. EVEX reaches
@@ -15,7 +15,7 @@ namespace {
 
 struct Avx512ByteDot {
   using V = Ymm;
-  static constexpr int tokens(int) { return 12; }  // 12 float + 12 int32 accumulators of 32 registers
+  static constexpr int tokens(int, int) { return 12; }  // 12 float + 12 int32 accumulators of 32 registers
   static constexpr bool kInt16Sums = false;
   static __m256i start(__m256i a32) { return a32; }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
@@ -44,7 +44,7 @@ struct Zmm : Vec512 {
 struct Avx512PanelPairDot {
   using V = Zmm;
   using Narrow = Avx512ByteDot;  // a lone last panel
-  static constexpr int tokens(int) { return 12; }  // 12 float + 12 int32 accumulators of 32 registers
+  static constexpr int tokens(int, int) { return 12; }  // 12 float + 12 int32 accumulators of 32 registers
   static constexpr bool kInt16Sums = false;
   static __m512i start(__m512i a32) { return a32; }
   static __m512i add(__m512i a, __m512i b) { return _mm512_add_epi32(a, b); }
@@ -99,6 +99,10 @@ void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int l
 
 void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_panels<Avx512PanelPairDot, 6>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q8p_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<Avx512PanelPairDot, 8>(w, xq, N, Y, ldy, r0, r1);
 }
 
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {

@@ -1,5 +1,5 @@
 // The integer GEMMs with AVX-VNNI (VEX vpdpbusd / vpdpwssd on 256-bit vectors: Alder Lake and later,
-// Zen 5): q4 and q5 panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). The dot products go straight into
+// Zen 5): q4, q5, q6 and q8p panels (qgemm_panel.h) and q8 rows (qgemm_q8.h). The dot products go straight into
 // int32 lanes; the integers, and so the results, are those of the AVX2 path bit for bit.
 #include "qgemm_panel.h"
 #include "qgemm_q8.h"
@@ -10,7 +10,7 @@ namespace {
 
 struct AvxVnniDot {
   using V = Ymm;
-  static constexpr int tokens(int G) { return G == 16 ? 5 : 6; }  // float + int32 accumulators of 16 registers
+  static constexpr int tokens(int G, int) { return G == 16 ? 5 : 6; }  // float + int32 accumulators of 16 registers
   static constexpr bool kInt16Sums = false;
   static __m256i start(__m256i a32) { return a32; }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
@@ -36,6 +36,10 @@ void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int 
 
 void qgemm_q6_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_panels<AvxVnniDot, 6>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q8p_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_panels<AvxVnniDot, 8>(w, xq, N, Y, ldy, r0, r1);
 }
 
 void qgemm_q8_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {

@@ -1,4 +1,4 @@
-// q4, q5 and q6 panels with the int8 matrix-multiply extension (smmla; Cortex-A78/X, Neoverse V, RK3588-class
+// q4, q5, q6 and q8p panels with the int8 matrix-multiply extension (smmla; Cortex-A78/X, Neoverse V, RK3588-class
 // boards): one smmla multiplies 2 rows x 8 columns by 2 tokens x 8 columns into a 2 x 2 int32 block,
 // 32 multiply-adds per instruction against sdot's 16. Two 4-column groups of the panel zipped by
 // 32-bit lanes are 2 rows x 8 columns. Tokens go in pairs; an odd one left over takes the sdot path.
@@ -60,6 +60,10 @@ void qgemm_q5_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy
 
 void qgemm_q6_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_neon_panels<SmmlaDot, 6>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q8p_i8mm(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_neon_panels<SmmlaDot, 8>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

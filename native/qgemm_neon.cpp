@@ -1,4 +1,4 @@
-// q4, q5 and q6 panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
+// q4, q5, q6 and q8p panels with baseline Advanced SIMD (Cortex-A53/A72): no int8 dot product, so smull multiplies
 // 8 int8 pairs into int16 and sadalp adds neighbours into int32; the pairs of a row are added at the
 // end of each group (addp). The tile and the float part are in qgemm_neon.h.
 #include "qgemm_neon.h"
@@ -58,6 +58,10 @@ void qgemm_q5_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy
 
 void qgemm_q6_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   qgemm_neon_panels<NeonDot, 6>(w, xq, N, Y, ldy, r0, r1);
+}
+
+void qgemm_q8p_neon(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
+  qgemm_neon_panels<NeonDot, 8>(w, xq, N, Y, ldy, r0, r1);
 }
 
 }  // namespace seqshare

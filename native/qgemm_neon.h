@@ -1,4 +1,4 @@
-// q4, q5 and q6 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// q4, q5, q6 and q8p weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
 // ARM level: the tile below is written once and instantiated by qgemm_neon.cpp, qgemm_dotprod.cpp and
 // qgemm_i8mm.cpp, each compiled with its own -march, with a policy `P` that computes the exact
 // int32 sums of one weight group for T tokens:
@@ -14,7 +14,10 @@
 // byte 128 + 4i + c is the fifth bit of nibble h, for q6 bits 2 (2 (j % 2) + h) and up of byte
 // 128 + 32 (j / 2) + 4i + c are its two high bits. q5 and q6 values
 // (0..31, 0..63) are still int8, so every policy multiplies them as it does the nibbles. A q6 group
-// is 16 columns, half a block: the policies then take only its nibbles (uses_low / uses_high).
+// is 16 columns, half a block: the policies then take only its nibbles (uses_low / uses_high). A q8p
+// block is 256 bytes of value + 128: load j (j < 8) is column 4j + c of row i at byte 32j + 4i + c, so
+// loads j and 4 + j stand where the low and high nibbles of q4's load j do; the policies multiply
+// value - 128 (int8) and the tile adds 128 x sum(x), the same integers as x86's.
 // Activations: the reference layout (kernels_ref.cpp): int8 q[cols], float d[ng], float s[ng].
 #pragma once
 #include <arm_neon.h>
@@ -28,7 +31,8 @@ namespace seqshare {
 namespace {
 
 struct Panel {
-  int32x4_t lo[4][2], hi[4][2];  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31, q6: 0..63)
+  // [j][rows 0-3 | 4-7]: values as int8 0..15 (q5: 0..31, q6: 0..63, q8p: value - 128, -128..127)
+  int32x4_t lo[4][2], hi[4][2];
 };
 
 // The `width` bits from bit s of every byte of a bit plane, moved to bit 4 and added to v (a negative
@@ -40,6 +44,15 @@ inline uint8x16_t with_bits(uint8x16_t v, uint8x16_t plane, int s, int width) {
 
 template <int Bits>
 inline void load_block(const std::uint8_t* pw, Panel& p) {
+  if constexpr (Bits == 8) {  // q8p: loads j and 4 + j, less 128 (neon_panel_tile adds it back)
+    const uint8x16_t bias = vdupq_n_u8(0x80);
+    for (int h = 0; h < 2; ++h)
+      for (int j = 0; j < 4; ++j) {
+        p.lo[j][h] = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(pw + 32 * j + 16 * h), bias));
+        p.hi[j][h] = vreinterpretq_s32_u8(veorq_u8(vld1q_u8(pw + 128 + 32 * j + 16 * h), bias));
+      }
+    return;
+  }
   const uint8x16_t m4 = vdupq_n_u8(0x0F);
   for (int h = 0; h < 2; ++h) {
     uint8x16_t high[2] = {vdupq_n_u8(0), vdupq_n_u8(0)};  // q5: fifth bits; q6: high bits of j < 2, j >= 2
@@ -60,6 +73,14 @@ inline void load_block(const std::uint8_t* pw, Panel& p) {
       p.hi[j][h] = vreinterpretq_s32_u8(hi);
     }
   }
+}
+
+// The sum of G int8 activations.
+template <int G>
+inline int act_sum(const std::int8_t* x) {
+  int sum = 0;
+  for (int i = 0; i < G; i += 16) sum += vaddlvq_s8(vld1q_s8(x + i));
+  return sum;
 }
 
 // Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
@@ -85,6 +106,12 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
     // The group's first block (q6's 16-column groups are each half a block).
     const std::uint8_t* pg = pw + static_cast<std::size_t>(g) * G / 32 * panel_block_bytes(Bits);
     P::template group<Bits, G, T>(pg, x, g * G, s);
+    if constexpr (Bits == 8)  // the policies multiplied value - 128: + 128 x sum(x) gives the bytes' sums
+      for (int t = 0; t < T; ++t) {
+        const int32x4_t back = vdupq_n_s32(128 * act_sum<G>(x[t] + g * G));
+        s[t][0] = vaddq_s32(s[t][0], back);
+        s[t][1] = vaddq_s32(s[t][1], back);
+      }
     float32x4_t dw[2], mw[2];
     for (int h = 0; h < 2; ++h) {
       dw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 8 * g + 4 * h)));

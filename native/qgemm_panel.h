@@ -1,4 +1,4 @@
-// q4, q5 and q6 weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
+// q4, q5, q6 and q8p weights x int8 activations straight from the bundle's 8-row panels (ops.h), for every
 // x86 ISA: the tile below is written once and instantiated by qgemm_panel_avx2.cpp, _avxvnni.cpp and
 // _avx512.cpp, each compiled with its own flags, with a policy `D` for the integer dot product
 // (start / madd / add / finish on the vectors of its width policy `D::V`: one panel per 256-bit
@@ -244,18 +244,107 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
 }
 
+// q8p (GGUF Q8_0): whole bytes, the values + 128 (0..255), minimum -128 x the scale; a 32-column block
+// is 8 loads, load j holding columns 4j..4j+3 of the 8 rows. VNNI multiplies the bytes as they are.
+// AVX2's vpmaddubsw would saturate (2 x 255 x 127 > 2^15), so it takes each byte as its two nibbles in
+// two chains, the high one widened x 16 (D::finish_high): 8 steps of 2 x 15 x 127 fit int16 lanes.
+template <class D, int G, int T>
+void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
+              int ldy, int nrows) {
+  using V = typename D::V;
+  using I = typename V::I;
+  using F = typename V::F;
+  constexpr int kBlock = panel_block_bytes(8);
+  constexpr bool kNibbles = D::kInt16Sums;
+  constexpr int kChains = kNibbles ? 2 : T <= 2 ? 4 : 1;  // AVX2: low and high nibbles; else as panel_tile
+  const int K = w.cols, ng = K / G, nb = K / 32;
+  const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
+  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
+  const I m4 = V::nibbles();
+  const F min_per_scale = V::set1_f(panel_mins(w).factor);
+  const std::int8_t* x[T];
+  const float* dx[T];
+  F acc[T];
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) {
+    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
+    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
+    acc[t] = V::zero_f();
+  }
+  const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
+  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
+  for (int g = 0; g < ng; ++g) {
+    I a32[T];
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) a32[t] = V::zero_i();
+#pragma GCC unroll 4
+    for (int q = 0; q < G / 32; ++q, pw += kBlock) {
+      const int col = g * G + 32 * q;
+      if constexpr (T <= 2)
+        for (int l = 0; l < kBlock; l += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(pw + l + kPanelPrefetchBytes), _MM_HINT_T0);
+      I blk[T][kChains];
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        blk[t][0] = D::start(a32[t]);
+#pragma GCC unroll 4
+        for (int k = 1; k < kChains; ++k) blk[t][k] = V::zero_i();
+      }
+#pragma GCC unroll 8
+      for (int j = 0; j < 8; ++j) {
+        const I raw = V::load_w(pw + 32 * j, panel_bytes);
+        if constexpr (kNibbles) {
+          const I lo = V::low(raw, m4), hi = V::high(raw, m4);
+#pragma GCC unroll 16
+          for (int t = 0; t < T; ++t) {
+            const I xb = V::bcast4(x[t] + col + 4 * j);
+            blk[t][0] = D::madd(blk[t][0], lo, xb);
+            blk[t][1] = D::madd(blk[t][1], hi, xb);
+          }
+        } else {
+#pragma GCC unroll 16
+          for (int t = 0; t < T; ++t) {
+            I& sum = blk[t][j % kChains];
+            sum = D::madd(sum, raw, V::bcast4(x[t] + col + 4 * j));
+          }
+        }
+      }
+#pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) {
+        if constexpr (kNibbles) {
+          a32[t] = D::finish_high(D::finish(a32[t], blk[t][0]), blk[t][1]);
+        } else {
+#pragma GCC unroll 4
+          for (int k = 1; k < kChains; ++k) blk[t][0] = D::add(blk[t][0], blk[t][k]);
+          a32[t] = D::finish(a32[t], blk[t][0]);
+        }
+      }
+    }
+    const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::mul(dw, min_per_scale);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
+      acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
+    }
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+}
+
 template <class D, int Bits, int G, int T>
 void any_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                     int ldy, int nrows) {
   if constexpr (Bits == 6)
     q6_tile<D, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
+  else if constexpr (Bits == 8)
+    q8p_tile<D, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
   else
     panel_tile<D, Bits, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
 }
 
 template <class D, int Bits, int G>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  constexpr int T = D::tokens(G);  // accumulators that fit the register file
+  constexpr int T = D::tokens(G, Bits);  // accumulators that fit the register file
   constexpr int kRows = D::V::kRows;
   const int K = w.cols, ngp = (K / G + 7) & ~7;
   const std::size_t x_stride = qacts_row_bytes_avx2(K, G, false);
@@ -278,7 +367,7 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
   });
 }
 
-// Bits: 4 (q4), 5 (q5) or 6 (q6, whose group is always 16).
+// Bits: 4 (q4), 5 (q5), 6 (q6, whose group is always 16) or 8 (q8p).
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   with_panel_group<Bits>(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });

@@ -63,7 +63,8 @@ def _fail(e: SeqshareError | ValueError) -> click.ClickException:
     type=click.Choice(QUANTS),
     default="keep",
     show_default=True,
-    help="Weight format; keep = GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks and floats as they are.",
+    help="Weight format; keep = GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/Q4_K/Q5_K/Q6_K blocks and floats as they are "
+    "(int8 activations, as llama.cpp); int8 = q8 weights with int16 activations (more accurate, slower prefill).",
 )
 @click.option(
     "--group-size",

@@ -15,6 +15,7 @@ from seqshare.bundle.quant import (
     _Q5_1,
     _Q5_K,
     _Q6_K,
+    _Q8_0,
     PANEL_BLOCK_BYTES,
     Q4_K_F16_REL_ERR,
     Q6_GROUP,
@@ -44,19 +45,21 @@ def random_blocks(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
     return b
 
 
-@pytest.mark.parametrize(("fmt", "levels"), [("q4", 16), ("q5", 32), ("q6", 64)])
-def test_panel_packing_round_trips(fmt: str, levels: int) -> None:
+@pytest.mark.parametrize(("fmt", "bits"), [("q4", 4), ("q5", 5), ("q6", 6), ("q8p", 8)])
+def test_panel_packing_round_trips(fmt: str, bits: int) -> None:
     rows, cols = 13, 96  # a partial last panel
-    q = np.random.default_rng(5).integers(0, levels, (rows, cols)).astype(np.uint8)
+    q = np.random.default_rng(5).integers(0, 1 << bits, (rows, cols)).astype(np.uint8)
     packed = pack_panels(fmt, q)
-    assert packed.shape == (2, 3, PANEL_BLOCK_BYTES[fmt]) and PANEL_BLOCK_BYTES[fmt] == 128 + (levels // 32) * 32
+    assert packed.shape == (2, 3, PANEL_BLOCK_BYTES[fmt]) and PANEL_BLOCK_BYTES[fmt] == 32 * bits
     np.testing.assert_array_equal(unpack_panels(fmt, packed, rows, cols), q)
 
 
 @pytest.mark.parametrize(("kind", "dtype", "fmt", "top"),
-                         [("Q5_0", _Q5_0, "q5s", 31), ("Q5_1", _Q5_1, "q5", 31), ("Q4_0", _Q4_0, "q4s", 15)])
+                         [("Q5_0", _Q5_0, "q5s", 31), ("Q5_1", _Q5_1, "q5", 31), ("Q4_0", _Q4_0, "q4s", 15),
+                          ("Q8_0", _Q8_0, "q8p", 255)])
 def test_legacy_blocks_become_panels_exactly(kind: str, dtype: np.dtype, fmt: str, top: int) -> None:
-    """Q4_0 and Q5_0 (d x (q - 8 or 16)) as symmetric panels without a mins plane, Q5_1 with its own."""
+    """Q4_0, Q5_0 and Q8_0 (d x (q - 8, 16 or 128)) as symmetric panels without a mins plane, Q5_1
+    with its own."""
     rows, cols = 10, 96
     raw = random_blocks(dtype, rows * cols // 32, 1)
     t = from_gguf_blocks(kind, raw, rows, cols)
@@ -98,7 +101,8 @@ def test_q6_k_keeps_its_values_within_the_float16_bound() -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "dtype"), [("Q4_K", _Q4_K), ("Q5_K", _Q5_K), ("Q6_K", _Q6_K), ("Q5_0", _Q5_0), ("Q4_0", _Q4_0)]
+    ("kind", "dtype"),
+    [("Q4_K", _Q4_K), ("Q5_K", _Q5_K), ("Q6_K", _Q6_K), ("Q5_0", _Q5_0), ("Q4_0", _Q4_0), ("Q8_0", _Q8_0)],
 )
 def test_imported_blocks_run_in_the_panel_kernels(kind: str, dtype: np.dtype) -> None:
     rows, cols = 16, 512

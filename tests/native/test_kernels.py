@@ -72,7 +72,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
     assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
@@ -93,7 +93,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
@@ -107,7 +107,7 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
-@pytest.mark.parametrize("fmt", ["q4", "q5", "q6", "q4s", "q5s"])
+@pytest.mark.parametrize("fmt", ["q4", "q5", "q6", "q4s", "q5s", "q8p"])
 def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
     """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
     steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
@@ -120,19 +120,21 @@ def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["q5", "q6"])
+@pytest.mark.parametrize("fmt", ["q5", "q6", "q8p"])
 def test_wide_panel_extremes_sum_exactly(isa: str, fmt: str) -> None:
-    """Values at the top (q5: 31, q6: 63) against activations at +-127: the largest sums a block
-    makes, which would overflow AVX2's int16 lanes if a chain took more steps before widening than
-    the format allows (q5: four, q6: two)."""
+    """Values at the top (q5: 31, q6: 63, q8p: 255) against activations at +-127: the largest sums a
+    block makes, which would overflow AVX2's int16 lanes if a chain took more steps before widening
+    than the format allows (q5: four, q6: two, q8p's nibble chains: eight), or saturate if q8p's bytes
+    went into vpmaddubsw whole."""
     need(isa)
     rows, cols = 16, 512
-    top = 63 if fmt == "q6" else 31
+    top = {"q5": 31, "q6": 63, "q8p": 255}[fmt]
     q = np.full((rows, cols), top, np.uint8)
     q[1::2, ::3] = 0  # some rows not all at the top
+    symmetric = fmt in ("q6", "q8p")
     for group in ((Q6_GROUP,) if fmt == "q6" else (32, 128)):
         ones = np.ones((rows, cols // group), np.float16)
-        t = panel_tensor(fmt, q, ones, None if fmt == "q6" else -ones, group)
+        t = panel_tensor(fmt, q, ones, None if symmetric else -ones, group)
         for n in (1, 2, 7):  # decode's split chains and the prefill tile
             x = np.ones((n, cols), np.float32)
             x[1::2] = -1.0
@@ -156,7 +158,7 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
@@ -185,11 +187,13 @@ def test_bad_weights_are_value_errors() -> None:
         _native.linear(x, fmt="q4", data=q4, scales=planes, rows=8, group=32)
     with pytest.raises(ValueError, match="q4s is symmetric: it takes no mins"):
         _native.linear(x, fmt="q4s", data=q4, scales=planes, mins=planes, rows=8, group=32)
+    with pytest.raises(ValueError, match="q8p is symmetric: it takes no mins"):
+        _native.linear(x, fmt="q8p", data=np.zeros((1, 2, 256), np.uint8), scales=planes, mins=planes, rows=8, group=32)
     with pytest.raises(ValueError, match="x must be"):
         _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
