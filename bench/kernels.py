@@ -18,7 +18,7 @@ from collections.abc import Callable
 import numpy as np
 
 from seqshare import _native
-from seqshare.bundle.quant import Q6_GROUP, kernel_args, quantize
+from seqshare.bundle.quant import default_group, kernel_args, quantize
 
 # (hidden, ffn, heads, kv heads, head_dim) from the published configs
 SHAPES = {"smollm2-135m": (576, 1536, 9, 3, 64), "qwen2.5-0.5b": (896, 4864, 14, 2, 64),
@@ -52,7 +52,7 @@ def bench_linear(fmt: str, isa: str, n: int, min_time: float, shape: str, layers
     for _ in range(layers):
         for rows, cols in layer(shape).values():
             w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
-            t = quantize(w, fmt, Q6_GROUP if fmt == "q6" else 32)
+            t = quantize(w, fmt, default_group(fmt))
             weights.append((kernel_args(t), cols))
             flops += 2.0 * n * rows * cols
             nbytes += t.nbytes
@@ -87,7 +87,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--isa", default=_native.best_isa())
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--formats", default="q4,q5,q6,q8,q8p,f16,bf16,f32")
+    ap.add_argument("--formats", default="q4,q5,q6,q8,q8p,q4k,q6k,f16,bf16,f32")
     ap.add_argument("--tokens", default="1,512")
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--no-attention", action="store_true")

@@ -7,10 +7,9 @@ tensor; `.tensors` materialises them all for callers that want a dict.
 
 Requested quant schemes (the CLI spellings): f32, f16, bf16, int8 (-> q8), int4 (-> q4), keep.
 `keep` repacks GGUF Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 blocks losslessly (Q8_0 as q8p, for int8 activations;
-`int8` gives q8, for int16 ones) and Q4_K/Q5_K/Q6_K blocks with their group scales in float16
-(quant.Q4_K_F16_REL_ERR), and leaves float tensors in their stored float format; other block types
-(Q2_K, Q3_K, the IQ types, ...) are dequantized and quantized again. 1-D tensors (norms, biases) are
-always f32.
+`int8` gives q8, for int16 ones) and Q4_K/Q5_K/Q6_K blocks with their scales as stored (K-scale
+panels), and leaves float tensors in their stored float format; other block types (Q2_K, Q3_K, the
+IQ types, ...) are dequantized and quantized again. 1-D tensors (norms, biases) are always f32.
 """
 
 from __future__ import annotations
@@ -23,7 +22,18 @@ from typing import Any
 
 import numpy as np
 
-from seqshare.bundle.quant import GROUP_SIZES, PANEL, PANEL_FORMATS, QTensor, panel_tensor, panel_values, quantize
+from seqshare.bundle.quant import (
+    GROUP_SIZES,
+    K_GROUP,
+    PANEL,
+    PANEL_FORMATS,
+    QTensor,
+    k_panel_tensor,
+    k_panel_values,
+    panel_tensor,
+    panel_values,
+    quantize,
+)
 from seqshare.bundle.spec import ModelSpec
 from seqshare.worker.errors import UnsupportedQuantError
 
@@ -161,6 +171,10 @@ def from_rows(read: Callable[[int, int], np.ndarray], p: TensorPlan) -> QTensor:
 
 def permute_rows(t: QTensor, order: np.ndarray) -> QTensor:
     """Reorder the rows of a weight; lossless (panel values, scales and mins move, nothing is requantized)."""
+    if t.fmt in K_GROUP:
+        q, d, sc, dmin, m = k_panel_values(t)
+        return k_panel_tensor(t.fmt, q[order], d[order], sc[order], None if dmin is None else dmin[order],
+                              None if m is None else m[order])
     if t.fmt in PANEL_FORMATS:
         q, scales, mins = panel_values(t)
         return panel_tensor(t.fmt, q[order], scales[order], None if mins is None else mins[order], t.group_size)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from seqshare.bundle.convert import Checkpoint, TensorPlan
-from seqshare.bundle.quant import PANEL_BLOCK_BYTES, SYMMETRIC_ZERO, QTensor
+from seqshare.bundle.quant import KSCALE_BYTES, PANEL_BLOCK_BYTES, SUPER_COLS, SYMMETRIC_ZERO, QTensor
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedVersionError
 
 MAGIC = b"SEQSHRB\0"
@@ -79,6 +79,10 @@ def plane_layout(fmt: str, shape: tuple[int, ...], group: int) -> list[tuple[str
         return [("data", "<u2", shape)]
     if fmt == "q8":
         return [("qs", "i1", shape), ("scales", "<f2", (rows, cols // group))]
+    if fmt in KSCALE_BYTES:
+        panels = -(-rows // 8)
+        return [("qs", "u1", (panels, cols // 32, PANEL_BLOCK_BYTES[fmt])),
+                ("scales", "u1", (panels, cols // SUPER_COLS, KSCALE_BYTES[fmt]))]
     if fmt in PANEL_BLOCK_BYTES:
         panels = -(-rows // 8)
         planes: list[tuple[str, str, tuple[int, ...]]] = [

@@ -25,15 +25,15 @@ from seqshare.bundle.convert import (
     target_format,
 )
 from seqshare.bundle.gguf_tokenizer import build_tokenizer_json
-from seqshare.bundle.quant import Q6_GROUP, QTensor, from_gguf_blocks
+from seqshare.bundle.gguf_blocks import from_gguf_blocks
+from seqshare.bundle.quant import QTensor, default_group
 from seqshare.bundle.spec import ARCHES, ModelSpec
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedArchitectureError
 
 T = gguf.GGMLQuantizationType
-# Imported block by block without a second quantization (quant.from_gguf_blocks): exactly, or for
-# Q4_K, Q5_K and Q6_K within float16 rounding of their scales.
+# Imported block by block without a second quantization (gguf_blocks.from_gguf_blocks): exactly.
 _DIRECT = {
-    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8p", T.Q5_0: "q5s", T.Q5_1: "q5", T.Q4_K: "q4", T.Q5_K: "q5", T.Q6_K: "q6",
+    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8p", T.Q5_0: "q5s", T.Q5_1: "q5", T.Q4_K: "q4k", T.Q5_K: "q5k", T.Q6_K: "q6k",
 }
 _FLOAT = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
 # Under `keep`, other block types are requantized to the nearest runtime format.
@@ -148,17 +148,13 @@ def spec_from_metadata(meta: dict[str, Any], names: set[str], path: Path) -> Mod
     )
 
 
-def _direct_group(fmt: str) -> int:
-    return Q6_GROUP if fmt == "q6" else 32
-
-
 def _stored_format(qtype: T, group_size: int, name: str) -> tuple[str, int]:
     if qtype == T.Q8_0 and name in EMBEDDINGS:
         # The output head decides the argmax: int16 activations (q8) keep its top-1, where int8 ones
         # (q8p) cost 1.6 points of it on tests/worker/test_model_block_types.py's file.
         return "q8", 32
     if qtype in _DIRECT:
-        return _DIRECT[qtype], _direct_group(_DIRECT[qtype])
+        return _DIRECT[qtype], default_group(_DIRECT[qtype])
     if qtype in _FLOAT:
         return _FLOAT[qtype], 0
     return ("q4" if qtype in _LOW_BIT else "q8"), group_size
@@ -176,7 +172,7 @@ class _GGUFProducer:
         rows = p.shape[0]
         cols = p.shape[1] if len(p.shape) == 2 else 0
         direct_fmts = (_DIRECT.get(qtype), "q8" if qtype == T.Q8_0 else None)
-        direct = len(p.shape) == 2 and p.fmt in direct_fmts and p.group_size == _direct_group(p.fmt)
+        direct = len(p.shape) == 2 and p.fmt in direct_fmts and p.group_size == default_group(p.fmt)
         if direct:
             out = from_gguf_blocks(qtype.name, np.asarray(t.data), rows, cols, p.fmt)
         else:

@@ -36,14 +36,22 @@ plane. Scales and mins of the panel's 8 rows sit side by side per group. One ker
 reads one layout for any number of tokens, so a row's result never depends on how many tokens were
 multiplied with it (batch invariance).
 
-GGUF imports are lossless: Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) -> q4s (scale=d); Q5_1 ->
-q5 (scale=d, min=m); Q5_0 -> q5s (scale=d); Q8_0 (d) -> q8p (scale=d, q = qs + 128), or q8 for the
-output head (scale=d). All at G = 32. q8p multiplies int8 activations as llama.cpp's Q8_0 does
-(VNNI's byte dot products: twice q8's multiply-adds per instruction); q8 takes int16 activations,
-which keep more accuracy: for the head, whose argmax is the answer, and for `--quant int8`. The bits and
-float16 values are moved, never recomputed. Q4_K and Q5_K keep their values and round each
-32-column group's scale and min to float16 once (Q4_K_F16_REL_ERR), and Q6_K each 16-column
-group's scale (q6, the same bound).
+K-scale panels (q4k, q5k, q6k: GGUF Q4_K, Q5_K, Q6_K as stored) replace the float16 scale and mins
+planes with one byte plane per 256-column super-block (KSCALE_BYTES, native/ops.h):
+
+  q4k   qs     as q4                       value = d * sc * q - dmin * m: G = 32, sc and m 0..63
+        scales uint8  [P, cols // 256, 160]  d float16 [8] (the panel's rows), dmin float16 [8], then
+                                             sc [8 groups][8 rows], then m [8 groups][8 rows]
+  q5k   qs as q5, scales as q4k
+  q6k   qs     as q6                       value = d * sc * (q - 32): G = 16, sc int8
+        scales uint8  [P, cols // 256, 144]  d float16 [8], then sc [16 groups][8 rows]
+
+GGUF imports are lossless (bundle/gguf_blocks.py): Q4_1 (d, m) -> q4 (scale=d, min=m); Q4_0 (d) ->
+q4s (scale=d); Q5_1 -> q5 (scale=d, min=m); Q5_0 -> q5s (scale=d); Q8_0 (d) -> q8p (scale=d,
+q = qs + 128), or q8 for the output head (scale=d); Q4_K, Q5_K, Q6_K -> q4k, q5k, q6k. q8p multiplies
+int8 activations as llama.cpp's Q8_0 does (VNNI's byte dot products: twice q8's multiply-adds per
+instruction); q8 takes int16 activations, which keep more accuracy: for the head, whose argmax is
+the answer, and for `--quant int8`. The bits and float16 values are moved, never recomputed.
 """
 
 from __future__ import annotations
@@ -55,17 +63,24 @@ import numpy as np
 
 from seqshare.worker.errors import UnsupportedQuantError
 
-WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"]
-FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p")
-PANEL_FORMATS = ("q4", "q5", "q6", "q4s", "q5s", "q8p")  # stored in 8-row panels
-_LEVELS = {"q4": 15, "q5": 31}
-PANEL_BITS = {"q4": 4, "q5": 5, "q6": 6, "q4s": 4, "q5s": 5, "q8p": 8}
+WeightFormat = Literal["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"]
+FORMATS: tuple[str, ...] = ("f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k")
+PANEL_FORMATS = ("q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k")  # stored in 8-row panels
+_LEVELS = {"q4": 15, "q5": 31, "q4k": 15, "q5k": 31}
+PANEL_BITS = {"q4": 4, "q5": 5, "q6": 6, "q4s": 4, "q5s": 5, "q8p": 8, "q4k": 4, "q5k": 5, "q6k": 6}
+SUPER_COLS = 256  # a K-scale panel's super-block
+K_GROUP = {"q4k": 32, "q5k": 32, "q6k": 16}  # the K-scale panels and their only group sizes
+KSCALE_BYTES = {"q4k": 160, "q5k": 160, "q6k": 144}  # per super-block of a panel
 # The value that stands for 0 in the symmetric panels: their minimum is -zero x their scale.
 SYMMETRIC_ZERO = {"q4s": 8, "q5s": 16, "q6": 32, "q8p": 128}
 PANEL_BLOCK_BYTES = {f: 128 + 32 * (b - 4) for f, b in PANEL_BITS.items()}  # bytes per 32 columns of a panel
 GROUP_SIZES = (32, 64, 128)
 Q6_GROUP = 16  # q6's only group size
-GGUF_BLOCK = 32
+
+
+def default_group(fmt: str) -> int:
+    """The group size a format takes unless asked otherwise (q6 and the K-scale panels have one)."""
+    return K_GROUP.get(fmt, Q6_GROUP if fmt == "q6" else 32)
 
 
 @dataclass(frozen=True)
@@ -83,7 +98,10 @@ class QTensor:
 
 
 def _check_group(cols: int, group: int, fmt: str) -> None:
-    if fmt == "q6":
+    if fmt in K_GROUP:
+        if group != K_GROUP[fmt] or cols % SUPER_COLS:
+            raise UnsupportedQuantError(f"{fmt} takes groups of {K_GROUP[fmt]} in whole 256-column super-blocks")
+    elif fmt == "q6":
         if group != Q6_GROUP:
             raise UnsupportedQuantError(f"q6 groups are {Q6_GROUP} columns, not {group}")
     elif group not in GROUP_SIZES:
@@ -119,6 +137,8 @@ def quantize(w: np.ndarray, fmt: str, group: int = 32) -> QTensor:
     _check_group(cols, group, fmt)
     if cols % 32:
         raise UnsupportedQuantError(f"{cols} columns are not a multiple of 32")
+    if fmt in K_GROUP:
+        return _quantize_k(w, fmt)
     g = w.reshape(rows, cols // group, group)
     if fmt == "q8":
         amax = np.abs(g).max(axis=2)
@@ -242,13 +262,6 @@ def _unpanel_groups(a: np.ndarray, rows: int) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a).transpose(0, 2, 1).reshape(P * PANEL, ng)[:rows])
 
 
-def gguf_q4_values(qs: np.ndarray) -> np.ndarray:
-    """GGUF Q4 block bytes [rows, nblocks, 16] -> values [rows, nblocks * 32]: byte i of a block holds
-    column i in its low nibble and column i + 16 in its high nibble."""
-    rows = qs.shape[0]
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=2).reshape(rows, -1)
-
-
 def dequantize(t: QTensor) -> np.ndarray:
     """The float32 matrix a QTensor stands for (the reference every kernel must agree with)."""
     rows, cols = t.shape
@@ -263,6 +276,15 @@ def dequantize(t: QTensor) -> np.ndarray:
     if t.fmt == "q8":
         sc = p["scales"].astype(np.float32).reshape(rows, cols // G, 1)
         return (p["qs"].astype(np.float32).reshape(rows, cols // G, G) * sc).reshape(rows, cols)
+    if t.fmt in K_GROUP:
+        q, d, sc, dmin, m = k_panel_values(t)
+        per = SUPER_COLS // G
+        sc4 = (np.repeat(d.astype(np.float32), per, axis=1) * sc.astype(np.float32))[..., None]
+        if dmin is None:
+            mi = np.float32(-32) * sc4
+        else:
+            mi = -(np.repeat(dmin.astype(np.float32), per, axis=1) * m.astype(np.float32))[..., None]
+        return (q.reshape(rows, cols // G, G).astype(np.float32) * sc4 + mi).reshape(rows, cols)
     if t.fmt in PANEL_FORMATS:
         q, scales, mins = panel_values(t)
         sc4 = scales.astype(np.float32)[..., None]
@@ -271,127 +293,76 @@ def dequantize(t: QTensor) -> np.ndarray:
     raise UnsupportedQuantError(f"unknown weight format {t.fmt!r}")
 
 
-# --- direct GGUF block import ------------------------------------------------------------------
-_Q4_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", 16)])
-_Q4_0 = np.dtype([("d", "<f2"), ("qs", "u1", 16)])
-_Q8_0 = np.dtype([("d", "<f2"), ("qs", "i1", 32)])
-_Q5_0 = np.dtype([("d", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-_Q5_1 = np.dtype([("d", "<f2"), ("m", "<f2"), ("qh", "<u4"), ("qs", "u1", 16)])
-_Q4_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qs", "u1", 128)])
-_Q5_K = np.dtype([("d", "<f2"), ("dmin", "<f2"), ("scales", "u1", 12), ("qh", "u1", 32), ("qs", "u1", 128)])
-_Q6_K = np.dtype([("ql", "u1", 128), ("qh", "u1", 64), ("scales", "i1", 16), ("d", "<f2")])
-QK_K = 256  # values per K-quant super-block
-# Q4_K's and Q5_K's per-32 scale d * sc and minimum dmin * m (sc, m 6-bit), and Q6_K's per-16 scale
-# d * sc (sc int8), rounded to our float16 planes: each weight is then within this fraction of
-# |d * sc * q| + |dmin * m| (Q6_K: |d * sc * (q - 32)|) of gguf's own dequantization, while the
-# products stay in float16's normal range (at least 2^-14).
-Q4_K_F16_REL_ERR = 2.0**-11
+# --- K-scale panels ----------------------------------------------------------------------------
+def k_panel_tensor(fmt: str, q: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin: np.ndarray | None = None,
+                   m: np.ndarray | None = None) -> QTensor:
+    """A K-scale panel QTensor from values q [rows, cols], float16 d (and dmin) [rows, cols // 256]
+    and the groups' multiples sc (and m) [rows, cols // G] (q6k: sc int8, no dmin or m)."""
+    rows, cols = q.shape
+    if (dmin is None) != (fmt == "q6k") or (m is None) != (dmin is None):
+        raise ValueError(f"{fmt}: dmin and m must be given exactly when the format has minimums")
+    parts = [_panel_groups(np.asarray(d, np.float16)).view(np.uint8)]  # (P, supers, 16)
+    if dmin is not None:
+        parts.append(_panel_groups(np.asarray(dmin, np.float16)).view(np.uint8))
+    per = SUPER_COLS // K_GROUP[fmt]
+    for multiples in (sc, m):
+        if multiples is not None:  # (P, cols // G, 8) -> (P, supers, per * 8): group-major, then row
+            g = _panel_groups(np.asarray(multiples).view(np.uint8))
+            parts.append(g.reshape(g.shape[0], cols // SUPER_COLS, per * PANEL))
+    return QTensor(fmt, (rows, cols), K_GROUP[fmt], {"qs": pack_panels(fmt, q), "scales": np.concatenate(parts, axis=2)})
 
 
-def _gguf_q5_values(b: np.ndarray, rows: int, cols: int) -> np.ndarray:
-    """Values 0..31 [rows, cols] of Q5_0 / Q5_1 blocks: nibbles as Q4's, bit j of qh is column j's 16."""
-    low = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
-    high = (np.asarray(b["qh"]).reshape(rows, cols // GGUF_BLOCK, 1) >> np.arange(32, dtype=np.uint32)) & 1
-    return (low | (high.reshape(rows, cols) << 4).astype(np.uint8)).astype(np.uint8)
+def k_panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(q, d, sc, dmin, m) of a K-scale panel QTensor, as k_panel_tensor takes them."""
+    rows, cols = t.shape
+    ks = np.asarray(t.planes["scales"])
+    P, supers, _ = ks.shape
+    per = SUPER_COLS // t.group_size
+
+    def floats(at: int) -> np.ndarray:
+        return _unpanel_groups(np.ascontiguousarray(ks[:, :, at : at + 16]).view(np.float16), rows)
+
+    def multiples(at: int, dtype: type) -> np.ndarray:
+        g = np.ascontiguousarray(ks[:, :, at : at + per * PANEL]).reshape(P, supers * per, PANEL)
+        return _unpanel_groups(g, rows).view(dtype)
+
+    q = unpack_panels(t.fmt, t.planes["qs"], rows, cols)
+    if t.fmt == "q6k":
+        return q, floats(0), multiples(16, np.int8), None, None
+    return q, floats(0), multiples(32, np.uint8), floats(16), multiples(96, np.uint8)
 
 
-def from_gguf_blocks(kind: str, raw: np.ndarray, rows: int, cols: int, fmt: str | None = None) -> QTensor:
-    """Repack GGUF block bytes of a [rows, cols] tensor into panel or q8 planes without quantizing
-    again: Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 exactly, Q4_K, Q5_K and Q6_K up to
-    Q4_K_F16_REL_ERR (their scale products in float16). Q8_0 becomes q8p, or q8 where `fmt` asks."""
-    if cols % GGUF_BLOCK:
-        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the GGUF block size 32")
-    nb = rows * cols // GGUF_BLOCK
-    raw = np.ascontiguousarray(raw).view(np.uint8).reshape(-1)
-    shape2 = (rows, cols // GGUF_BLOCK)
-    if kind == "Q4_1":
-        b = raw.view(_Q4_1)[:nb]
-        q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
-        return panel_tensor("q4", q, np.asarray(b["d"]).reshape(shape2), np.asarray(b["m"]).reshape(shape2), 32)
-    if kind == "Q4_0":  # d * (q - 8)
-        b = raw.view(_Q4_0)[:nb]
-        q = gguf_q4_values(np.asarray(b["qs"]).reshape(rows, cols // GGUF_BLOCK, 16))
-        return panel_tensor("q4s", q, np.ascontiguousarray(b["d"]).reshape(shape2), None, 32)
-    if kind == "Q5_0":  # d * (q - 16)
-        b = raw.view(_Q5_0)[:nb]
-        return panel_tensor("q5s", _gguf_q5_values(b, rows, cols), np.ascontiguousarray(b["d"]).reshape(shape2),
-                            None, 32)
-    if kind == "Q5_1":
-        b = raw.view(_Q5_1)[:nb]
-        return panel_tensor("q5", _gguf_q5_values(b, rows, cols), np.asarray(b["d"]).reshape(shape2),
-                            np.asarray(b["m"]).reshape(shape2), 32)
-    if kind in ("Q4_K", "Q5_K"):
-        return _from_k_quant(kind, raw, rows, cols)
-    if kind == "Q6_K":
-        return _from_q6_k(raw, rows, cols)
-    if kind == "Q8_0" and fmt == "q8":
-        b = raw.view(_Q8_0)[:nb]
-        return QTensor("q8", (rows, cols), 32, {
-            "qs": np.ascontiguousarray(b["qs"]).reshape(rows, cols),
-            "scales": np.ascontiguousarray(b["d"]).reshape(shape2),
-        })
-    if kind == "Q8_0":  # d * qs, qs int8: stored as qs + 128
-        b = raw.view(_Q8_0)[:nb]
-        q = (np.asarray(b["qs"]).reshape(rows, cols).astype(np.int16) + 128).astype(np.uint8)
-        return panel_tensor("q8p", q, np.ascontiguousarray(b["d"]).reshape(shape2), None, 32)
-    raise UnsupportedQuantError(
-        f"GGUF type {kind} has no direct import (only Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K, Q5_K, Q6_K)")
+def _quantize_k(w: np.ndarray, fmt: str) -> QTensor:
+    """Float weights [rows, cols] to a K-scale panel, as llama.cpp's simplest K quantizer: each
+    group's scale (and minimum, at most 0) rounded to a multiple of its super-block's d (dmin)."""
+    rows, cols = w.shape
+    G = K_GROUP[fmt]
+    per, supers = SUPER_COLS // G, cols // SUPER_COLS
+    g = w.reshape(rows, supers, per, G)
+    if fmt == "q6k":  # q - 32 in -32..31: the largest magnitude at 31
+        scale = np.abs(g).max(axis=3) / 31
+        d = (scale.max(axis=2) / 127).astype(np.float16)
+        sc = _multiples(scale, d, 127).astype(np.int8)
+        s = d.astype(np.float32)[..., None] * sc
+        q = np.clip(np.rint(_safe_div(g, s[..., None])), -32, 31) + 32
+        return k_panel_tensor(fmt, q.astype(np.uint8).reshape(rows, cols), d, sc.reshape(rows, -1))
+    levels = _LEVELS[fmt]
+    mn = np.minimum(g.min(axis=3), 0)
+    scale = (g.max(axis=3) - mn) / levels
+    d = (scale.max(axis=2) / 63).astype(np.float16)
+    dmin = ((-mn).max(axis=2) / 63).astype(np.float16)
+    sc, m = _multiples(scale, d, 63), _multiples(-mn, dmin, 63)
+    s = d.astype(np.float32)[..., None] * sc
+    lo = dmin.astype(np.float32)[..., None] * m
+    q = np.clip(np.rint(_safe_div(g + lo[..., None], s[..., None])), 0, levels)
+    return k_panel_tensor(fmt, q.astype(np.uint8).reshape(rows, cols), d, sc.astype(np.uint8).reshape(rows, -1),
+                          dmin, m.astype(np.uint8).reshape(rows, -1))
 
 
-def q4_k_scales_mins(packed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The 8 six-bit scales and minimums of Q4_K super-blocks from their 12 packed bytes [n, 12]:
-    bytes 0-3 hold sc 0-3 (low 6 bits), 4-7 m 0-3, 8-11 the low 4 bits of sc/m 4-7, whose high 2
-    bits sit in the top bits of bytes 0-3 (sc) and 4-7 (m)."""
-    b = packed.astype(np.uint8)
-    sc = np.concatenate([b[:, 0:4] & 63, (b[:, 8:12] & 15) | ((b[:, 0:4] >> 6) << 4)], axis=1)
-    m = np.concatenate([b[:, 4:8] & 63, (b[:, 8:12] >> 4) | ((b[:, 4:8] >> 6) << 4)], axis=1)
-    return sc, m
+def _multiples(x: np.ndarray, unit: np.ndarray, top: int) -> np.ndarray:
+    """x [rows, supers, per] as multiples 0..top of its super-block's float16 unit [rows, supers]."""
+    return np.clip(np.rint(_safe_div(x, unit.astype(np.float32)[..., None])), 0, top)
 
 
-def _from_k_quant(kind: str, raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Q4_K / Q5_K super-blocks (256 values: 8 groups of 32, each d * sc * q - dmin * m) as q4 / q5
-    with group 32: the values as they are, scale and minimum per group rounded once to float16."""
-    if cols % QK_K:
-        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the {kind} super-block size {QK_K}")
-    nsb = rows * cols // QK_K
-    b = raw.view(_Q4_K if kind == "Q4_K" else _Q5_K)[:nsb]
-    sc, m = q4_k_scales_mins(np.asarray(b["scales"]))
-    scale = np.asarray(b["d"]).astype(np.float32)[:, None] * sc
-    minimum = -(np.asarray(b["dmin"]).astype(np.float32)[:, None] * m)
-    # qs: 4 chunks of 32 bytes; chunk j holds group 2j in its low nibbles and group 2j + 1 in its high.
-    qs = np.asarray(b["qs"]).reshape(nsb, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)
-    q = qs & 0x0F  # (super-block, chunk, nibble, 32)
-    if kind == "Q5_K":  # bit 2j + h of qh[l] is the 16 of value l of group 2j + h
-        bit = np.arange(8, dtype=np.uint8).reshape(1, 4, 2, 1)
-        q = q | (((np.asarray(b["qh"]).reshape(nsb, 1, 1, 32) >> bit) & 1) << 4)
-    ng = cols // GGUF_BLOCK
-    scales16, mins16 = scale.astype(np.float16), minimum.astype(np.float16)
-    if not (np.all(np.isfinite(scales16)) and np.all(np.isfinite(mins16))):
-        raise UnsupportedQuantError(f"a {kind} scale or minimum is too large for float16")
-    fmt = "q4" if kind == "Q4_K" else "q5"
-    return panel_tensor(fmt, q.astype(np.uint8).reshape(rows, cols), scales16.reshape(rows, ng),
-                        mins16.reshape(rows, ng), 32)
-
-
-def _from_q6_k(raw: np.ndarray, rows: int, cols: int) -> QTensor:
-    """Q6_K super-blocks (256 values: 16 groups of 16, each d * sc * (q - 32), q 6-bit) as q6: the
-    values as they are, each group's scale rounded once to float16."""
-    if cols % QK_K:
-        raise UnsupportedQuantError(f"{cols} columns are not a multiple of the Q6_K super-block size {QK_K}")
-    nsb = rows * cols // QK_K
-    b = raw.view(_Q6_K)[:nsb]
-    # Each half of a super-block (128 values) has 64 ql bytes and 32 qh bytes: value 64n + 32k + l
-    # (n the nibble, k the ql chunk, l < 32) is nibble n of ql[32k + l] with bits 2(2n + k), +1 of
-    # qh[l] above it.
-    ql = np.asarray(b["ql"]).reshape(nsb, 2, 1, 2, 32)
-    nib = (ql >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1, 1)) & 0x0F  # (sb, half, n, k, l)
-    qh = np.asarray(b["qh"]).reshape(nsb, 2, 1, 1, 32)
-    n, k = np.arange(2, dtype=np.uint8).reshape(1, 1, 2, 1, 1), np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 2, 1)
-    shift = 2 * (2 * n + k)
-    q = nib | (((qh >> shift) & 3) << 4)
-    scale = np.asarray(b["d"]).astype(np.float32)[:, None] * np.asarray(b["scales"]).astype(np.float32)
-    scales16 = scale.astype(np.float16)
-    if not np.all(np.isfinite(scales16)):
-        raise UnsupportedQuantError("a Q6_K scale is too large for float16")
-    return panel_tensor("q6", q.astype(np.uint8).reshape(rows, cols), scales16.reshape(rows, cols // Q6_GROUP),
-                        None, Q6_GROUP)
+def _safe_div(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.where(b > 0, a / np.where(b > 0, b, 1), 0)

@@ -39,12 +39,12 @@ inline WFmt fmt_arg(const std::string& f) {
   if (f == "f16") return WFmt::F16;
   if (f == "bf16") return WFmt::BF16;
   if (f == "q8") return WFmt::Q8;
-  if (f == "q4" || f == "q4s") return WFmt::Q4;
-  if (f == "q5" || f == "q5s") return WFmt::Q5;
-  if (f == "q6") return WFmt::Q6;
+  if (f == "q4" || f == "q4s" || f == "q4k") return WFmt::Q4;
+  if (f == "q5" || f == "q5s" || f == "q5k") return WFmt::Q5;
+  if (f == "q6" || f == "q6k") return WFmt::Q6;
   if (f == "q8p") return WFmt::Q8P;
   throw std::invalid_argument("unknown weight format '" + f +
-                              "' (expected f32, f16, bf16, q8, q4, q5, q6, q4s, q5s or q8p)");
+                              "' (expected f32, f16, bf16, q8, q4, q5, q6, q4s, q5s, q8p, q4k, q5k or q6k)");
 }
 
 // A dense array of exactly `itemsize`-byte items of the given numpy kind(s); no conversion, since
@@ -95,6 +95,18 @@ inline WeightView weight_arg(const std::string& fmt, const py::array& data, cons
                                                                             : " must be (rows, cols/group)"));
       return static_cast<const std::uint16_t*>(raw(a, what, "fu", 2));
     };
+    if (fmt.size() == 3 && fmt[2] == 'k') {  // K scales: one byte plane per 256-column super-block
+      if (w.cols % kSuperCols) throw std::invalid_argument(fmt + " needs whole 256-column super-blocks");
+      if (scales.is_none()) throw std::invalid_argument("scales are required for " + fmt);
+      if (!mins.is_none()) throw std::invalid_argument(fmt + " keeps its minimums in its scales: it takes no mins");
+      auto a = py::cast<py::array>(scales);
+      const int kb = kscale_bytes(panel_bits(w.fmt));
+      if (a.ndim() != 3 || a.shape(0) != w.panels() || a.shape(1) != w.cols / kSuperCols || a.shape(2) != kb)
+        throw std::invalid_argument(fmt + " scales must be (panels, cols/256, " + std::to_string(kb) + ")");
+      w.kscales = static_cast<const std::uint8_t*>(raw(a, "scales", "u", 1));
+      check_weight(w);
+      return w;
+    }
     w.scales = plane(scales, "scales");
     // The symmetric panels (q4s, q5s, q6, q8p) have no mins plane (ops.h panel_mins).
     const bool symmetric = fmt == "q4s" || fmt == "q5s" || fmt == "q6" || fmt == "q8p";

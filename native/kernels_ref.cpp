@@ -114,9 +114,8 @@ void qgemm_panel_ref(const WeightView& w, const void* xq, int N, float* Y, int l
       for (int g = 0; g < ng; ++g) {
         int isum = 0;
         for (int c = g * G; c < (g + 1) * G; ++c) isum += panel_q_at(w, r, c) * q[c];
-        const std::size_t gi = panel_group_at(w, r, g);
-        acc += static_cast<double>(f16_to_f32(w.scales[gi])) * d[g] * isum +
-               static_cast<double>(panel_min_at(w, gi)) * s[g];
+        acc += static_cast<double>(panel_scale_at(w, r, g)) * d[g] * isum +
+               static_cast<double>(panel_min_at(w, r, g)) * s[g];
       }
       Y[static_cast<std::size_t>(n) * ldy + r] = static_cast<float>(acc);
     }

@@ -52,7 +52,10 @@ void check_weight(const WeightView& w) {
   }
   if (w.fmt == WFmt::Q8 || is_panel(w.fmt)) {
     if (w.cols % 32 || w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of 32 and the group");
-    if (!w.scales) throw std::invalid_argument("weight: missing scales");
+    if (!w.scales && !w.kscales) throw std::invalid_argument("weight: missing scales");
+    if (w.kscales && (w.scales || w.mins || !is_kscale_bits(panel_bits(w.fmt)) || w.cols % kSuperCols ||
+                      w.group != (w.fmt == WFmt::Q6 ? kQ6Group : 32)))
+      throw std::invalid_argument("weight: K scales need q4/q5 (group 32) or q6 panels of whole 256-column super-blocks");
     if (w.mins && (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q6 || w.fmt == WFmt::Q8P))
       throw std::invalid_argument("weight: q8, q6 and q8p have no mins");
   }
@@ -148,8 +151,8 @@ void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* ou
         case WFmt::Q8P: {
           for (std::size_t c = 0; c < C; ++c) {
             const int ri = static_cast<int>(r), ci = static_cast<int>(c);
-            const std::size_t gi = panel_group_at(w, ri, ci / w.group);
-            o[c] = f16_to_f32(w.scales[gi]) * static_cast<float>(panel_q_at(w, ri, ci)) + panel_min_at(w, gi);
+            const int g = ci / w.group;
+            o[c] = panel_scale_at(w, ri, g) * static_cast<float>(panel_q_at(w, ri, ci)) + panel_min_at(w, ri, g);
           }
           break;
         }

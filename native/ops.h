@@ -6,6 +6,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 
 #include "half.h"
 #include "kv.h"
@@ -28,6 +29,15 @@ inline int panel_block_bytes(WFmt f) { return panel_block_bytes(panel_bits(f)); 
 // q6's 16-column groups are GGUF Q6_K's sub-blocks; the other panels group 32, 64 or 128 columns.
 constexpr int kQ6Group = 16;
 
+// K-scale panels (q4k, q5k, q6k: GGUF Q4_K, Q5_K, Q6_K with their scales as stored) keep, instead of
+// float16 scale (and min) planes, one plane `kscales` of kKScaleBytes per 256-column super-block of a
+// panel: float16 d of the 8 rows (q4k/q5k: then dmin), then for each group of the super-block one
+// byte per row, its multiple sc of d (q4k/q5k: 0..63, then m of dmin the same way; q6k: int8). A
+// group's scale is d x sc and its minimum -dmin x m (q6k: -32 x its scale), both exact in float.
+constexpr int kSuperCols = 256;
+inline bool is_kscale_bits(int bits) { return bits == 4 || bits == 5 || bits == 6; }
+constexpr int kscale_bytes(int bits) { return bits == 6 ? 16 + 16 * 8 : 32 + 2 * 8 * 8; }
+
 struct WeightView {
   WFmt fmt = WFmt::F32;
   int rows = 0, cols = 0;     // logical matrix (rows = out_features, cols = in_features)
@@ -42,6 +52,7 @@ struct WeightView {
   // 8p + i, its value + 128.
   const std::uint16_t* scales = nullptr;
   const std::uint16_t* mins = nullptr;    // asymmetric q4/q5 only
+  const std::uint8_t* kscales = nullptr;  // K-scale panels: (panels, cols/256, kscale_bytes), no scales or mins
   int panels() const { return (rows + 7) / 8; }
 };
 
@@ -60,6 +71,11 @@ inline int panel_q_at(const WeightView& w, int r, int c) {
 inline std::size_t panel_group_at(const WeightView& w, int r, int g) {
   return (static_cast<std::size_t>(r / 8) * (w.cols / w.group) + g) * 8 + r % 8;
 }
+// The K-scale bytes of the super-block holding group g of the panel of row r.
+inline const std::uint8_t* kscales_at(const WeightView& w, int r, int g) {
+  const int per_super = kSuperCols / w.group, supers = w.cols / kSuperCols;
+  return w.kscales + (static_cast<std::size_t>(r / 8) * supers + g / per_super) * kscale_bytes(panel_bits(w.fmt));
+}
 // Where a panel's minimums come from, as the kernels read them: min = factor x plane[group], the
 // mins plane times 1, or for a symmetric panel the scales plane times -2^(bits - 1) (exact in float).
 struct PanelMins {
@@ -70,9 +86,25 @@ inline PanelMins panel_mins(const WeightView& w) {
   if (w.mins) return {w.mins, 1.0f};
   return {w.scales, -static_cast<float>(1 << (panel_bits(w.fmt) - 1))};
 }
-inline float panel_min_at(const WeightView& w, std::size_t gi) {
+// Scale and minimum of group g of row r, as the kernels compute them.
+inline float panel_scale_at(const WeightView& w, int r, int g) {
+  if (!w.kscales) return f16_to_f32(w.scales[panel_group_at(w, r, g)]);
+  const std::uint8_t* k = kscales_at(w, r, g);
+  const int sc = k[(panel_bits(w.fmt) == 6 ? 16 : 32) + 8 * (g % (kSuperCols / w.group)) + r % 8];
+  std::uint16_t d;
+  std::memcpy(&d, k + 2 * (r % 8), 2);
+  return f16_to_f32(d) * static_cast<float>(panel_bits(w.fmt) == 6 ? static_cast<std::int8_t>(sc) : sc);
+}
+inline float panel_min_at(const WeightView& w, int r, int g) {
+  if (w.kscales && panel_bits(w.fmt) != 6) {
+    const std::uint8_t* k = kscales_at(w, r, g);
+    std::uint16_t dmin;
+    std::memcpy(&dmin, k + 16 + 2 * (r % 8), 2);
+    return -(f16_to_f32(dmin) * static_cast<float>(k[96 + 8 * (g % (kSuperCols / w.group)) + r % 8]));
+  }
+  if (w.kscales) return -32.0f * panel_scale_at(w, r, g);
   const PanelMins m = panel_mins(w);
-  return m.factor * f16_to_f32(m.plane[gi]);
+  return m.factor * f16_to_f32(m.plane[panel_group_at(w, r, g)]);
 }
 
 // Y (N, w.rows) = X (N, w.cols) @ W^T.  N == 1 is the decode GEMV (memory-bound: stream the

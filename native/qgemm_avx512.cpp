@@ -36,8 +36,20 @@ struct Zmm : Vec512 {
         _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
         _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + panel_halves)), 1));
   }
+  static F load_u8(const std::uint8_t* p, std::size_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16(p, next)));
+  }
+  static F load_i8(const std::uint8_t* p, std::size_t next) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes16(p, next)));
+  }
   static void store(float* y, int nrows, F v) {
     _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << nrows) - 1), v);
+  }
+
+ private:
+  static __m128i bytes16(const std::uint8_t* p, std::size_t next) {  // 8 bytes of each panel
+    return _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
+                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + next)));
   }
 };
 

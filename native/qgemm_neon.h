@@ -83,6 +83,37 @@ inline int act_sum(const std::int8_t* x) {
   return sum;
 }
 
+inline float32x4_t h4(const std::uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
+
+// Scale and minimum of group g of a panel's rows 0-3 and 4-7, as x86's GroupScales computes them
+// (qgemm_panel.h): from the float16 planes, or from K scales.
+inline void group_scales(const WeightView& w, int panel, int g, float32x4_t* dw, float32x4_t* mw) {
+  if (!w.kscales) {
+    const PanelMins mins = panel_mins(w);
+    const std::size_t at = (static_cast<std::size_t>(panel) * (w.cols / w.group) + g) * 8;
+    for (int h = 0; h < 2; ++h) {
+      dw[h] = h4(w.scales + at + 4 * h);
+      mw[h] = vmulq_n_f32(h4(mins.plane + at + 4 * h), mins.factor);
+    }
+    return;
+  }
+  const std::uint8_t* k = kscales_at(w, 8 * panel, g);
+  const int j = 8 * (g % (kSuperCols / w.group));
+  const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+  if (panel_bits(w.fmt) == 6) {
+    const int16x8_t sc = vmovl_s8(vld1_s8(reinterpret_cast<const std::int8_t*>(k + 16 + j)));
+    dw[0] = vmulq_f32(h4(d), vcvtq_f32_s32(vmovl_s16(vget_low_s16(sc))));
+    dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_s32(vmovl_s16(vget_high_s16(sc))));
+    for (int h = 0; h < 2; ++h) mw[h] = vmulq_n_f32(dw[h], -32.0f);
+    return;
+  }
+  const uint16x8_t sc = vmovl_u8(vld1_u8(k + 32 + j)), m = vmovl_u8(vld1_u8(k + 96 + j));
+  dw[0] = vmulq_f32(h4(d), vcvtq_f32_u32(vmovl_u16(vget_low_u16(sc))));
+  dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_u32(vmovl_u16(vget_high_u16(sc))));
+  mw[0] = vmulq_n_f32(vmulq_f32(h4(d + 8), vcvtq_f32_u32(vmovl_u16(vget_low_u16(m)))), -1.0f);
+  mw[1] = vmulq_n_f32(vmulq_f32(h4(d + 12), vcvtq_f32_u32(vmovl_u16(vget_high_u16(m)))), -1.0f);
+}
+
 // Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
 template <class P, int Bits, int G, int T>
 void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, float* Y, int ldy,
@@ -98,9 +129,6 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   for (int t = 0; t < T; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.0f);
   const std::uint8_t* pw =
       static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * nb * panel_block_bytes(Bits);
-  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * ng * 8;
-  const PanelMins mins = panel_mins(w);
-  const std::uint16_t* mn = mins.plane + static_cast<std::size_t>(panel) * ng * 8;
   for (int g = 0; g < ng; ++g) {
     int32x4_t s[T][2];
     // The group's first block (q6's 16-column groups are each half a block).
@@ -113,10 +141,7 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
         s[t][1] = vaddq_s32(s[t][1], back);
       }
     float32x4_t dw[2], mw[2];
-    for (int h = 0; h < 2; ++h) {
-      dw[h] = vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(sc + 8 * g + 4 * h)));
-      mw[h] = vmulq_n_f32(vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(mn + 8 * g + 4 * h))), mins.factor);
-    }
+    group_scales(w, panel, g, dw, mw);
     for (int t = 0; t < T; ++t)
       for (int h = 0; h < 2; ++h) {
         acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(s[t][h]), vmulq_n_f32(dw[h], dx[t][g]));

@@ -42,10 +42,67 @@ struct Ymm : Vec256 {
   static F load_h(const std::uint16_t* p, std::size_t) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
+  // 8 bytes (unsigned, or int8) as floats: a K-scale panel's multiples (ops.h).
+  static F load_u8(const std::uint8_t* p, std::size_t) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static F load_i8(const std::uint8_t* p, std::size_t) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static void store(float* y, int nrows, F v) {
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(y, m, v);
   }
+};
+
+// Each group's scale and minimum of a panel (two, side by side, for a wide V) as the float step
+// takes them: from the float16 planes (the minimum as plane x factor, ops.h panel_mins), or from
+// K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
+template <class V>
+class GroupScales {
+ public:
+  using F = typename V::F;
+  GroupScales(const WeightView& w, int panel) : k_(w.kscales) {
+    const PanelMins mins = panel_mins(w);
+    if (k_) {
+      six_ = panel_bits(w.fmt) == 6;
+      per_super_ = kSuperCols / w.group;
+      kb_ = kscale_bytes(panel_bits(w.fmt));
+      next_ = static_cast<std::size_t>(w.cols / kSuperCols) * kb_;
+      k_ += static_cast<std::size_t>(panel) * next_;
+      factor_ = V::set1_f(six_ ? -32.0f : -1.0f);
+    } else {
+      next_ = static_cast<std::size_t>(w.cols / w.group) * 8;
+      sc_ = w.scales + static_cast<std::size_t>(panel) * next_;
+      mn_ = mins.plane + static_cast<std::size_t>(panel) * next_;
+      factor_ = V::set1_f(mins.factor);
+    }
+  }
+  void at(int g, F& dw, F& mw) const {
+    if (!k_) {
+      dw = V::load_h(sc_ + 8 * g, next_);
+      mw = V::mul(V::load_h(mn_ + 8 * g, next_), factor_);
+      return;
+    }
+    const std::uint8_t* k = k_ + static_cast<std::size_t>(g / per_super_) * kb_;
+    const int j = 8 * (g % per_super_);
+    const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+    if (six_) {
+      dw = V::mul(V::load_h(d, next_ / 2), V::load_i8(k + 16 + j, next_));
+      mw = V::mul(dw, factor_);
+    } else {
+      dw = V::mul(V::load_h(d, next_ / 2), V::load_u8(k + 32 + j, next_));
+      mw = V::mul(V::mul(V::load_h(d + 8, next_ / 2), V::load_u8(k + 96 + j, next_)), factor_);
+    }
+  }
+
+ private:
+  const std::uint8_t* k_;
+  const std::uint16_t *sc_ = nullptr, *mn_ = nullptr;
+  std::size_t next_ = 0;  // to the next panel's groups: halves of the planes, bytes of the K scales
+  int per_super_ = 0, kb_ = 0;
+  bool six_ = false;
+  F factor_;
 };
 
 // Decode (one or two tokens) streams the panel from memory: asking for the bytes this far ahead,
@@ -64,7 +121,6 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   constexpr int kBlock = panel_block_bytes(Bits);
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
-  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
   // q5 sums in int16 lanes are widened every four steps: each of the four chains, or the one chain
   // halfway through the block (a second chain per token would not fit the registers).
   constexpr bool kWidenEach = Bits == 5 && D::kInt16Sums;
@@ -81,10 +137,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) acc[t] = V::zero_f();
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
-  const PanelMins mins = panel_mins(w);
-  const std::uint16_t* mn = mins.plane + static_cast<std::size_t>(panel) * panel_halves;
-  const F min_factor = V::set1_f(mins.factor);
+  const GroupScales<V> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -145,8 +198,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
         }
       }
     }
-    const F dw = V::load_h(sc + 8 * g, panel_halves);
-    const F mw = V::mul(V::load_h(mn + 8 * g, panel_halves), min_factor);
+    F dw, mw;
+    scales.at(g, dw, mw);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       const F scale = V::mul(dw, V::bcast_f(dx[t] + g));
@@ -171,11 +224,10 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   using F = typename V::F;
   constexpr int kBlock = panel_block_bytes(6);
   constexpr int kChains = T <= 2 ? 2 : 1;  // as panel_tile: few tokens split the chain of steps
-  const int K = w.cols, nb = K / 32, ng = K / kQ6Group;
+  const int K = w.cols, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
-  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
   const I m4 = V::nibbles();
-  const F min_per_scale = V::set1_f(panel_mins(w).factor);
+  const GroupScales<V> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
@@ -186,7 +238,6 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
     acc[t] = V::zero_f();
   }
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
   for (int b = 0; b < nb; ++b, pw += kBlock) {
     if constexpr (T <= 2)
       for (int l = 0; l < kBlock; l += 64)
@@ -232,7 +283,8 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
           a32[t] = D::finish(a32[t], blk[t][0]);
         }
       }
-      const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::mul(dw, min_per_scale);
+      F dw, mw;
+      scales.at(g, dw, mw);
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) {
         acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
@@ -259,9 +311,8 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   constexpr int kChains = kNibbles ? 2 : T <= 2 ? 4 : 1;  // AVX2: low and high nibbles; else as panel_tile
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
-  const std::size_t panel_halves = static_cast<std::size_t>(ng) * 8;
   const I m4 = V::nibbles();
-  const F min_per_scale = V::set1_f(panel_mins(w).factor);
+  const GroupScales<V> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
@@ -272,7 +323,6 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
     acc[t] = V::zero_f();
   }
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const std::uint16_t* sc = w.scales + static_cast<std::size_t>(panel) * panel_halves;
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -320,7 +370,8 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
         }
       }
     }
-    const F dw = V::load_h(sc + 8 * g, panel_halves), mw = V::mul(dw, min_per_scale);
+    F dw, mw;
+    scales.at(g, dw, mw);
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);

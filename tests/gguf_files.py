@@ -1,6 +1,6 @@
 """GGUF files made here from the default model (nothing is downloaded): its metadata and tokenizer as
 they are, its matrices requantized by the gguf package's own quantizer to the block types a test needs
-(Q6_K, which the package only decodes, by quantize_q6_k)."""
+(Q6_K, Q4_K and Q5_K, which the package only decodes, by quantize_q6_k and quantize_q4_k)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from seqshare.bundle.quant import _Q6_K
+from seqshare.bundle.gguf_blocks import _Q4_K, _Q5_K, _Q6_K
+from seqshare.bundle.quant import k_panel_values, quantize
 
 T = gguf.GGMLQuantizationType
 
@@ -33,7 +34,12 @@ def requantize_gguf(src: Path, out: Path, qtype_of: Callable[[str], T]) -> None:
             continue
         qtype = qtype_of(t.name)
         floats = gguf.quants.dequantize(data, T(t.tensor_type))
-        blocks = quantize_q6_k(floats) if qtype == T.Q6_K else gguf.quants.quantize(floats, qtype)
+        if qtype == T.Q6_K:
+            blocks = quantize_q6_k(floats)
+        elif qtype in (T.Q4_K, T.Q5_K):
+            blocks = quantize_q4_k(floats, five=qtype == T.Q5_K)
+        else:
+            blocks = gguf.quants.quantize(floats, qtype)
         w.add_tensor(t.name, blocks, raw_dtype=qtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -61,4 +67,24 @@ def quantize_q6_k(w: np.ndarray) -> np.ndarray:
     b["qh"] = (((q >> 4) & 3).astype(np.uint16) << shift).sum(axis=(2, 3)).astype(np.uint8).reshape(-1, 64)
     b["scales"] = sc.astype(np.int8)
     b["d"] = d
+    return b.view(np.uint8).reshape(rows, -1)
+
+
+def quantize_q4_k(w: np.ndarray, five: bool = False) -> np.ndarray:
+    """Float rows (columns a multiple of 256) -> Q4_K (Q5_K) block bytes: the values, d, dmin and six-bit
+    sc and m of seqshare's own K-scale quantizer, packed as gguf lays them out. Tests read them back
+    with the gguf package's dequantize."""
+    rows, cols = w.shape
+    q, d, sc, dmin, m = k_panel_values(quantize(np.asarray(w, np.float32), "q5k" if five else "q4k", 32))
+    sc, m = sc.reshape(-1, 8), m.reshape(-1, 8)  # (super-block, group)
+    b = np.zeros(rows * cols // 256, _Q5_K if five else _Q4_K)
+    b["d"], b["dmin"] = d.reshape(-1), dmin.reshape(-1)
+    # bytes 0-3: sc 0-3 and the top two bits of sc 4-7; 4-7: the same for m; 8-11: low nibbles of sc/m 4-7
+    b["scales"] = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), m[:, :4] | ((m[:, 4:] >> 4) << 6),
+                                  (sc[:, 4:] & 15) | ((m[:, 4:] & 15) << 4)], axis=1)
+    v = q.reshape(-1, 4, 2, 32)  # (super-block, chunk j, group 2j + h, value l)
+    b["qs"] = ((v[:, :, 0] & 15) | ((v[:, :, 1] & 15) << 4)).reshape(-1, 128)
+    if five:  # bit 2j + h of qh[l]: the 16 of value l of group 2j + h
+        bit = np.arange(8, dtype=np.uint16).reshape(1, 4, 2, 1)
+        b["qh"] = (((v >> 4) & 1).astype(np.uint16) << bit).sum(axis=(1, 2)).astype(np.uint8)
     return b.view(np.uint8).reshape(rows, -1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from seqshare import _native
-from seqshare.bundle.quant import Q6_GROUP, QTensor, dequantize, kernel_args, panel_tensor, quantize
+from seqshare.bundle.quant import Q6_GROUP, QTensor, default_group, dequantize, kernel_args, panel_tensor, quantize
 
 ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
 
@@ -53,10 +53,13 @@ def int8_path_reference(x: np.ndarray, t: QTensor) -> np.ndarray:
 
 
 def weight(fmt: str, rows: int, cols: int, group: int, seed: int) -> QTensor:
-    """A random weight; q6 takes its one group size (16) whatever `group` says."""
+    """A random weight; q6 and the K-scale panels take their one group size whatever `group` says,
+    and the K-scale panels whole 256-column super-blocks (columns are cut to a multiple of 256)."""
     rng = np.random.default_rng(seed)
+    if fmt.endswith("k"):
+        cols = max(256, cols // 256 * 256)
     w = rng.standard_normal((rows, cols), dtype=np.float32) * 0.05
-    return quantize(w, fmt, Q6_GROUP if fmt == "q6" else group)
+    return quantize(w, fmt, default_group(fmt) if fmt in ("q6", "q4k", "q5k", "q6k") else group)
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -72,7 +75,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
     assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
@@ -81,6 +84,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
 def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n: int, isa: str) -> None:
     need(isa)
     t = weight(fmt, rows, cols, group, rows * cols + group)
+    cols = t.shape[1]
     x = np.random.default_rng(n).standard_normal((n, cols), dtype=np.float32)
     x[:, 3] = 0.0  # an all-zero group must not divide by zero
     x[0, : t.group_size] = 0.0
@@ -93,7 +97,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
+@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
@@ -107,7 +111,7 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
 
 
 @pytest.mark.parametrize("isa", ["dotprod", "i8mm"])
-@pytest.mark.parametrize("fmt", ["q4", "q5", "q6", "q4s", "q5s", "q8p"])
+@pytest.mark.parametrize("fmt", ["q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
 def test_arm_panel_kernels_give_the_neon_bits(isa: str, fmt: str) -> None:
     """sdot and smmla sum the same integer products as baseline NEON's smull/sadalp, and the float
     steps are shared: the ARM levels agree bit for bit, for lone tokens, token pairs and remainders."""
@@ -158,13 +162,13 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
     need(isa)
     t = weight(fmt, 45, 576, 32, 11)
-    x = np.random.default_rng(3).standard_normal((37, 576), dtype=np.float32)
+    x = np.random.default_rng(3).standard_normal((37, t.shape[1]), dtype=np.float32)
     whole = _native.linear(x, isa=isa, **kernel_args(t))
     for n0, n1 in [(0, 1), (5, 7), (9, 13), (20, 37)]:
         part = _native.linear(x[n0:n1], isa=isa, **kernel_args(t))
@@ -189,11 +193,19 @@ def test_bad_weights_are_value_errors() -> None:
         _native.linear(x, fmt="q4s", data=q4, scales=planes, mins=planes, rows=8, group=32)
     with pytest.raises(ValueError, match="q8p is symmetric: it takes no mins"):
         _native.linear(x, fmt="q8p", data=np.zeros((1, 2, 256), np.uint8), scales=planes, mins=planes, rows=8, group=32)
+    x256, q4k = np.ones((1, 256), np.float32), np.zeros((1, 8, 128), np.uint8)
+    with pytest.raises(ValueError, match=r"q4k scales must be \(panels, cols/256, 160\)"):
+        _native.linear(x256, fmt="q4k", data=q4k, scales=np.zeros((1, 1, 144), np.uint8), rows=8, group=32)
+    with pytest.raises(ValueError, match="q4k keeps its minimums in its scales: it takes no mins"):
+        _native.linear(x256, fmt="q4k", data=q4k, scales=np.zeros((1, 1, 160), np.uint8), mins=planes, rows=8,
+                       group=32)
+    with pytest.raises(ValueError, match="q4k needs whole 256-column super-blocks"):
+        _native.linear(x, fmt="q4k", data=q4, scales=np.zeros((1, 1, 160), np.uint8), rows=8, group=32)
     with pytest.raises(ValueError, match="x must be"):
         _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
