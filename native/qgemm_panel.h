@@ -58,19 +58,17 @@ struct Ymm : Vec256 {
 // Each group's scale and minimum of a panel (two, side by side, for a wide V) as the float step
 // takes them: from the float16 planes (the minimum as plane x factor, ops.h panel_mins), or from
 // K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
-template <class V>
+// Bits and the group size G are the tile's, so the K-scale layout is known when it is compiled.
+template <class V, int Bits, int G>
 class GroupScales {
  public:
   using F = typename V::F;
   GroupScales(const WeightView& w, int panel) : k_(w.kscales) {
     const PanelMins mins = panel_mins(w);
     if (k_) {
-      six_ = panel_bits(w.fmt) == 6;
-      per_super_ = kSuperCols / w.group;
-      kb_ = kscale_bytes(panel_bits(w.fmt));
-      next_ = static_cast<std::size_t>(w.cols / kSuperCols) * kb_;
+      next_ = static_cast<std::size_t>(w.cols / kSuperCols) * kBytes;
       k_ += static_cast<std::size_t>(panel) * next_;
-      factor_ = V::set1_f(six_ ? -32.0f : -1.0f);
+      factor_ = V::set1_f(kSix ? -32.0f : -1.0f);
     } else {
       next_ = static_cast<std::size_t>(w.cols / w.group) * 8;
       sc_ = w.scales + static_cast<std::size_t>(panel) * next_;
@@ -84,10 +82,10 @@ class GroupScales {
       mw = V::mul(V::load_h(mn_ + 8 * g, next_), factor_);
       return;
     }
-    const std::uint8_t* k = k_ + static_cast<std::size_t>(g / per_super_) * kb_;
-    const int j = 8 * (g % per_super_);
+    const std::uint8_t* k = k_ + static_cast<std::size_t>(g / kPerSuper) * kBytes;
+    const int j = 8 * (g % kPerSuper);
     const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
-    if (six_) {
+    if constexpr (kSix) {
       dw = V::mul(V::load_h(d, next_ / 2), V::load_i8(k + 16 + j, next_));
       mw = V::mul(dw, factor_);
     } else {
@@ -97,11 +95,11 @@ class GroupScales {
   }
 
  private:
+  static constexpr bool kSix = Bits == 6;
+  static constexpr int kPerSuper = kSuperCols / G, kBytes = kscale_bytes(Bits);
   const std::uint8_t* k_;
   const std::uint16_t *sc_ = nullptr, *mn_ = nullptr;
   std::size_t next_ = 0;  // to the next panel's groups: halves of the planes, bytes of the K scales
-  int per_super_ = 0, kb_ = 0;
-  bool six_ = false;
   F factor_;
 };
 
@@ -137,7 +135,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) acc[t] = V::zero_f();
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const GroupScales<V> scales(w, panel);
+  const GroupScales<V, Bits, G> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -227,7 +225,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   const int K = w.cols, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V> scales(w, panel);
+  const GroupScales<V, 6, kQ6Group> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
@@ -312,7 +310,7 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V> scales(w, panel);
+  const GroupScales<V, 8, G> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
