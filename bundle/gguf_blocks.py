@@ -128,5 +128,6 @@ def _from_q6_k(raw: np.ndarray, rows: int, cols: int) -> QTensor:
     n, k = np.arange(2, dtype=np.uint8).reshape(1, 1, 2, 1, 1), np.arange(2, dtype=np.uint8).reshape(1, 1, 1, 2, 1)
     q = nib | (((qh >> (2 * (2 * n + k))) & 3) << 4)
     per_row = cols // QK_K
-    return k_panel_tensor("q6k", q.astype(np.uint8).reshape(rows, cols), np.ascontiguousarray(b["d"]).reshape(rows, per_row),
+    d = np.ascontiguousarray(b["d"]).reshape(rows, per_row)
+    return k_panel_tensor("q6k", q.astype(np.uint8).reshape(rows, cols), d,
                           np.ascontiguousarray(b["scales"]).reshape(rows, per_row * 16))

@@ -24,8 +24,8 @@ from seqshare.bundle.convert import (
     plan_tensor,
     target_format,
 )
-from seqshare.bundle.gguf_tokenizer import build_tokenizer_json
 from seqshare.bundle.gguf_blocks import from_gguf_blocks
+from seqshare.bundle.gguf_tokenizer import build_tokenizer_json
 from seqshare.bundle.quant import QTensor, default_group
 from seqshare.bundle.spec import ARCHES, ModelSpec
 from seqshare.worker.errors import BadMagicError, TruncatedBundleError, UnsupportedArchitectureError
@@ -33,7 +33,8 @@ from seqshare.worker.errors import BadMagicError, TruncatedBundleError, Unsuppor
 T = gguf.GGMLQuantizationType
 # Imported block by block without a second quantization (gguf_blocks.from_gguf_blocks): exactly.
 _DIRECT = {
-    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8p", T.Q5_0: "q5s", T.Q5_1: "q5", T.Q4_K: "q4k", T.Q5_K: "q5k", T.Q6_K: "q6k",
+    T.Q4_0: "q4s", T.Q4_1: "q4", T.Q8_0: "q8p", T.Q5_0: "q5s", T.Q5_1: "q5",
+    T.Q4_K: "q4k", T.Q5_K: "q5k", T.Q6_K: "q6k",
 }
 _FLOAT = {T.F32: "f32", T.F16: "f16", T.BF16: "bf16"}
 # Under `keep`, other block types are requantized to the nearest runtime format.

@@ -280,7 +280,7 @@ def dequantize(t: QTensor) -> np.ndarray:
         q, d, sc, dmin, m = k_panel_values(t)
         per = SUPER_COLS // G
         sc4 = (np.repeat(d.astype(np.float32), per, axis=1) * sc.astype(np.float32))[..., None]
-        if dmin is None:
+        if dmin is None or m is None:
             mi = np.float32(-32) * sc4
         else:
             mi = -(np.repeat(dmin.astype(np.float32), per, axis=1) * m.astype(np.float32))[..., None]
@@ -309,7 +309,8 @@ def k_panel_tensor(fmt: str, q: np.ndarray, d: np.ndarray, sc: np.ndarray, dmin:
         if multiples is not None:  # (P, cols // G, 8) -> (P, supers, per * 8): group-major, then row
             g = _panel_groups(np.asarray(multiples).view(np.uint8))
             parts.append(g.reshape(g.shape[0], cols // SUPER_COLS, per * PANEL))
-    return QTensor(fmt, (rows, cols), K_GROUP[fmt], {"qs": pack_panels(fmt, q), "scales": np.concatenate(parts, axis=2)})
+    planes = {"qs": pack_panels(fmt, q), "scales": np.concatenate(parts, axis=2)}
+    return QTensor(fmt, (rows, cols), K_GROUP[fmt], planes)
 
 
 def k_panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:

@@ -11,6 +11,7 @@ from seqshare import _native
 from seqshare.bundle.quant import Q6_GROUP, QTensor, default_group, dequantize, kernel_args, panel_tensor, quantize
 
 ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
+QUANTIZED = ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"]
 
 # Named tolerances. Relative errors are max|got - want| / max|want|.
 FLOAT_LINEAR_RTOL = 2e-6  # fp32 FMA vs float64 over the same (exactly converted) f32/f16/bf16 weights
@@ -75,7 +76,7 @@ def test_linear_float_formats(fmt: str, rows: int, cols: int, n: int, isa: str) 
     assert rel_err(got, want) < FLOAT_LINEAR_RTOL, isa
 
 
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("fmt", QUANTIZED)
 @pytest.mark.parametrize(
     ("rows", "cols", "group", "n"),
     [(48, 64, 32, 1), (100, 576, 32, 3), (33, 576, 64, 1), (40, 576, 64, 9), (64, 1536, 128, 19), (17, 1536, 32, 70)],
@@ -97,7 +98,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
 
 
 @pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
-@pytest.mark.parametrize("fmt", ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("fmt", QUANTIZED)
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
     same: the variants agree bit for bit, at every group size and tile remainder."""
@@ -162,7 +163,7 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", *QUANTIZED])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone."""
@@ -205,7 +206,7 @@ def test_bad_weights_are_value_errors() -> None:
         _native.linear(np.ones((1, 63), np.float32), fmt="f32", data=np.zeros((4, 64), np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", "q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"])
+@pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", *QUANTIZED])
 def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     t = weight(fmt, 50, 128, 32, 3)
     tokens = np.array([0, 49, 7, 7], np.int32)
