@@ -17,7 +17,7 @@ namespace seqshare {
 // ---- weights, exactly as stored in a bundle (see bundle/quant.py for the layouts) ------------
 enum class WFmt : int { F32 = 0, F16 = 1, BF16 = 2, Q8 = 3, Q4 = 4, Q5 = 5, Q6 = 6, Q8P = 7 };
 
-// q4, q5 and q6 are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is
+// q4, q5, q6 and q8p are stored in 8-row panels (bundle/quant.py): one block of 32 columns of a panel is
 // the 128 nibble bytes, then 32 bytes per further bit of the values (q5: the fifth; q6: the fifth and
 // sixth, side by side). q8p (GGUF Q8_0 for the int8-activation kernels) has whole bytes instead: 256
 // per block. A panel without a mins plane is symmetric (GGUF Q4_0, Q5_0, Q6_K, Q8_0; q6 and q8p
@@ -30,7 +30,7 @@ inline int panel_block_bytes(WFmt f) { return panel_block_bytes(panel_bits(f)); 
 constexpr int kQ6Group = 16;
 
 // K-scale panels (q4k, q5k, q6k: GGUF Q4_K, Q5_K, Q6_K with their scales as stored) keep, instead of
-// float16 scale (and min) planes, one plane `kscales` of kKScaleBytes per 256-column super-block of a
+// float16 scale (and min) planes, one plane `kscales` of kscale_bytes per 256-column super-block of a
 // panel: float16 d of the 8 rows (q4k/q5k: then dmin), then for each group of the super-block one
 // byte per row, its multiple sc of d (q4k/q5k: 0..63, then m of dmin the same way; q6k: int8). A
 // group's scale is d x sc and its minimum -dmin x m (q6k: -32 x its scale), both exact in float.

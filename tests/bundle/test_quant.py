@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from seqshare import _native
+from seqshare.bundle.convert import permute_rows
 from seqshare.bundle.gguf_blocks import (
     _Q4_0,
     _Q4_K,
@@ -148,3 +149,13 @@ def test_imported_blocks_run_in_the_panel_kernels(kind: str, dtype: np.dtype) ->
 def test_q4_k_needs_whole_super_blocks() -> None:
     with pytest.raises(UnsupportedQuantError, match="multiple of the Q4_K super-block size 256"):
         from_gguf_blocks("Q4_K", np.zeros(144 * 3, np.uint8), 4, 96)
+
+
+@pytest.mark.parametrize("fmt", ["q4k", "q6k"])
+def test_k_scale_panels_permute_rows_losslessly(fmt: str) -> None:
+    """llama-architecture q/k rows are un-permuted on import: a K-scale panel's rows move with their
+    values, d, dmin and multiples (rows crossing panels, a partial last panel)."""
+    w = np.random.default_rng(9).standard_normal((13, 512), dtype=np.float32)
+    t = quantize(w, fmt, default_group(fmt))
+    order = np.random.default_rng(1).permutation(13)
+    np.testing.assert_array_equal(dequantize(permute_rows(t, order)), dequantize(t)[order])
