@@ -35,7 +35,7 @@ constexpr int kQ6Group = 16;
 // byte per row, its multiple sc of d (q4k/q5k: 0..63, then m of dmin the same way; q6k: int8). A
 // group's scale is d x sc and its minimum -dmin x m (q6k: -32 x its scale), both exact in float.
 constexpr int kSuperCols = 256;
-inline bool is_kscale_bits(int bits) { return bits == 4 || bits == 5 || bits == 6; }
+constexpr bool is_kscale_bits(int bits) { return bits == 4 || bits == 5 || bits == 6; }
 constexpr int kscale_bytes(int bits) { return bits == 6 ? 16 + 16 * 8 : 32 + 2 * 8 * 8; }
 
 struct WeightView {

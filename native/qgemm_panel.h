@@ -58,14 +58,15 @@ struct Ymm : Vec256 {
 // Each group's scale and minimum of a panel (two, side by side, for a wide V) as the float step
 // takes them: from the float16 planes (the minimum as plane x factor, ops.h panel_mins), or from
 // K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
-// Bits and the group size G are the tile's, so the K-scale layout is known when it is compiled.
-template <class V, int Bits, int G>
+// Which of the two (KScales), the bits and the group size G are the tile's, fixed when it is compiled:
+// a branch or a division here would cost AVX2's prefill tile 10% (measured).
+template <class V, int Bits, int G, bool KScales>
 class GroupScales {
  public:
   using F = typename V::F;
   GroupScales(const WeightView& w, int panel) : k_(w.kscales) {
     const PanelMins mins = panel_mins(w);
-    if (k_) {
+    if constexpr (KScales) {
       next_ = static_cast<std::size_t>(w.cols / kSuperCols) * kBytes;
       k_ += static_cast<std::size_t>(panel) * next_;
       factor_ = V::set1_f(kSix ? -32.0f : -1.0f);
@@ -77,7 +78,7 @@ class GroupScales {
     }
   }
   void at(int g, F& dw, F& mw) const {
-    if (!k_) {
+    if constexpr (!KScales) {
       dw = V::load_h(sc_ + 8 * g, next_);
       mw = V::mul(V::load_h(mn_ + 8 * g, next_), factor_);
       return;
@@ -110,7 +111,7 @@ constexpr int kPanelPrefetchBytes = 4096;
 
 // Y[n + t, r + lane] for T tokens and the V::kRows rows of one panel (or two, side by side).
 // D::V is the vector policy; D's integer steps work on its vectors.
-template <class D, int Bits, int G, int T>
+template <class D, int Bits, int G, int T, bool KScales>
 void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                 int ldy, int nrows) {
   using V = typename D::V;
@@ -135,7 +136,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) acc[t] = V::zero_f();
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const GroupScales<V, Bits, G> scales(w, panel);
+  const GroupScales<V, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -214,7 +215,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 // their two high bits, which sit side by side in two planes (one shift, mask and or per 32 values),
 // and the minimum is -32 x the scale (no mins plane: q6 is symmetric).
 // AVX2's int16 lanes hold two steps of them (2 x 2 x 63 x 127 < 2^15) before they are widened.
-template <class D, int T>
+template <class D, int T, bool KScales>
 void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
              int ldy, int nrows) {
   using V = typename D::V;
@@ -225,7 +226,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   const int K = w.cols, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V, 6, kQ6Group> scales(w, panel);
+  const GroupScales<V, 6, kQ6Group, KScales> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
@@ -310,7 +311,7 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V, 8, G> scales(w, panel);
+  const GroupScales<V, 8, G, false> scales(w, panel);
   const std::int8_t* x[T];
   const float* dx[T];
   F acc[T];
@@ -380,18 +381,19 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
 }
 
-template <class D, int Bits, int G, int T>
+template <class D, int Bits, int G, int T, bool KScales>
 void any_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                     int ldy, int nrows) {
   if constexpr (Bits == 6)
-    q6_tile<D, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
+    q6_tile<D, T, KScales>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
   else if constexpr (Bits == 8)
     q8p_tile<D, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
   else
-    panel_tile<D, Bits, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
+    panel_tile<D, Bits, G, T, KScales>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
 }
 
-template <class D, int Bits, int G>
+// KScales: the weight's scales are K scales (w.kscales).
+template <class D, int Bits, int G, bool KScales>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = D::tokens(G, Bits);  // accumulators that fit the register file
   constexpr int kRows = D::V::kRows;
@@ -406,20 +408,24 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
       // has no second one to read: the narrow policy takes both cases.
       using Narrow = typename NarrowOf<D>::type;
       if (L.value <= 2 || nrows <= 8) {
-        any_panel_tile<Narrow, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
+        any_panel_tile<Narrow, Bits, G, L.value, KScales>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
         if (nrows > 8)
-          any_panel_tile<Narrow, Bits, G, L.value>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
+          any_panel_tile<Narrow, Bits, G, L.value, KScales>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
         return;
       }
     }
-    any_panel_tile<D, Bits, G, L.value>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
+    any_panel_tile<D, Bits, G, L.value, KScales>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
   });
 }
 
 // Bits: 4 (q4), 5 (q5), 6 (q6, whose group is always 16) or 8 (q8p).
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_panel_group<Bits>(w.group, [&](auto G) { panel_run<D, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  if constexpr (is_kscale_bits(Bits)) {
+    if (w.kscales)  // K-scale panels have one group size (check_weight)
+      return panel_run<D, Bits, Bits == 6 ? kQ6Group : 32, true>(w, xq, N, Y, ldy, r0, r1);
+  }
+  with_panel_group<Bits>(w.group, [&](auto G) { panel_run<D, Bits, G.value, false>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 }  // namespace
