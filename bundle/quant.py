@@ -30,9 +30,9 @@ byte 4 * i + c holds in bit 2 * j + h the fifth bit (16) of the value in nibble 
 32) side by side: byte 128 + 32 * (j // 2) + 4 * i + c holds in bits 2 * (2 * (j % 2) + h) and the
 next one those of the value in nibble h of byte 32 * j + 4 * i + c. A q6 group
 (16 columns, GGUF Q6_K's sub-block) is thus the low or the high nibbles of a block. A q8p block is
-whole bytes: byte 32 * j + 4 * i + c (j < 8) holds column 32b + 4j + c of row 8p + i. q6, q4s, q5s
-and q8p are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they have no mins
-plane. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
+whole bytes: byte 32 * j + 4 * i + c (j < 8) holds column 32b + 4j + c of row 8p + i. q6, q4s,
+q5s and q8p are symmetric: their minimum is -2^(bits - 1) x their scale (SYMMETRIC_ZERO), so they
+have no mins plane. Scales and mins of the panel's 8 rows sit side by side per group. One kernel
 reads one layout for any number of tokens, so a row's result never depends on how many tokens were
 multiplied with it (batch invariance).
 
@@ -196,7 +196,9 @@ def panel_tensor(fmt: str, q: np.ndarray, scales: np.ndarray, mins: np.ndarray |
 
 def panel_values(t: QTensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """(q [rows, cols] uint8, scales, mins [rows, cols // G] float16) of a panel QTensor (the
-    symmetric formats: mins None)."""
+    symmetric formats: mins None). K-scale panels have k_panel_values instead."""
+    if t.fmt in K_GROUP:
+        raise ValueError(f"{t.fmt} keeps K scales, not float16 planes: read it with k_panel_values")
     rows, cols = t.shape
     mins = t.planes.get("mins")
     return (unpack_panels(t.fmt, t.planes["qs"], rows, cols), _unpanel_groups(t.planes["scales"], rows),
