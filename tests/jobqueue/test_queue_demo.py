@@ -82,7 +82,11 @@ def test_demo_reduced_set_compiles_encrypts_answers_and_reuses_the_bundle(tmp_pa
 def test_demo_interrupted_stops_worker_and_redis(tmp_path: Path, default_gguf: Path) -> None:
     # The worker inherits the test gate: the first job is held, so Ctrl-C lands inside `seqshare qa`.
     env = {**os.environ, "SEQSHARE_HOME": str(tmp_path), "PYTHONUNBUFFERED": "1", "SEQSHARE_TEST_HOLD": "1"}
-    proc = subprocess.Popen([sys.executable, str(DEMO), "--gguf", str(default_gguf), "--docs", "2"],
+    # A suite started as a background job (`cmd &` in a script) inherits SIGINT ignored, and Python
+    # then installs no KeyboardInterrupt handler: give the demo the terminal's default back.
+    with_ctrl_c = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                   "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", with_ctrl_c, str(DEMO), "--gguf", str(default_gguf), "--docs", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     assert proc.stdout is not None
     lines = []
