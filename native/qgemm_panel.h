@@ -104,6 +104,39 @@ class GroupScales {
   F factor_;
 };
 
+// The T tokens of a tile: each one's int8 activations x, per-group scales dx and sums (dx + ngp, the
+// layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step every panel tile
+// shares: one FMA per group for the scale and one for the minimum, in group order.
+template <class V, int T>
+struct TileTokens {
+  using I = typename V::I;
+  using F = typename V::F;
+  const std::int8_t* x[T];
+  const float* dx[T];
+  F acc[T];
+  int ngp;
+
+  TileTokens(const std::uint8_t* xq, std::size_t x_stride, int K, int ngp_) : ngp(ngp_) {
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
+      dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
+      acc[t] = V::zero_f();
+    }
+  }
+  void add(int g, const I* a32, F dw, F mw) {
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
+      acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
+    }
+  }
+  void store(float* Y, int ldy, int nrows) const {
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+  }
+};
+
 // Decode (one or two tokens) streams the panel from memory: asking for the bytes this far ahead,
 // with the chain split below, raised it from 34 to 45 GB/s at the AVX2 level (bench/kernels.py
 // --layers 10 on a 2-core Zen 5).
@@ -125,16 +158,8 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   constexpr bool kWidenEach = Bits == 5 && D::kInt16Sums;
   constexpr int kChains = T <= 2 ? 4 : 1;
   const I m4 = V::nibbles();
-  const std::int8_t* x[T];
-  const float* dx[T];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
-    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
-  }
-  F acc[T];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) acc[t] = V::zero_f();
+  TileTokens<V, T> tok(xq, x_stride, K, ngp);
+  const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
   const GroupScales<V, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
@@ -199,15 +224,9 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
     }
     F dw, mw;
     scales.at(g, dw, mw);
-#pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) {
-      const F scale = V::mul(dw, V::bcast_f(dx[t] + g));
-      acc[t] = V::fmadd(V::to_f(a32[t]), scale, acc[t]);
-      acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
-    }
+    tok.add(g, a32, dw, mw);
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+  tok.store(Y, ldy, nrows);
 }
 
 // q6 (GGUF Q6_K): 16-column groups, each the low or the high nibbles of a 32-column block, so each
@@ -227,15 +246,8 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
   const GroupScales<V, 6, kQ6Group, KScales> scales(w, panel);
-  const std::int8_t* x[T];
-  const float* dx[T];
-  F acc[T];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
-    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
-    acc[t] = V::zero_f();
-  }
+  TileTokens<V, T> tok(xq, x_stride, K, ngp);
+  const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
   for (int b = 0; b < nb; ++b, pw += kBlock) {
     if constexpr (T <= 2)
@@ -284,15 +296,10 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
       }
       F dw, mw;
       scales.at(g, dw, mw);
-#pragma GCC unroll 16
-      for (int t = 0; t < T; ++t) {
-        acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
-        acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
-      }
+      tok.add(g, a32, dw, mw);
     }
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+  tok.store(Y, ldy, nrows);
 }
 
 // q8p (GGUF Q8_0): whole bytes, the values + 128 (0..255), minimum -128 x the scale; a 32-column block
@@ -312,15 +319,8 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
   const GroupScales<V, 8, G, false> scales(w, panel);
-  const std::int8_t* x[T];
-  const float* dx[T];
-  F acc[T];
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) {
-    x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
-    dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
-    acc[t] = V::zero_f();
-  }
+  TileTokens<V, T> tok(xq, x_stride, K, ngp);
+  const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
   for (int g = 0; g < ng; ++g) {
     I a32[T];
@@ -371,14 +371,9 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
     }
     F dw, mw;
     scales.at(g, dw, mw);
-#pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) {
-      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
-      acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
-    }
+    tok.add(g, a32, dw, mw);
   }
-#pragma GCC unroll 16
-  for (int t = 0; t < T; ++t) V::store(Y + static_cast<std::size_t>(t) * ldy, nrows, acc[t]);
+  tok.store(Y, ldy, nrows);
 }
 
 template <class D, int Bits, int G, int T, bool KScales>
