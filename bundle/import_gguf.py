@@ -172,8 +172,9 @@ class _GGUFProducer:
         qtype = T(t.tensor_type)
         rows = p.shape[0]
         cols = p.shape[1] if len(p.shape) == 2 else 0
-        direct_fmts = (_DIRECT.get(qtype), "q8" if qtype == T.Q8_0 else None)
-        direct = len(p.shape) == 2 and p.fmt in direct_fmts and p.group_size == default_group(p.fmt)
+        # Repacked as stored where the plan kept the format `keep` stores this tensor's blocks in.
+        direct = len(p.shape) == 2 and qtype in _DIRECT and \
+            (p.fmt, p.group_size) == _stored_format(qtype, p.group_size, p.name)
         if direct:
             out = from_gguf_blocks(qtype.name, np.asarray(t.data), rows, cols, p.fmt)
         else:

@@ -48,25 +48,19 @@ def requantize_gguf(src: Path, out: Path, qtype_of: Callable[[str], T]) -> None:
 
 
 def quantize_q6_k(w: np.ndarray) -> np.ndarray:
-    """Float rows (columns a multiple of 256) -> Q6_K block bytes (rows, cols / 256 * 210): per 16
-    values a scale amax / 31 as int8 multiples of the super-block's d, values q - 32 in -32..31.
-    Only the bytes come from here; tests read them back with the gguf package's dequantize."""
-    rows = w.shape[0]
-    x = np.asarray(w, np.float32).reshape(-1, 16, 16)  # (super-block, sub-block, value)
-    sub = np.abs(x).max(axis=2) / 31.0
-    d = (sub.max(axis=1) / 127.0).astype(np.float16)
-    d32 = d.astype(np.float32)[:, None]
-    sc = np.clip(np.rint(np.divide(sub, d32, out=np.zeros_like(sub), where=d32 > 0)), -128, 127)
-    step = (d32 * sc)[..., None]
-    q = np.clip(np.rint(np.divide(x, step, out=np.zeros_like(x), where=step > 0)), -32, 31).astype(np.int16) + 32
+    """Float rows (columns a multiple of 256) -> Q6_K block bytes (rows, cols / 256 * 210): the values,
+    d and int8 sc of seqshare's own K-scale quantizer, packed as gguf lays them out. Tests read them
+    back with the gguf package's dequantize."""
+    rows, cols = w.shape
+    q, d, sc, _, _ = k_panel_values(quantize(np.asarray(w, np.float32), "q6k", 16))
     # value 128n + 64 nib + 32k + l: nibble `nib` of ql[64n + 32k + l], bits 2(2 nib + k) of qh[32n + l]
-    q = q.reshape(-1, 2, 2, 2, 32).astype(np.uint8)  # (super-block, n, nib, k, l)
-    b = np.zeros(len(x), _Q6_K)
+    q = q.reshape(-1, 2, 2, 2, 32)  # (super-block, n, nib, k, l)
+    b = np.zeros(rows * cols // 256, _Q6_K)
     b["ql"] = ((q[:, :, 0] & 15) | ((q[:, :, 1] & 15) << 4)).reshape(-1, 128)
     shift = 2 * (2 * np.arange(2).reshape(1, 1, 2, 1, 1) + np.arange(2).reshape(1, 1, 1, 2, 1))
     b["qh"] = (((q >> 4) & 3).astype(np.uint16) << shift).sum(axis=(2, 3)).astype(np.uint8).reshape(-1, 64)
-    b["scales"] = sc.astype(np.int8)
-    b["d"] = d
+    b["scales"] = sc.reshape(-1, 16)
+    b["d"] = d.reshape(-1)
     return b.view(np.uint8).reshape(rows, -1)
 
 
