@@ -86,36 +86,39 @@ inline int act_sum(const std::int8_t* x) {
 inline float32x4_t h4(const std::uint16_t* p) { return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p))); }
 
 // Scale and minimum of group g of a panel's rows 0-3 and 4-7, as x86's GroupScales computes them
-// (qgemm_panel.h): from the float16 planes, or from K scales.
+// (qgemm_panel.h): from the float16 planes, or from K scales. Which one is the tile's (KScales), fixed
+// when it is compiled, as on x86, where a run-time branch here cost AVX2's prefill 10%.
+template <int Bits, int G, bool KScales>
 inline void group_scales(const WeightView& w, int panel, int g, float32x4_t* dw, float32x4_t* mw) {
-  if (!w.kscales) {
+  if constexpr (!KScales) {
     const PanelMins mins = panel_mins(w);
-    const std::size_t at = (static_cast<std::size_t>(panel) * (w.cols / w.group) + g) * 8;
+    const std::size_t at = (static_cast<std::size_t>(panel) * (w.cols / G) + g) * 8;
     for (int h = 0; h < 2; ++h) {
       dw[h] = h4(w.scales + at + 4 * h);
       mw[h] = vmulq_n_f32(h4(mins.plane + at + 4 * h), mins.factor);
     }
-    return;
-  }
-  const std::uint8_t* k = kscales_at(w, 8 * panel, g);
-  const int j = 8 * (g % (kSuperCols / w.group));
-  const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
-  if (panel_bits(w.fmt) == 6) {
+  } else if constexpr (Bits == 6) {
+    const std::uint8_t* k = kscales_at(w, 8 * panel, g);
+    const auto* d = reinterpret_cast<const std::uint16_t*>(k);
+    const int j = 8 * (g % (kSuperCols / G));
     const int16x8_t sc = vmovl_s8(vld1_s8(reinterpret_cast<const std::int8_t*>(k + 16 + j)));
     dw[0] = vmulq_f32(h4(d), vcvtq_f32_s32(vmovl_s16(vget_low_s16(sc))));
     dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_s32(vmovl_s16(vget_high_s16(sc))));
     for (int h = 0; h < 2; ++h) mw[h] = vmulq_n_f32(dw[h], -32.0f);
-    return;
+  } else {
+    const std::uint8_t* k = kscales_at(w, 8 * panel, g);
+    const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+    const int j = 8 * (g % (kSuperCols / G));
+    const uint16x8_t sc = vmovl_u8(vld1_u8(k + 32 + j)), m = vmovl_u8(vld1_u8(k + 96 + j));
+    dw[0] = vmulq_f32(h4(d), vcvtq_f32_u32(vmovl_u16(vget_low_u16(sc))));
+    dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_u32(vmovl_u16(vget_high_u16(sc))));
+    mw[0] = vmulq_n_f32(vmulq_f32(h4(d + 8), vcvtq_f32_u32(vmovl_u16(vget_low_u16(m)))), -1.0f);
+    mw[1] = vmulq_n_f32(vmulq_f32(h4(d + 12), vcvtq_f32_u32(vmovl_u16(vget_high_u16(m)))), -1.0f);
   }
-  const uint16x8_t sc = vmovl_u8(vld1_u8(k + 32 + j)), m = vmovl_u8(vld1_u8(k + 96 + j));
-  dw[0] = vmulq_f32(h4(d), vcvtq_f32_u32(vmovl_u16(vget_low_u16(sc))));
-  dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_u32(vmovl_u16(vget_high_u16(sc))));
-  mw[0] = vmulq_n_f32(vmulq_f32(h4(d + 8), vcvtq_f32_u32(vmovl_u16(vget_low_u16(m)))), -1.0f);
-  mw[1] = vmulq_n_f32(vmulq_f32(h4(d + 12), vcvtq_f32_u32(vmovl_u16(vget_high_u16(m)))), -1.0f);
 }
 
 // Y[n + t, r + lane] for T tokens and the 8 rows of one panel.
-template <class P, int Bits, int G, int T>
+template <class P, int Bits, int G, int T, bool KScales>
 void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, float* Y, int ldy,
                      int nrows) {
   const int K = w.cols, ng = K / G, nb = K / 32;
@@ -141,7 +144,7 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
         s[t][1] = vaddq_s32(s[t][1], back);
       }
     float32x4_t dw[2], mw[2];
-    group_scales(w, panel, g, dw, mw);
+    group_scales<Bits, G, KScales>(w, panel, g, dw, mw);
     for (int t = 0; t < T; ++t)
       for (int h = 0; h < 2; ++h) {
         acc[t][h] = vfmaq_f32(acc[t][h], vcvtq_f32_s32(s[t][h]), vmulq_n_f32(dw[h], dx[t][g]));
@@ -156,20 +159,25 @@ void neon_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std
   }
 }
 
-template <class P, int Bits, int G>
+// KScales: the weight's scales are K scales (w.kscales).
+template <class P, int Bits, int G, bool KScales>
 void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = P::kTokens;
   const std::size_t x_stride = qacts_row_bytes_ref(w.cols, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
   for_panel_tiles<T>(N, r0, r1, [&](int r, int n, int nrows, auto L) {
-    neon_panel_tile<P, Bits, G, L.value>(w, r / 8, x + n * x_stride, x_stride,
+    neon_panel_tile<P, Bits, G, L.value, KScales>(w, r / 8, x + n * x_stride, x_stride,
                                          Y + r + static_cast<std::size_t>(n) * ldy, ldy, nrows);
   });
 }
 
 template <class P, int Bits>
 void qgemm_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  with_panel_group<Bits>(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value>(w, xq, N, Y, ldy, r0, r1); });
+  if constexpr (is_kscale_bits(Bits)) {
+    if (w.kscales)  // K-scale panels have one group size (check_weight)
+      return neon_panel_run<P, Bits, Bits == 6 ? kQ6Group : 32, true>(w, xq, N, Y, ldy, r0, r1);
+  }
+  with_panel_group<Bits>(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value, false>(w, xq, N, Y, ldy, r0, r1); });
 }
 
 // The blocks a policy's group reads (one for q6's half-block groups) and, for q6, which half: the low
