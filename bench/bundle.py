@@ -19,9 +19,10 @@ import time
 from pathlib import Path
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pathlib import Path
 from seqshare.bundle.format import Limits, write_bundle
+from seqshare.daemon.cli.bench import peak_rss_bytes
 from seqshare.bundle.convert import load_checkpoint
 src, out, quant = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 t = time.perf_counter()
@@ -34,7 +35,7 @@ def watch(_name, _nb):
             peak_anon = max(peak_anon, int(line.split()[1]) * 1024)
 h = write_bundle(ck, out, Limits.default(ck.context_length), on_tensor=watch)
 print(json.dumps({"seconds": time.perf_counter() - t, "weight_bytes": h["weight_bytes"],
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "peak_rss": peak_rss_bytes(),
                   "peak_anon_after_tensor": peak_anon}))
 """
 

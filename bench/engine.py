@@ -9,6 +9,9 @@ prefill tok/s at each length (an empty cache, the whole prompt), decode tok/s fo
 after a prompt of each `--decode-after` length, RSS after load and peak RSS. llama.cpp runs with flash
 attention off and on and each figure takes its better run ("each peer's best setting"). seqshare runs
 the default GGUF imported losslessly (quant keep) from a compiled, memory-mapped bundle.
+
+The engines stay loaded side by side (each idle while another runs) and take turns figure by figure,
+so the ones compared were timed seconds apart: a shared machine's speed drifts over minutes.
 Nothing here asserts a time; the table goes into BENCHMARKS.md.
 """
 
@@ -25,7 +28,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from seqshare.daemon.cli.bench import SeqshareEngine, measure, rss_bytes
+from seqshare.daemon.cli.bench import (
+    SeqshareEngine,
+    peak_rss_bytes,
+    prefill_tries,
+    rss_bytes,
+    time_decode,
+    time_prefill,
+)
 
 HERE = Path(__file__).resolve().parent
 STEP_ROOM = 128  # KV rows past the prompt: room for the decode steps (>= --steps)
@@ -99,9 +109,12 @@ class Transformers:
         return self._run([tok])
 
 
-def child(args: argparse.Namespace) -> dict[str, Any]:
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    after = [int(x) for x in args.decode_after.split(",") if x]
+def child(args: argparse.Namespace) -> None:
+    """Load one engine, then time what the parent asks, one JSON line per request on stdin and reply
+    on stdout: {"op": "prefill", "n": N} or {"op": "decode", "n": N} -> {"s": seconds}; {"op": "done"} ->
+    {"peak_rss": bytes}."""
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything a library prints goes to stderr, not into the replies
     ids = json.loads(Path(args.ids).read_text())
     t0 = time.perf_counter()
     if args.child == "seqshare":
@@ -109,11 +122,58 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
         eng: Any = SeqshareEngine(load_bundle(Path(args.bundle)), args.threads, STEP_ROOM)
     elif args.child.startswith("llama"):
-        eng = LlamaCpp(Path(args.gguf), args.threads, max(lengths + after) + STEP_ROOM, args.child == "llama-fa")
+        n_ctx = max(int(x) for x in (args.lengths + "," + args.decode_after).split(",") if x) + STEP_ROOM
+        eng = LlamaCpp(Path(args.gguf), args.threads, n_ctx, args.child == "llama-fa")
     else:
         eng = Transformers(Path(args.gguf), args.threads)
-    load_s = time.perf_counter() - t0
-    return {"load_s": load_s, "rss_after_load": rss_bytes(), **measure(eng, ids, lengths, after, args.steps)}
+    answer: dict[str, Any] = {"load_s": time.perf_counter() - t0, "rss_after_load": rss_bytes()}
+    eng.prefill(ids[:64])  # warm-up: threads, allocators, first touch of the weights
+    while answer:
+        print(json.dumps(answer), file=reply, flush=True)
+        req = json.loads(sys.stdin.readline() or '{"op": "done"}')
+        if req["op"] == "prefill":
+            answer = {"s": time_prefill(eng, ids[:req["n"]])}
+        elif req["op"] == "decode":
+            answer = {"s": time_decode(eng, ids[:req["n"]], args.steps)}
+        else:
+            print(json.dumps({"peak_rss": peak_rss_bytes()}), file=reply, flush=True)
+            answer = {}
+
+
+class Served:
+    """One engine loaded in its child process, timing one figure per request."""
+
+    def __init__(self, name: str, args: argparse.Namespace, ids_file: Path, bundle: Path, log: Path):
+        cmd = [sys.executable, __file__, "--child", name, "--ids", str(ids_file), "--bundle", str(bundle),
+               "--gguf", str(args.gguf), "--threads", str(args.threads), "--lengths", args.lengths,
+               "--decode-after", args.decode_after, "--steps", str(args.steps)]
+        print(f"loading {name} ...", file=sys.stderr, flush=True)
+        self.name, self.log = name, log
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
+        self.info = self._reply()
+
+    def _reply(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"{self.name} failed:\n{self.log.read_text()[-2000:]}")
+        return dict(json.loads(line))
+
+    def ask(self, **req: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        try:
+            self.proc.stdin.write(json.dumps(req) + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass  # it died: _reply reports why
+        return self._reply()
+
+    def close(self) -> dict[str, Any]:
+        out = self.ask(op="done")
+        self.proc.wait()
+        return out
 
 
 # ---- the parent: run the children, print the table ---------------------------------------------
@@ -137,16 +197,42 @@ def versions() -> str:
     return ", ".join(parts)
 
 
-def run_child(name: str, args: argparse.Namespace, ids_file: Path, bundle: Path) -> dict[str, Any] | None:
-    cmd = [sys.executable, __file__, "--child", name, "--ids", str(ids_file), "--bundle", str(bundle),
-           "--gguf", str(args.gguf), "--threads", str(args.threads), "--lengths", args.lengths,
-           "--decode-after", args.decode_after, "--steps", str(args.steps)]
-    print(f"running {name} ...", file=sys.stderr, flush=True)
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        print(f"{name} failed:\n{res.stderr[-2000:]}", file=sys.stderr)
-        return None
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+def run_engines(names: list[str], args: argparse.Namespace, ids_file: Path, bundle: Path,
+                rounds: int) -> dict[str, dict[str, Any] | None]:
+    """Load every engine of `names` side by side, then time each figure engine after engine, round
+    after round; each figure keeps its best. An engine that fails is reported and left out (None)."""
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    after = [int(x) for x in args.decode_after.split(",") if x]
+    live: dict[str, Served] = {}
+    figs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        try:
+            live[name] = Served(name, args, ids_file, bundle, ids_file.with_name(f"{name}.log"))
+            figs[name] = {"prefill": {}, "decode": {}, **live[name].info}
+        except RuntimeError as e:
+            print(e, file=sys.stderr)
+
+    def turn(kind: str, n: int, count: int) -> None:
+        for name in list(live):
+            try:
+                rate = count / live[name].ask(op=kind, n=n)["s"]
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
+                del live[name], figs[name]
+                continue
+            best = figs[name][kind]
+            best[n] = max(best.get(n, 0.0), rate)
+
+    for r in range(rounds):
+        print(f"round {r + 1} of {rounds}: {', '.join(live)}", file=sys.stderr, flush=True)
+        for n in lengths:
+            for _ in range(prefill_tries(n)):
+                turn("prefill", n, n)
+        for n in after:
+            turn("decode", n, args.steps)
+    for name, served in live.items():
+        figs[name].update(served.close())
+    return {name: figs.get(name) for name in names}
 
 
 def best_of(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -197,16 +283,15 @@ def parent(args: argparse.Namespace) -> None:
         ck = load_checkpoint(args.gguf, "keep")
         write_bundle(ck, bundle, Limits.default(max(ck.context_length, n_max + args.steps + 64)))
         del ck
-        # Rounds alternate the engines, and each figure keeps its best round: a shared machine's speed
-        # drifts over minutes, and this keeps the drift from favouring whoever ran first.
-        res: dict[str, dict[str, Any] | None] = {"seqshare": None, "llama.cpp": None, "transformers": None}
-        for _ in range(args.rounds):
-            res["seqshare"] = best_of(res["seqshare"], run_child("seqshare", args, ids_file, bundle))
-            if "llama" in args.peers:
-                for name in ("llama", "llama-fa"):
-                    res["llama.cpp"] = best_of(res["llama.cpp"], run_child(name, args, ids_file, bundle))
-        if "transformers" in args.peers:  # far behind; one round
-            res["transformers"] = run_child("transformers", args, ids_file, bundle)
+        # The engines take turns figure by figure and each figure keeps its best round: a shared
+        # machine's speed drifts over minutes, and this keeps the drift from favouring any engine.
+        names = ["seqshare"] + (["llama", "llama-fa"] if "llama" in args.peers else [])
+        runs = run_engines(names, args, ids_file, bundle, args.rounds)
+        res: dict[str, dict[str, Any] | None] = {
+            "seqshare": runs["seqshare"], "llama.cpp": best_of(runs.get("llama"), runs.get("llama-fa")),
+            "transformers": None}
+        if "transformers" in args.peers:  # far behind; one round, after the others are unloaded
+            res["transformers"] = run_engines(["transformers"], args, ids_file, bundle, 1)["transformers"]
     print(f"\nmachine: {machine()}\nversions: {versions()}\nthreads: {args.threads}, greedy, "
           f"{args.steps} decode steps, best of {args.rounds} alternating rounds, model {Path(args.gguf).name}\n")
     print(table(res))
@@ -231,7 +316,7 @@ def main() -> None:
     if args.steps >= STEP_ROOM:
         ap.error(f"--steps must be below {STEP_ROOM}")
     if args.child:
-        print(json.dumps(child(args)))
+        child(args)
     else:
         parent(args)
 

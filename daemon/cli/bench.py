@@ -1,13 +1,12 @@
 """`seqshare bench`: how fast this box runs a bundle (prefill and decode tok/s, RSS), without peers.
 
-The comparison with llama.cpp and transformers lives in bench/engine.py, which drives every engine
-through `measure()` below so that all of them are timed by the same loop.
+The comparison with llama.cpp and transformers lives in bench/engine.py, which times every engine with
+`time_prefill()` and `time_decode()` below, the loop `measure()` uses.
 """
 
 from __future__ import annotations
 
 import json
-import resource
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,15 +19,42 @@ class Engine(Protocol):
     def step(self, tok: int) -> int: ...  # append one token, return the next (greedy)
 
 
-def rss_bytes() -> int:
+def _status_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
 
 
+def rss_bytes() -> int:
+    return _status_kib("VmRSS")
+
+
 def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+    """This process image's peak RSS. Not getrusage's ru_maxrss: Linux carries that over fork and exec,
+    so a child started by a big parent would report the parent's size."""
+    return _status_kib("VmHWM")
+
+
+def prefill_tries(n: int) -> int:
+    """Prefills are short below 2048 tokens: time two and keep the better."""
+    return 1 if n > 2048 else 2
+
+
+def time_prefill(eng: Engine, ids: list[int]) -> float:
+    """Seconds to prefill `ids` into a fresh cache."""
+    t = time.perf_counter()
+    eng.prefill(ids)
+    return time.perf_counter() - t
+
+
+def time_decode(eng: Engine, ids: list[int], steps: int) -> float:
+    """Seconds for `steps` greedy tokens after a prompt of `ids` (the prefill is not timed)."""
+    tok = eng.prefill(ids)
+    t = time.perf_counter()
+    for _ in range(steps):
+        tok = eng.step(tok)
+    return time.perf_counter() - t
 
 
 def measure(eng: Engine, ids: list[int], lengths: list[int], after: list[int], steps: int) -> dict[str, Any]:
@@ -37,18 +63,9 @@ def measure(eng: Engine, ids: list[int], lengths: list[int], after: list[int], s
     out: dict[str, Any] = {"prefill": {}, "decode": {}}
     eng.prefill(ids[:64])  # warm-up: threads, allocators, first touch of the weights
     for n in lengths:
-        best = float("inf")
-        for _ in range(1 if n > 2048 else 2):
-            t = time.perf_counter()
-            eng.prefill(ids[:n])
-            best = min(best, time.perf_counter() - t)
-        out["prefill"][n] = n / best
+        out["prefill"][n] = n / min(time_prefill(eng, ids[:n]) for _ in range(prefill_tries(n)))
     for n in after:
-        tok = eng.prefill(ids[:n])
-        t = time.perf_counter()
-        for _ in range(steps):
-            tok = eng.step(tok)
-        out["decode"][n] = steps / (time.perf_counter() - t)
+        out["decode"][n] = steps / time_decode(eng, ids[:n], steps)
     out["peak_rss"] = peak_rss_bytes()
     return out
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import resource
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from typing import Any
 import click
 import numpy as np
 
+from seqshare.daemon.cli.bench import peak_rss_bytes
 from seqshare.worker.errors import SeqshareError
 
 
@@ -33,10 +33,6 @@ def open_source(path: Path, key_file: Path | None, quant: str | None = None) -> 
     from seqshare.bundle.loader import load_bundle
 
     return load_bundle(path, key_file=key_file)
-
-
-def peak_rss_bytes() -> int:
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
 
 
 def _check_usage(prompt: str | None, context_file: Path | None, questions: tuple[str, ...],
