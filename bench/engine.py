@@ -41,6 +41,16 @@ HERE = Path(__file__).resolve().parent
 STEP_ROOM = 128  # KV rows past the prompt: room for the decode steps (>= --steps)
 
 
+def prompt_lengths(args: argparse.Namespace) -> tuple[list[int], list[int]]:
+    """The prefill lengths and the prompt lengths decode runs after."""
+    return ([int(x) for x in args.lengths.split(",") if x], [int(x) for x in args.decode_after.split(",") if x])
+
+
+def longest_prompt(args: argparse.Namespace) -> int:
+    lengths, after = prompt_lengths(args)
+    return max(lengths + after)
+
+
 def prompt_ids(gguf: Path, n: int) -> list[int]:
     """`n` token ids of a fixed synthetic English text (same for every engine)."""
     from seqshare.bundle.convert import load_checkpoint
@@ -122,7 +132,7 @@ def child(args: argparse.Namespace) -> None:
 
         eng: Any = SeqshareEngine(load_bundle(Path(args.bundle)), args.threads, STEP_ROOM)
     elif args.child.startswith("llama"):
-        n_ctx = max(int(x) for x in (args.lengths + "," + args.decode_after).split(",") if x) + STEP_ROOM
+        n_ctx = longest_prompt(args) + STEP_ROOM
         eng = LlamaCpp(Path(args.gguf), args.threads, n_ctx, args.child == "llama-fa")
     else:
         eng = Transformers(Path(args.gguf), args.threads)
@@ -201,8 +211,7 @@ def run_engines(names: list[str], args: argparse.Namespace, ids_file: Path, bund
                 rounds: int) -> dict[str, dict[str, Any] | None]:
     """Load every engine of `names` side by side, then time each figure engine after engine, round
     after round; each figure keeps its best. An engine that fails is reported and left out (None)."""
-    lengths = [int(x) for x in args.lengths.split(",") if x]
-    after = [int(x) for x in args.decode_after.split(",") if x]
+    lengths, after = prompt_lengths(args)
     live: dict[str, Served] = {}
     figs: dict[str, dict[str, Any]] = {}
     for name in names:
@@ -276,7 +285,7 @@ def parent(args: argparse.Namespace) -> None:
     from seqshare.daemon.fetch import default_model_path
 
     args.gguf = args.gguf or default_model_path()
-    n_max = max(int(x) for x in (args.lengths + "," + args.decode_after).split(",") if x)
+    n_max = longest_prompt(args)
     with tempfile.TemporaryDirectory() as tmp:
         ids_file, bundle = Path(tmp) / "ids.json", Path(tmp) / "model.ssb"
         ids_file.write_text(json.dumps(prompt_ids(args.gguf, n_max)))
