@@ -39,14 +39,18 @@ inline void with_group(int group, F&& f) {
     default: return f(std::integral_constant<int, 128>{});
   }
 }
-// The same for a panel of `Bits` bits: q6 has only its 16-column groups, so no other size is
-// instantiated for it (nor 16 for the others).
+// The same for a panel weight of `Bits` bits, with whether its scales are K scales:
+// f(integral_constant<int, G>, bool_constant<KScales>). q6 has only its 16-column groups, so no other
+// size is instantiated for it (nor 16 for the others), and K-scale panels only their one group size.
 template <int Bits, class F>
-inline void with_panel_group(int group, F&& f) {
+inline void with_panel_layout(const WeightView& w, F&& f) {
+  if constexpr (is_kscale_bits(Bits)) {
+    if (w.kscales) return f(std::integral_constant<int, kscale_group(Bits)>{}, std::true_type{});
+  }
   if constexpr (Bits == 6)
-    f(std::integral_constant<int, kQ6Group>{});
+    f(std::integral_constant<int, kQ6Group>{}, std::false_type{});
   else
-    with_group(group, f);
+    with_group(w.group, [&](auto G) { f(G, std::false_type{}); });
 }
 template <int T, class F>
 inline void with_tokens(int left, F&& f) {

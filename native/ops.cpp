@@ -54,7 +54,7 @@ void check_weight(const WeightView& w) {
     if (w.cols % 32 || w.cols % w.group) throw std::invalid_argument("weight: cols not a multiple of 32 and the group");
     if (!w.scales && !w.kscales) throw std::invalid_argument("weight: missing scales");
     if (w.kscales && (w.scales || w.mins || !is_kscale_bits(panel_bits(w.fmt)) || w.cols % kSuperCols ||
-                      w.group != (w.fmt == WFmt::Q6 ? kQ6Group : 32)))
+                      w.group != kscale_group(panel_bits(w.fmt))))
       throw std::invalid_argument("weight: K scales need q4/q5 (group 32) or q6 panels of whole 256-column super-blocks");
     if (w.mins && (w.fmt == WFmt::Q8 || w.fmt == WFmt::Q6 || w.fmt == WFmt::Q8P))
       throw std::invalid_argument("weight: q8, q6 and q8p have no mins");

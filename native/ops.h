@@ -36,6 +36,7 @@ constexpr int kQ6Group = 16;
 // group's scale is d x sc and its minimum -dmin x m (q6k: -32 x its scale), both exact in float.
 constexpr int kSuperCols = 256;
 constexpr bool is_kscale_bits(int bits) { return bits == 4 || bits == 5 || bits == 6; }
+constexpr int kscale_group(int bits) { return bits == 6 ? kQ6Group : 32; }  // GGUF's sub-block
 constexpr int kscale_bytes(int bits) { return bits == 6 ? 16 + 16 * 8 : 32 + 2 * 8 * 8; }
 
 struct WeightView {

@@ -97,18 +97,17 @@ inline void group_scales(const WeightView& w, int panel, int g, float32x4_t* dw,
       dw[h] = h4(w.scales + at + 4 * h);
       mw[h] = vmulq_n_f32(h4(mins.plane + at + 4 * h), mins.factor);
     }
-  } else if constexpr (Bits == 6) {
-    const std::uint8_t* k = kscales_at(w, 8 * panel, g);
-    const auto* d = reinterpret_cast<const std::uint16_t*>(k);
-    const int j = 8 * (g % (kSuperCols / G));
+    return;
+  }
+  const std::uint8_t* k = kscales_at(w, 8 * panel, g);
+  const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8] (q4k/q5k: then dmin[8])
+  const int j = 8 * (g % (kSuperCols / G));
+  if constexpr (Bits == 6) {
     const int16x8_t sc = vmovl_s8(vld1_s8(reinterpret_cast<const std::int8_t*>(k + 16 + j)));
     dw[0] = vmulq_f32(h4(d), vcvtq_f32_s32(vmovl_s16(vget_low_s16(sc))));
     dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_s32(vmovl_s16(vget_high_s16(sc))));
     for (int h = 0; h < 2; ++h) mw[h] = vmulq_n_f32(dw[h], -32.0f);
   } else {
-    const std::uint8_t* k = kscales_at(w, 8 * panel, g);
-    const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
-    const int j = 8 * (g % (kSuperCols / G));
     const uint16x8_t sc = vmovl_u8(vld1_u8(k + 32 + j)), m = vmovl_u8(vld1_u8(k + 96 + j));
     dw[0] = vmulq_f32(h4(d), vcvtq_f32_u32(vmovl_u16(vget_low_u16(sc))));
     dw[1] = vmulq_f32(h4(d + 4), vcvtq_f32_u32(vmovl_u16(vget_high_u16(sc))));
@@ -173,11 +172,9 @@ void neon_panel_run(const WeightView& w, const void* xq, int N, float* Y, int ld
 
 template <class P, int Bits>
 void qgemm_neon_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  if constexpr (is_kscale_bits(Bits)) {
-    if (w.kscales)  // K-scale panels have one group size (check_weight)
-      return neon_panel_run<P, Bits, Bits == 6 ? kQ6Group : 32, true>(w, xq, N, Y, ldy, r0, r1);
-  }
-  with_panel_group<Bits>(w.group, [&](auto G) { neon_panel_run<P, Bits, G.value, false>(w, xq, N, Y, ldy, r0, r1); });
+  with_panel_layout<Bits>(w, [&](auto G, auto KScales) {
+    neon_panel_run<P, Bits, G.value, KScales.value>(w, xq, N, Y, ldy, r0, r1);
+  });
 }
 
 // The blocks a policy's group reads (one for q6's half-block groups) and, for q6, which half: the low

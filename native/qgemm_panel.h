@@ -416,11 +416,9 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
 // Bits: 4 (q4), 5 (q5), 6 (q6, whose group is always 16) or 8 (q8p).
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
-  if constexpr (is_kscale_bits(Bits)) {
-    if (w.kscales)  // K-scale panels have one group size (check_weight)
-      return panel_run<D, Bits, Bits == 6 ? kQ6Group : 32, true>(w, xq, N, Y, ldy, r0, r1);
-  }
-  with_panel_group<Bits>(w.group, [&](auto G) { panel_run<D, Bits, G.value, false>(w, xq, N, Y, ldy, r0, r1); });
+  with_panel_layout<Bits>(w, [&](auto G, auto KScales) {
+    panel_run<D, Bits, G.value, KScales.value>(w, xq, N, Y, ldy, r0, r1);
+  });
 }
 
 }  // namespace
