@@ -178,7 +178,7 @@ def cpu_line() -> str:
     info = Path("/proc/cpuinfo").read_text().splitlines()
     model = next((ln.split(":", 1)[1].strip() for ln in info if ln.startswith("model name")), "?")
     flags = next((ln.split(":", 1)[1].split() for ln in info if ln.startswith("flags")), [])
-    isa = [f for f in flags if f.startswith(("avx2", "avx512", "avx_vnni", "fma", "f16c"))]
+    isa = [f for f in flags if f.startswith(("avx2", "avx512", "avx_vnni", "amx", "fma", "f16c"))]
     return (f"CPU: {model}; ISA flags: {' '.join(sorted(isa))}; seqshare picked {_native.best_isa()} "
             f"(runs: {', '.join(_native.runnable_isas())})")
 

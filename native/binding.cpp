@@ -231,6 +231,7 @@ PYBIND11_MODULE(_native, m) {
     d["avx2"] = c.avx2; d["fma"] = c.fma; d["f16c"] = c.f16c;
     d["avx512f"] = c.avx512f; d["avx512bw"] = c.avx512bw; d["avx512vl"] = c.avx512vl;
     d["avx512dq"] = c.avx512dq; d["avx512vnni"] = c.avx512vnni; d["avx512bf16"] = c.avx512bf16;
+    d["amx_int8"] = c.amx_int8;
     d["avxvnni"] = c.avxvnni;
     d["asimd"] = c.asimd; d["asimddp"] = c.asimddp; d["i8mm"] = c.i8mm;
     return d;
@@ -246,7 +247,7 @@ PYBIND11_MODULE(_native, m) {
   m.def("active_isa", [] { return std::string(isa_name(active_isa())); },
         "The kernel variant in force.");
   m.def("set_isa", [](const std::string& name) { set_isa(isa_from_name(name)); }, py::arg("isa"),
-        "Select a kernel variant (scalar, avx2, avxvnni, avx512, neon, dotprod, i8mm); ValueError if this CPU "
+        "Select a kernel variant (scalar, avx2, avxvnni, avx512, amx, neon, dotprod, i8mm); ValueError if this CPU "
         "cannot run it.");
 
   // ---- debug: test hooks, never called in normal operation ------------------------------------

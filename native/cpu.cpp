@@ -7,8 +7,21 @@
 #include <asm/hwcap.h>
 #include <sys/auxv.h>
 #endif
+#if defined(SEQSHARE_X86)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace seqshare {
+
+#if defined(SEQSHARE_X86)
+// Linux (5.16 and later) keeps the 8 KiB AMX tile state out of every thread's context until the
+// process asks for it; without this the first tile instruction faults.
+static bool amx_permitted() {
+  constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+#endif
 
 const CpuFeatures& cpu_features() {
   static const CpuFeatures f = [] {
@@ -25,6 +38,7 @@ const CpuFeatures& cpu_features() {
     c.avx512vnni = __builtin_cpu_supports("avx512vnni");
     c.avx512bf16 = __builtin_cpu_supports("avx512bf16");
     c.avxvnni = __builtin_cpu_supports("avxvnni");
+    c.amx_int8 = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && amx_permitted();
 #endif
 #if defined(SEQSHARE_ARM)
     // The kernel's view of this CPU (under qemu-user: of the emulated CPU, QEMU_CPU).
@@ -48,6 +62,7 @@ bool cpu_runs(Isa isa) {
     // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
     case Isa::Avx512:
       return avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni && c.avx512bf16;
+    case Isa::Amx: return cpu_runs(Isa::Avx512) && c.amx_int8;
     case Isa::Neon: return c.asimd;
     case Isa::Dotprod: return c.asimd && c.asimddp;
     case Isa::I8mm: return c.asimd && c.asimddp && c.i8mm;
@@ -93,6 +108,7 @@ const char* isa_name(Isa isa) {
     case Isa::Avx2: return "avx2";
     case Isa::AvxVnni: return "avxvnni";
     case Isa::Avx512: return "avx512";
+    case Isa::Amx: return "amx";
     case Isa::Neon: return "neon";
     case Isa::Dotprod: return "dotprod";
     case Isa::I8mm: return "i8mm";
@@ -105,10 +121,11 @@ Isa isa_from_name(const std::string& name) {
   if (name == "avx2") return Isa::Avx2;
   if (name == "avxvnni") return Isa::AvxVnni;
   if (name == "avx512") return Isa::Avx512;
+  if (name == "amx") return Isa::Amx;
   if (name == "neon") return Isa::Neon;
   if (name == "dotprod") return Isa::Dotprod;
   if (name == "i8mm") return Isa::I8mm;
-  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avxvnni, avx512, neon, dotprod or i8mm)");
+  throw std::invalid_argument("unknown ISA '" + name + "' (expected scalar, avx2, avxvnni, avx512, amx, neon, dotprod or i8mm)");
 }
 
 }  // namespace seqshare

@@ -7,16 +7,18 @@ namespace seqshare {
 // Ranked within each architecture: each level runs on CPUs with the features it names, and a CPU
 // of one architecture runs none of the other's. x86: avxvnni is AVX2 plus the VEX-encoded VNNI of
 // Alder Lake / Zen 5; avx512 needs AVX512-VNNI/BF16 but not AVX-VNNI (Zen 4 lacks it), so its
-// kernels never use VEX VNNI and a lower level is not always runnable where a higher one is.
+// kernels never use VEX VNNI and a lower level is not always runnable where a higher one is. amx is
+// avx512 plus AMX-INT8 tiles (Sapphire Rapids and later Xeons), which Linux must grant the process.
 // AArch64: neon is the base ISA (Cortex-A53/A72); dotprod adds sdot (A55/A76, Neoverse N1); i8mm
 // adds smmla (A78/X1 and later, Neoverse V1/N2).
-enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Neon = 4, Dotprod = 5, I8mm = 6 };
-constexpr int kIsaCount = 7;
+enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Amx = 4, Neon = 5, Dotprod = 6, I8mm = 7 };
+constexpr int kIsaCount = 8;
 
 struct CpuFeatures {
   bool avx2 = false, fma = false, f16c = false;
   bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
   bool avx512vnni = false, avx512bf16 = false, avxvnni = false;
+  bool amx_int8 = false;  // AMX-TILE and AMX-INT8, and the kernel's permission to use the tile data
   bool asimd = false, asimddp = false, i8mm = false;  // from getauxval(AT_HWCAP / AT_HWCAP2)
 };
 

@@ -1,5 +1,5 @@
 // One dispatch table per ISA, built once. A variant missing for an ISA falls back to a lower one
-// that the same CPUs run (avx512 skips avxvnni: Zen 4 has AVX-512 but not AVX-VNNI; i8mm and
+// that the same CPUs run (avx512 and amx skip avxvnni: Zen 4 has AVX-512 but not AVX-VNNI; i8mm and
 // dotprod fall back to neon), ending at the scalar reference.
 #include "kernels.h"
 
@@ -26,7 +26,7 @@ static KernelTable make_table(Isa isa) {
   KernelTable t{};
   fill_ref(t);
 #if defined(SEQSHARE_X86)
-  if (isa >= Isa::Avx2 && isa <= Isa::Avx512) {
+  if (isa >= Isa::Avx2 && isa <= Isa::Amx) {
     t.dot_f32 = dot_f32_avx2;
     t.gemm[0] = gemm_f32_avx2;
     t.gemm[1] = gemm_f16_avx2;
@@ -52,13 +52,20 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[3] = qgemm_q6_avxvnni;
     t.qgemm[4] = qgemm_q8p_avxvnni;
   }
-  if (isa == Isa::Avx512) {
+  if (isa == Isa::Avx512 || isa == Isa::Amx) {
     t.dot_f32 = dot_f32_avx512;
     t.qgemm[0] = qgemm_q8_avx512;
     t.qgemm[1] = qgemm_q4_avx512;
     t.qgemm[2] = qgemm_q5_avx512;
     t.qgemm[3] = qgemm_q6_avx512;
     t.qgemm[4] = qgemm_q8p_avx512;
+  }
+  // q8 weights take int16 activations, which AMX-INT8 does not multiply, and q6 measured slower on
+  // the tiles (qgemm_amx.cpp): both stay on avx512.
+  if (isa == Isa::Amx) {
+    t.qgemm[1] = qgemm_q4_amx;
+    t.qgemm[2] = qgemm_q5_amx;
+    t.qgemm[4] = qgemm_q8p_amx;
   }
 #endif
 #if defined(SEQSHARE_ARM)
@@ -100,6 +107,7 @@ static KernelTable make_table(Isa isa) {
 const KernelTable& kernel_table(Isa isa) {
   static const KernelTable tables[kIsaCount] = {make_table(Isa::Scalar), make_table(Isa::Avx2),
                                                 make_table(Isa::AvxVnni), make_table(Isa::Avx512),
+                                                make_table(Isa::Amx),
                                                 make_table(Isa::Neon),    make_table(Isa::Dotprod),
                                                 make_table(Isa::I8mm)};
   return tables[static_cast<int>(isa)];

@@ -8,6 +8,7 @@
 // are theirs bit for bit.
 #include "qgemm_panel.h"
 #include "qgemm_q8.h"
+#include "qgemm_zmm.h"
 
 namespace seqshare {
 
@@ -21,36 +22,6 @@ struct Avx512ByteDot {
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
   static __m256i finish(__m256i, __m256i acc) { return acc; }
-};
-
-// Two panels side by side: rows r..r+7 in the low 256 bits, r+8..r+15 in the high ones. Each lane
-// still holds one row's integers and one row's floats, so the results are the Ymm policy's bits.
-struct Zmm : Vec512 {
-  static constexpr int kRows = 16;
-  static I load_w(const std::uint8_t* p, std::size_t panel_bytes) {
-    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))),
-                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + panel_bytes)), 1);
-  }
-  static F load_h(const std::uint16_t* p, std::size_t panel_halves) {
-    return _mm512_cvtph_ps(_mm256_inserti128_si256(
-        _mm256_castsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
-        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + panel_halves)), 1));
-  }
-  static F load_u8(const std::uint8_t* p, std::size_t next) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(bytes16(p, next)));
-  }
-  static F load_i8(const std::uint8_t* p, std::size_t next) {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes16(p, next)));
-  }
-  static void store(float* y, int nrows, F v) {
-    _mm512_mask_storeu_ps(y, static_cast<__mmask16>((1u << nrows) - 1), v);
-  }
-
- private:
-  static __m128i bytes16(const std::uint8_t* p, std::size_t next) {  // 8 bytes of each panel
-    return _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)),
-                              _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + next)));
-  }
 };
 
 struct Avx512PanelPairDot {

@@ -116,6 +116,7 @@ struct TileTokens {
   F acc[T];
   int ngp;
 
+  TileTokens() = default;  // for arrays of tiles (qgemm_amx.cpp), each assigned before use
   TileTokens(const std::uint8_t* xq, std::size_t x_stride, int K, int ngp_) : ngp(ngp_) {
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {

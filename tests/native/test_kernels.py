@@ -10,7 +10,7 @@ import pytest
 from seqshare import _native
 from seqshare.bundle.quant import Q6_GROUP, QTensor, default_group, dequantize, kernel_args, panel_tensor, quantize
 
-ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
+ISAS = ["scalar", "avx2", "avxvnni", "avx512", "amx", "neon", "dotprod", "i8mm"]
 QUANTIZED = ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"]
 
 # Named tolerances. Relative errors are max|got - want| / max|want|.
@@ -97,7 +97,7 @@ def test_linear_quantized_formats(fmt: str, rows: int, cols: int, group: int, n:
     assert rel_err(got, want) < INT8_PATH_RTOL, isa
 
 
-@pytest.mark.parametrize("isa", ["avxvnni", "avx512"])
+@pytest.mark.parametrize("isa", ["avxvnni", "avx512", "amx"])
 @pytest.mark.parametrize("fmt", QUANTIZED)
 def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
     """VNNI sums the same integer products as AVX2's multiply-add chains, and the float steps are the
@@ -109,6 +109,24 @@ def test_vnni_integer_kernels_give_the_avx2_bits(isa: str, fmt: str) -> None:
         x = np.random.default_rng(n).standard_normal((n, 1536), dtype=np.float32)
         want = _native.linear(x, isa="avx2", **kernel_args(t))
         np.testing.assert_array_equal(_native.linear(x, isa=isa, **kernel_args(t)), want, err_msg=f"{group} {n}")
+
+
+@pytest.mark.parametrize("fmt", ["q4", "q5", "q4s", "q5s", "q8p", "q4k", "q5k"])
+def test_amx_tiles_give_the_avx512_bits_in_any_batch(fmt: str) -> None:
+    """AMX takes whole tiles of 16 tokens x 16 rows in blocks of up to two by two, AVX-512 the rest:
+    every block shape (one or two token tiles, one or two panel pairs, a lone last panel, tokens left
+    over) at every group size gives AVX-512's bits, and a token's row is the same alone (decode, no
+    tile) as inside any batch."""
+    need("amx")
+    cases = [(32, 16, 16), (64, 31, 24), (128, 32, 48), (32, 48, 56), (64, 70, 96), (32, 33, 136)]
+    for group, n, rows in cases:
+        t = weight(fmt, rows, 1024, group, group + n)
+        x = np.random.default_rng(n).standard_normal((n, 1024), dtype=np.float32)
+        got = _native.linear(x, isa="amx", **kernel_args(t))
+        np.testing.assert_array_equal(got, _native.linear(x, isa="avx512", **kernel_args(t)), err_msg=f"{group} {n}")
+        for i in (0, n // 2, n - 1):
+            alone = _native.linear(x[i : i + 1], isa="amx", **kernel_args(t))
+            np.testing.assert_array_equal(alone[0], got[i], err_msg=f"token {i} of {n}, group {group}")
 
 
 @pytest.mark.parametrize("isa", ["dotprod", "i8mm"])

@@ -8,7 +8,7 @@ import pytest
 
 from seqshare import _native
 
-ISAS = ["scalar", "avx2", "avxvnni", "avx512", "neon", "dotprod", "i8mm"]
+ISAS = ["scalar", "avx2", "avxvnni", "avx512", "amx", "neon", "dotprod", "i8mm"]
 DOT_RTOL = 1e-5  # float32 accumulation order differs between variants
 
 
