@@ -1,13 +1,14 @@
 // The panel GEMMs of q4, q5 and q8p (and the q4k / q5k K-scale panels) with AMX-INT8 (Sapphire
-// Rapids and later Xeons) for prefill: whole tiles of 16 tokens x 16 rows (a pair of panels). One tdpbsud sums
-// one group of int8 activations (the A tile, read in place from the quantized rows) against a pair's
-// unsigned values, unpacked once per pair into the B tile's layout, 16 rows x 4 columns per 64-byte
-// row: what a 512-bit Zmm load of two panels yields after its nibble steps (qgemm_zmm.h), so the
-// unpack is those steps, stored. Tiles go in blocks of two token tiles x two pairs, so that each
-// tile loaded feeds two products. Decode (fewer than 16 tokens), q8 rows, a lone last panel and the
-// tokens left over run the AVX-512 kernels, and so does q6: its 16-column groups halve each
-// product while the tile loads and stores stay, and it measured 3-13% slower than AVX-512 (q4, q5
-// and q8p 20-40% faster; bench/kernels.py, 2 cores, 512 tokens at Qwen2.5-1.5B's shapes).
+// Rapids and later Xeons) for prefill: whole tiles of 16 tokens x 16 rows (a pair of panels). One
+// tdpbsud sums one group of int8 activations (the A tile, read in place from the quantized rows)
+// against a pair's unsigned values, unpacked once per pair into the B tile's layout, 16 rows x 4
+// columns per 64-byte row: what a 512-bit Zmm load of two panels yields after its nibble steps
+// (qgemm_zmm.h), so the unpack is those steps, stored. Tiles go in blocks of two token tiles x two
+// pairs, so that each tile loaded feeds two products. Decode (fewer than 16 tokens), q8 rows, a
+// lone last panel and the tokens left over run the AVX-512 kernels, and so does q6: its 16-column
+// groups halve each product while the tile loads and stores stay, and it measured 3-13% slower
+// than AVX-512 (q4, q8p and q5k 1.2-1.5x faster, q4k 1.0-1.1x; bench/kernels.py, 2 cores, 512
+// tokens at Qwen2.5-1.5B's shapes).
 //
 // Each group's sums are exact integers, and the float step is TileTokens::add on the same Zmm lanes
 // with the same GroupScales, in group order: the results are the AVX-512 kernels' bits (and so every
@@ -37,6 +38,7 @@ struct TileConfig {  // ldtilecfg's operand, palette 1
 // two token tiles' activations, B tiles 5 and 7 the two pairs' values. Each loaded tile feeds two
 // tdpbsud: on the Xeon measured, a tile load or store costs more than a 16 x 16 x 32 product.
 enum Tile { kC0 = 0, kC3 = 3, kA0 = 4, kB0 = 5, kA1 = 6, kB1 = 7 };
+static_assert(kA0 == 4 && kB0 == 5 && kA1 == 6 && kB1 == 7, "block_sums and block_store spell these out");
 
 // A tdpbsud takes at most 64 bytes of K: a group of 128 columns is two.
 template <int G>
