@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tempfile
@@ -167,8 +168,13 @@ class Served:
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         if not line:
-            self.proc.wait()
-            raise RuntimeError(f"{self.name} failed:\n{self.log.read_text()[-2000:]}")
+            rc = self.proc.wait()
+            why = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exit status {rc}"
+            amx_cpu = " amx_int8" in Path("/proc/cpuinfo").read_text()
+            if rc == -signal.SIGSEGV and self.name.startswith("llama") and amx_cpu:
+                why += (" (llama-cpp-python built by gcc 12 crashes in its AMX matmul on this CPU; "
+                        "BENCHMARKS.md's Intel section shows the builds that run)")
+            raise RuntimeError(f"{self.name} failed, {why}:\n{self.log.read_text()[-2000:]}")
         return dict(json.loads(line))
 
     def ask(self, **req: Any) -> dict[str, Any]:
