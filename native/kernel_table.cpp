@@ -59,6 +59,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[2] = qgemm_q5_avx512;
     t.qgemm[3] = qgemm_q6_avx512;
     t.qgemm[4] = qgemm_q8p_avx512;
+    t.attention = attention_avx512;
   }
   // q8 weights take int16 activations, which AMX-INT8 does not multiply, and q6 measured slower on
   // the tiles (qgemm_amx.cpp): both stay on avx512.

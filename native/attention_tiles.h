@@ -1,0 +1,342 @@
+// Tiled attention for attention_avx2.cpp and attention_avx512.cpp: 32 keys per tile, converted
+// from f16 once per tile into L1 (K transposed to (head_dim, 32) so scores are vectors of FMAs with
+// q broadcast), then for the query
+// rows sharing this kv head -- the heads of its group, for each query -- scores six rows at a time,
+// an online-softmax update per row, and P.V two rows at a time into the rows' running outputs.
+// K/V are read once per (kv head, query block) and no score matrix exists beyond one rows x 32
+// tile. With up to 8 rows per kv head (decode, GQA groups of real models) the tile is read straight
+// from the cache instead.
+// Included only by files compiled with at least -mavx2 -mfma -mf16c.
+#pragma once
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "avx2.h"
+#include "kernels.h"
+
+namespace seqshare {
+
+namespace {
+
+
+// The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
+// once per 32 keys.
+constexpr int kKeys = 32;
+// Query rows scored together against one key tile: 2 x 6 accumulators and two key vectors of the
+// 16 registers.
+constexpr int kScoreRows = 6;
+// Up to this many query rows per kv head read a tile straight from the cache: decode with the
+// GQA groups of real models (Qwen2.5: 6-8 query heads per kv head), in at most two score groups.
+constexpr int kDirectRows = 8;
+static_assert(kKeys == kAttnTile, "tiles sit at the canonical absolute positions");
+
+struct Tile {
+  float* kt;  // (D, kKeys) transposed keys
+  float* v;   // (kKeys, D) values
+};
+
+inline __m256 load8(const std::uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// The vector width of the score and P.V loops, whose lanes never meet (a score is one FMA chain
+// over head_dim, an output element one over the keys), so any width gives the same bits. The
+// softmax's reductions stay 8 lanes wide for every width: its sums are ordered by lane.
+struct Ymm {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static F load(const std::uint16_t* p) { return load8(p); }
+  static F load(const float* p) { return load8(p); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F scale(F x, float c) { return _mm256_mul_ps(x, _mm256_set1_ps(c)); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+};
+inline float load1(const std::uint16_t* p) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p))); }
+inline float load1(const float* p) { return *p; }
+
+// The K tile block (head_dim x 32, kv head `kvh`) of a span's cache tile that holds the keys at
+// absolute positions [t, t + 32): the cache's tiles sit at those positions (KVSpan::phase).
+template <int D, typename E>
+const E* k_block(const KVSpan& sp, int kvh, int t) {
+  const std::size_t tile = static_cast<std::size_t>(t - sp.pos0 + sp.phase) / kKeys;
+  return static_cast<const E*>(sp.k) + kvh * sp.head_stride + tile * (static_cast<std::size_t>(D) * kKeys);
+}
+
+// Keys/values at absolute positions [t + lo, t + hi) into the tile (lanes lo..hi); the other lanes
+// of K are zero (their scores are masked). E is the cache's element type (float16 bits or float).
+// K needs no transposing: the cache stores it as the tile wants it. A tile straddling the end of
+// a shared prefix takes its first lanes from the prefix's cache and the rest from the sequence's.
+template <int D, typename E>
+void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
+  const KeySpans& ks = a.job->keys;
+  int row0;
+  const KVSpan& first = key_span(ks, t + lo, row0);
+  const int split = std::min(hi, first.pos0 + first.len - t);  // lanes [lo, split) from `first`
+  const E* kb[2] = {k_block<D, E>(first, kvh, t), nullptr};
+  if (split < hi) kb[1] = k_block<D, E>(ks.span[1], kvh, t);
+  for (int c = 0; c < kKeys / 8; ++c) {
+    const int g0 = std::max(lo, 8 * c), g1 = std::min(hi, 8 * c + 8);
+    if (g0 >= g1) {
+      for (int d = 0; d < D; ++d) _mm256_store_ps(tile.kt + d * kKeys + 8 * c, _mm256_setzero_ps());
+    } else if (g0 == 8 * c && g1 == 8 * c + 8 && (g1 <= split || g0 >= split)) {
+      const E* src = kb[g0 >= split ? 1 : 0] + 8 * c;
+#pragma GCC unroll 8
+      for (int d = 0; d < D; ++d) _mm256_store_ps(tile.kt + d * kKeys + 8 * c, load8(src + d * kKeys));
+    } else {  // a group the range or the prefix boundary cuts: lane by lane
+      for (int d = 0; d < D; ++d)
+        for (int l = 8 * c; l < 8 * c + 8; ++l)
+          tile.kt[d * kKeys + l] = l >= g0 && l < g1 ? load1(kb[l >= split ? 1 : 0] + d * kKeys + l) : 0.0f;
+    }
+  }
+  for (int l = lo; l < hi;) {  // V: runs of consecutive rows, one run per span
+    int row;
+    const KVSpan& sp = key_span(ks, t + l, row);
+    const int end = std::min(hi, sp.pos0 + sp.len - t);
+    const E* v = static_cast<const E*>(sp.v) + kvh * sp.head_stride + static_cast<std::size_t>(row + sp.phase) * D;
+    for (; l < end; ++l, v += D)
+#pragma GCC unroll 16
+      for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + l * D + d0, load8(v + d0));
+  }
+}
+
+struct RowState {
+  const float* q;
+  float* o;    // the state's running output (D), updated in place
+  float m, l;  // copied in and out of the state around the block
+  int limit;   // positions before `limit` are visible to this row
+};
+
+// Scores of NR rows against the tile's 32 keys, two vectors of keys at a time: per head_dim element
+// two key vectors and NR broadcasts feed 2 NR FMAs, so with NR = 6 the loads no longer outnumber the
+// FMAs. Each score is one FMA chain over head_dim in order, whatever NR or V: never a different bit.
+template <class V, int D, int NR, typename E>
+void tile_scores(const E* kt, const RowState* rs, float* sc) {
+  using F = typename V::F;
+  for (int half = 0; half < kKeys; half += 2 * V::kLanes) {
+    F acc[NR][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = V::zero();
+    for (int d = 0; d < D; ++d) {
+      const F k0 = V::load(kt + d * kKeys + half), k1 = V::load(kt + d * kKeys + half + V::kLanes);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        const F qb = V::bcast(rs[r].q + d);
+        acc[r][0] = V::fmadd(qb, k0, acc[r][0]);
+        acc[r][1] = V::fmadd(qb, k1, acc[r][1]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      V::store(sc + r * kKeys + half, acc[r][0]);
+      V::store(sc + r * kKeys + half + V::kLanes, acc[r][1]);
+    }
+  }
+}
+
+// Online softmax of one row over key lanes [lo, rhi) of its scores `sc`, turned into weights in
+// place; returns the factor the running output must be scaled by (exactly 1 when the maximum
+// did not move, so the caller can skip the rescale).
+inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row) {
+  constexpr int KV = kKeys / 8;
+  const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  // A tile every lane of which this row sees (all but the diagonal and the block edges) skips the
+  // masks; the arithmetic is the same, so the result is bit for bit the masked one.
+  const bool full = lo == 0 && rhi == kKeys;
+  const __m256 lov = _mm256_set1_ps(static_cast<float>(lo)), hiv = _mm256_set1_ps(static_cast<float>(rhi));
+  __m256 mask[KV], x[KV];
+  __m256 mx = ninf;
+#pragma GCC unroll 16
+  for (int c = 0; c < KV; ++c) {
+    x[c] = _mm256_mul_ps(_mm256_load_ps(sc + 8 * c), _mm256_set1_ps(scale));
+    if (!full) {
+      const __m256 idx = _mm256_add_ps(_mm256_setr_ps(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_ps(8.0f * c));
+      mask[c] = _mm256_and_ps(_mm256_cmp_ps(idx, lov, _CMP_GE_OQ), _mm256_cmp_ps(idx, hiv, _CMP_LT_OQ));
+      x[c] = _mm256_blendv_ps(ninf, x[c], mask[c]);
+    }
+    mx = _mm256_max_ps(mx, x[c]);
+  }
+  const float m_new = std::max(row.m, avx2::hmax(mx));
+  const __m256 mv = _mm256_set1_ps(m_new);
+  __m256 sum = _mm256_setzero_ps();
+#pragma GCC unroll 16
+  for (int c = 0; c < KV; ++c) {
+    __m256 pc = avx2::exp(_mm256_sub_ps(x[c], mv));
+    if (!full) pc = _mm256_and_ps(pc, mask[c]);
+    _mm256_store_ps(sc + 8 * c, pc);
+    sum = _mm256_add_ps(sum, pc);
+  }
+  // Once the running maximum settles most tiles leave it unchanged: the factor is then 1.
+  const float c = m_new == row.m ? 1.0f : std::exp(row.m - m_new);  // 0 when nothing was seen before
+  row.l = row.l * c + avx2::hsum(sum);
+  row.m = m_new;
+  return c;
+}
+
+// out_r <- out_r * c_r + sum over keys [lo, rhi) of p_r[k] V[k] for NR rows, kVecs vectors of
+// output dims at a time: four value vectors serve NR rows, so NR = 2 keeps the FMAs ahead of the
+// loads. Per output element the arithmetic is the same for any NR or V.
+template <class V, int D, int NR, typename E>
+void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+  using F = typename V::F;
+  constexpr int kVecs = D / V::kLanes < 4 ? D / V::kLanes : 4;
+  for (int dc = 0; dc < D; dc += kVecs * V::kLanes) {
+    F o[NR][kVecs];
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) {
+        o[r][v] = V::load(rows[r]->o + dc + V::kLanes * v);
+        if (c[r] != 1.0f) o[r][v] = V::scale(o[r][v], c[r]);
+      }
+    for (int k = lo; k < rhi; ++k) {
+      const E* vr = vlo + (k - lo) * D + dc;
+      F vv[kVecs];
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) vv[v] = V::load(vr + V::kLanes * v);
+#pragma GCC unroll 16
+      for (int r = 0; r < NR; ++r) {
+        const F pb = V::bcast(p[r] + k);
+#pragma GCC unroll 16
+        for (int v = 0; v < kVecs; ++v) o[r][v] = V::fmadd(pb, vv[v], o[r][v]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < kVecs; ++v) V::store(rows[r]->o + dc + V::kLanes * v, o[r][v]);
+  }
+}
+
+// One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
+// of one kv head: scores of all of them, then per row the online softmax, then P.V by pairs of
+// rows that see the same keys. K is a (D, kKeys) block, `vlo` the value row of lane lo (then one
+// row per lane), either in the cache's own type or staged as f32. `sc` holds (r1 - r0) x kKeys
+// floats.
+template <class V, int D, typename E>
+void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int hi, RowState* rs, int r0, int r1,
+               float* sc) {
+  // Score groups as even as the register budget allows (7 rows: 4 + 3, not 6 + 1): each group
+  // reads the key tile once, and a group of one would read it for a single row.
+  const int groups = (r1 - r0 + kScoreRows - 1) / kScoreRows;
+  for (int gi = 0, r = r0; gi < groups; ++gi) {
+    const int left = groups - gi, size = (r1 - r + left - 1) / left;  // rows left, split evenly
+    float* out = sc + (r - r0) * kKeys;
+    switch (size) {
+      case 6: tile_scores<V, D, 6>(kt, rs + r, out); break;
+      case 5: tile_scores<V, D, 5>(kt, rs + r, out); break;
+      case 4: tile_scores<V, D, 4>(kt, rs + r, out); break;
+      case 3: tile_scores<V, D, 3>(kt, rs + r, out); break;
+      case 2: tile_scores<V, D, 2>(kt, rs + r, out); break;
+      default: tile_scores<V, D, 1>(kt, rs + r, out); break;
+    }
+    r += size;
+  }
+  RowState* pend = nullptr;  // a row waiting for a partner with the same key range
+  const float* pend_p = nullptr;
+  float pend_c = 0.0f;
+  int pend_hi = 0;
+  for (int r = r0; r < r1; ++r) {
+    const int rhi = std::min(hi, rs[r].limit - t);
+    if (rhi <= lo) continue;
+    float* p = sc + (r - r0) * kKeys;
+    const float c = row_softmax(a.scale, lo, rhi, p, rs[r]);
+    if (pend && pend_hi == rhi) {
+      RowState* rows[2] = {pend, &rs[r]};
+      const float* ps[2] = {pend_p, p};
+      const float cs[2] = {pend_c, c};
+      tile_pv<V, D, 2>(vlo, lo, rhi, rows, ps, cs);
+      pend = nullptr;
+      continue;
+    }
+    if (pend) {
+      RowState* rows[1] = {pend};
+      tile_pv<V, D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
+    }
+    pend = &rs[r], pend_p = p, pend_c = c, pend_hi = rhi;
+  }
+  if (pend) {
+    RowState* rows[1] = {pend};
+    tile_pv<V, D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
+  }
+}
+
+// All heads of queries [n0, n1) over block b, tile by tile; inside a tile, kv head by kv head, so
+// each tile's rows are read whole (all kv heads) while they are in cache.
+template <class V, int D, typename E>
+void attend(const AttnArgs& a, int n0, int n1, int b) {
+  const AttnJob& job = *a.job;
+  const int hpg = a.n_heads / a.n_kv_heads, per_kvh = (n1 - n0) * hpg, nrows = per_kvh * a.n_kv_heads;
+  const BlockKeys bk = block_keys(job, b);
+  thread_local std::vector<float> buf;
+  thread_local std::vector<RowState> rs;
+  buf.resize(2 * kKeys * D + static_cast<std::size_t>(per_kvh) * kKeys + 8);
+  rs.resize(static_cast<std::size_t>(nrows));
+  float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
+  Tile tile{base, base + kKeys * D};
+  float* sc = base + 2 * kKeys * D;  // scores, then weights, of one kv head's rows
+  const KeySpans& ks = job.keys;
+  int end = bk.lo;  // the last visible position of any row, plus one
+  for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
+    const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
+    float* st = a.st.at(state_row(job, n), h, b);
+    if (!bk.resume) {
+      for (int d = 0; d < D; ++d) st[d] = 0.0f;
+      st[D] = -std::numeric_limits<float>::infinity();
+      st[D + 1] = 0.0f;
+    }
+    const int limit = std::min(bk.hi, job.q_pos[n] + 1);
+    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, st[D], st[D + 1], limit};
+    end = std::max(end, limit);
+  }
+  for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
+    const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
+    for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
+      const int r0 = kvh * per_kvh, r1 = r0 + per_kvh;
+      int row0;
+      const KVSpan& sp = key_span(ks, t + lo, row0);
+      if (per_kvh <= kDirectRows && sp.pos0 + sp.len >= t + hi) {
+        // Few rows per key (decode): converting in registers beats staging the tile. Same
+        // arithmetic either way, so a row's result does not depend on which path ran.
+        const E* v =
+            static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
+        tile_rows<V, D, E>(a, k_block<D, E>(sp, kvh, t), v, t, lo, hi, rs.data(), r0, r1, sc);
+      } else {
+        load_tile<D, E>(a, kvh, t, lo, hi, tile);
+        tile_rows<V, D, float>(a, tile.kt, tile.v + lo * D, t, lo, hi, rs.data(), r0, r1, sc);
+      }
+    }
+  }
+  for (int i = 0; i < nrows; ++i) {
+    rs[i].o[D] = rs[i].m;
+    rs[i].o[D + 1] = rs[i].l;
+  }
+}
+
+template <class V, typename E>
+void attend_dim(const AttnArgs& a, int n0, int n1, int b) {
+  switch (a.head_dim) {
+    case 64: return attend<V, 64, E>(a, n0, n1, b);
+    case 128: return attend<V, 128, E>(a, n0, n1, b);
+    case 32: return attend<V, 32, E>(a, n0, n1, b);
+    default: return attention_ref(a, n0, n1, b);  // other head sizes: the reference
+  }
+}
+
+}  // namespace
+
+// The tiled attention at vector width V (Ymm or attention_avx512.cpp's Zmm): f16 or f32 caches.
+template <class V>
+void attention_tiles(const AttnArgs& a, int n0, int n1, int b) {
+  const KeySpans& ks = a.job->keys;
+  if (ks.n == 2 && ks.span[0].f16 != ks.span[1].f16) return attention_ref(a, n0, n1, b);  // never in a model
+  if (ks.span[0].f16) return attend_dim<V, std::uint16_t>(a, n0, n1, b);
+  attend_dim<V, float>(a, n0, n1, b);
+}
+
+}  // namespace seqshare
