@@ -1,11 +1,11 @@
 // Tiled attention for attention_avx2.cpp and attention_avx512.cpp: 32 keys per tile, converted
 // from f16 once per tile into L1 (K transposed to (head_dim, 32) so scores are vectors of FMAs with
-// q broadcast), then for the query
-// rows sharing this kv head -- the heads of its group, for each query -- scores six rows at a time,
-// an online-softmax update per row, and P.V two rows at a time into the rows' running outputs.
-// K/V are read once per (kv head, query block) and no score matrix exists beyond one rows x 32
-// tile. With up to 8 rows per kv head (decode, GQA groups of real models) the tile is read straight
-// from the cache instead.
+// q broadcast), then for the query rows sharing this kv head -- the heads of its group, for each
+// query -- scores six rows at a time, an online-softmax update per row, and P.V two rows at a time
+// into the rows' running outputs. K/V are read once per (kv head, query block) and no score matrix
+// exists beyond one rows x 32 tile. With up to 8 rows per kv head (decode, GQA groups of real
+// models) the tile is read straight from the cache instead. The score and P.V loops take their
+// vector width as a policy (Ymm here, Zmm in attention_avx512.cpp); the rest is 8 lanes wide.
 // Included only by files compiled with at least -mavx2 -mfma -mf16c.
 #pragma once
 #include <immintrin.h>
@@ -23,12 +23,11 @@ namespace seqshare {
 
 namespace {
 
-
 // The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
 // once per 32 keys.
 constexpr int kKeys = 32;
-// Query rows scored together against one key tile: 2 x 6 accumulators and two key vectors of the
-// 16 registers.
+// Query rows scored together against one key tile: 2 x 6 accumulators and two key vectors of
+// AVX2's 16 registers (AVX-512 has 32; larger groups there are untried).
 constexpr int kScoreRows = 6;
 // Up to this many query rows per kv head read a tile straight from the cache: decode with the
 // GQA groups of real models (Qwen2.5: 6-8 query heads per kv head), in at most two score groups.

@@ -1,5 +1,5 @@
-// Helpers shared by the AVX2 kernel files (only those are compiled with -mavx2 -mfma -mf16c; no
-// other file may include this header).
+// Helpers shared by the AVX2 kernel files. Only files compiled with at least -mavx2 -mfma -mf16c
+// may include this header: those, and attention_avx512.cpp through attention_tiles.h.
 #pragma once
 #include <immintrin.h>
 
