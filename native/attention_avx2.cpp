@@ -3,6 +3,6 @@
 
 namespace seqshare {
 
-void attention_avx2(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Ymm>(a, n0, n1, b); }
+void attention_avx2(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Lanes8>(a, n0, n1, b); }
 
 }  // namespace seqshare

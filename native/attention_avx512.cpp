@@ -6,7 +6,7 @@
 namespace seqshare {
 namespace {
 
-struct Zmm {
+struct Lanes16 {
   using F = __m512;
   static constexpr int kLanes = 16;
   static F load(const std::uint16_t* p) {
@@ -22,6 +22,6 @@ struct Zmm {
 
 }  // namespace
 
-void attention_avx512(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Zmm>(a, n0, n1, b); }
+void attention_avx512(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Lanes16>(a, n0, n1, b); }
 
 }  // namespace seqshare

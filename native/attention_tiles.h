@@ -5,7 +5,7 @@
 // into the rows' running outputs. K/V are read once per (kv head, query block) and no score matrix
 // exists beyond one rows x 32 tile. With up to 8 rows per kv head (decode, GQA groups of real
 // models) the tile is read straight from the cache instead. The score and P.V loops take their
-// vector width as a policy (Ymm here, Zmm in attention_avx512.cpp); the rest is 8 lanes wide.
+// vector width as a policy (Lanes8 here, Lanes16 in attention_avx512.cpp); the rest is 8 lanes wide.
 // Included only by files compiled with at least -mavx2 -mfma -mf16c.
 #pragma once
 #include <immintrin.h>
@@ -41,11 +41,13 @@ struct Tile {
 
 inline __m256 load8(const std::uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline float load1(const std::uint16_t* p) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p))); }
+inline float load1(const float* p) { return *p; }
 
 // The vector width of the score and P.V loops, whose lanes never meet (a score is one FMA chain
 // over head_dim, an output element one over the keys), so any width gives the same bits. The
 // softmax's reductions stay 8 lanes wide for every width: its sums are ordered by lane.
-struct Ymm {
+struct Lanes8 {
   using F = __m256;
   static constexpr int kLanes = 8;
   static F load(const std::uint16_t* p) { return load8(p); }
@@ -56,8 +58,6 @@ struct Ymm {
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
 };
-inline float load1(const std::uint16_t* p) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p))); }
-inline float load1(const float* p) { return *p; }
 
 // The K tile block (head_dim x 32, kv head `kvh`) of a span's cache tile that holds the keys at
 // absolute positions [t, t + 32): the cache's tiles sit at those positions (KVSpan::phase).
@@ -329,7 +329,7 @@ void attend_dim(const AttnArgs& a, int n0, int n1, int b) {
 
 }  // namespace
 
-// The tiled attention at vector width V (Ymm or attention_avx512.cpp's Zmm): f16 or f32 caches.
+// The tiled attention at vector width V (Lanes8, or attention_avx512.cpp's Lanes16): f16 or f32 caches.
 template <class V>
 void attention_tiles(const AttnArgs& a, int n0, int n1, int b) {
   const KeySpans& ks = a.job->keys;
