@@ -4,8 +4,9 @@
 // query -- scores six rows at a time, an online-softmax update per row, and P.V two rows at a time
 // into the rows' running outputs. K/V are read once per (kv head, query block) and no score matrix
 // exists beyond one rows x 32 tile. With up to 8 rows per kv head (decode, GQA groups of real
-// models) the tile is read straight from the cache instead. The score and P.V loops take their
-// vector width as a policy (Lanes8 here, Lanes16 in attention_avx512.cpp); the rest is 8 lanes wide.
+// models) the tile is read straight from the cache instead. The score, softmax and P.V loops take
+// their vector width as a policy (Lanes8 here, Lanes16 in attention_avx512.cpp); staging is 8 lanes
+// wide.
 // Included only by files compiled with at least -mavx2 -mfma -mf16c.
 #pragma once
 #include <immintrin.h>
@@ -26,9 +27,8 @@ namespace {
 // The softmax bookkeeping per row (two horizontal reductions, at most one scalar exp) is paid
 // once per 32 keys.
 constexpr int kKeys = 32;
-// Query rows scored together against one key tile: 2 x 6 accumulators and two key vectors of
-// AVX2's 16 registers (AVX-512 has 32; larger groups there are untried).
-constexpr int kScoreRows = 6;
+// Query rows scored together against one key tile, at most: 2 x 6 accumulators and two key vectors
+// of AVX2's 16 registers (a policy's kScoreRows; AVX-512 has 32).
 // Up to this many query rows per kv head read a tile straight from the cache: decode with the
 // GQA groups of real models (Qwen2.5: 6-8 query heads per kv head), in at most two score groups.
 constexpr int kDirectRows = 8;
@@ -43,21 +43,6 @@ inline __m256 load8(const std::uint16_t* p) { return _mm256_cvtph_ps(_mm_loadu_s
 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline float load1(const std::uint16_t* p) { return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(*p))); }
 inline float load1(const float* p) { return *p; }
-
-// The vector width of the score and P.V loops, whose lanes never meet (a score is one FMA chain
-// over head_dim, an output element one over the keys), so any width gives the same bits. The
-// softmax's reductions stay 8 lanes wide for every width: its sums are ordered by lane.
-struct Lanes8 {
-  using F = __m256;
-  static constexpr int kLanes = 8;
-  static F load(const std::uint16_t* p) { return load8(p); }
-  static F load(const float* p) { return load8(p); }
-  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
-  static F zero() { return _mm256_setzero_ps(); }
-  static F scale(F x, float c) { return _mm256_mul_ps(x, _mm256_set1_ps(c)); }
-  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
-};
 
 // The K tile block (head_dim x 32, kv head `kvh`) of a span's cache tile that holds the keys at
 // absolute positions [t, t + 32): the cache's tiles sit at those positions (KVSpan::phase).
@@ -138,9 +123,20 @@ void tile_scores(const E* kt, const RowState* rs, float* sc) {
   }
 }
 
+// The row's running maximum and sum after a tile whose maximum (with the row's) is m_new and whose
+// weights sum to tile_sum; returns the factor the running output must be scaled by (exactly 1 when
+// the maximum did not move, so the caller can skip the rescale).
+inline float row_fold(RowState& row, float m_new, float tile_sum) {
+  // Once the running maximum settles most tiles leave it unchanged: the factor is then 1.
+  const float c = m_new == row.m ? 1.0f : std::exp(row.m - m_new);  // 0 when nothing was seen before
+  row.l = row.l * c + tile_sum;
+  row.m = m_new;
+  return c;
+}
+
 // Online softmax of one row over key lanes [lo, rhi) of its scores `sc`, turned into weights in
-// place; returns the factor the running output must be scaled by (exactly 1 when the maximum
-// did not move, so the caller can skip the rescale).
+// place; returns row_fold's factor. The sum of the weights is ordered by 8-lane vector (((p0 + p1)
+// + p2) + p3, then avx2::hsum): a wider policy's softmax keeps that order and so these bits.
 inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row) {
   constexpr int KV = kKeys / 8;
   const __m256 ninf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
@@ -170,16 +166,32 @@ inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row)
     _mm256_store_ps(sc + 8 * c, pc);
     sum = _mm256_add_ps(sum, pc);
   }
-  // Once the running maximum settles most tiles leave it unchanged: the factor is then 1.
-  const float c = m_new == row.m ? 1.0f : std::exp(row.m - m_new);  // 0 when nothing was seen before
-  row.l = row.l * c + avx2::hsum(sum);
-  row.m = m_new;
-  return c;
+  return row_fold(row, m_new, avx2::hsum(sum));
 }
 
-// out_r <- out_r * c_r + sum over keys [lo, rhi) of p_r[k] V[k] for NR rows, kVecs vectors of
+// The vector width of the score and P.V loops, whose lanes never meet (a score is one FMA chain
+// over head_dim, an output element one over the keys), so any width gives the same bits, and the
+// policy's softmax: row_softmax, or a wider one with its bits.
+struct Lanes8 {
+  using F = __m256;
+  static constexpr int kLanes = 8, kScoreRows = 6, kPvRows = 2;
+  static F load(const std::uint16_t* p) { return load8(p); }
+  static F load(const float* p) { return load8(p); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F zero() { return _mm256_setzero_ps(); }
+  static F scale(F x, float c) { return _mm256_mul_ps(x, _mm256_set1_ps(c)); }
+  static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static void store(float* p, F x) { _mm256_storeu_ps(p, x); }
+  static float softmax(float scale, int lo, int rhi, float* sc, RowState& row) {
+    return row_softmax(scale, lo, rhi, sc, row);
+  }
+};
+
+// out_r <- out_r * c_r + sum over keys [lo, rhi) of p_r[k] V[k] for NR rows (out_r read only when
+// c_r is not 0: a new state's is not yet written), kVecs vectors of
 // output dims at a time: four value vectors serve NR rows, so NR = 2 keeps the FMAs ahead of the
-// loads. Per output element the arithmetic is the same for any NR or V.
+// loads (NR = 4 where AVX-512's 32 registers hold 16 accumulators). Per output element the
+// arithmetic is the same for any NR or V.
 template <class V, int D, int NR, typename E>
 void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
   using F = typename V::F;
@@ -190,6 +202,10 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
     for (int r = 0; r < NR; ++r)
 #pragma GCC unroll 16
       for (int v = 0; v < kVecs; ++v) {
+        if (c[r] == 0.0f) {  // the row's first keys (or an old maximum far below): out of nothing
+          o[r][v] = V::zero();
+          continue;
+        }
         o[r][v] = V::load(rows[r]->o + dc + V::kLanes * v);
         if (c[r] != 1.0f) o[r][v] = V::scale(o[r][v], c[r]);
       }
@@ -213,7 +229,7 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
 }
 
 // One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
-// of one kv head: scores of all of them, then per row the online softmax, then P.V by pairs of
+// of one kv head: scores of all of them, then per row the online softmax, then P.V by runs of
 // rows that see the same keys. K is a (D, kKeys) block, `vlo` the value row of lane lo (then one
 // row per lane), either in the cache's own type or staged as f32. `sc` holds (r1 - r0) x kKeys
 // floats.
@@ -222,11 +238,18 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
                float* sc) {
   // Score groups as even as the register budget allows (7 rows: 4 + 3, not 6 + 1): each group
   // reads the key tile once, and a group of one would read it for a single row.
+  constexpr int kScoreRows = V::kScoreRows;
   const int groups = (r1 - r0 + kScoreRows - 1) / kScoreRows;
   for (int gi = 0, r = r0; gi < groups; ++gi) {
     const int left = groups - gi, size = (r1 - r + left - 1) / left;  // rows left, split evenly
     float* out = sc + (r - r0) * kKeys;
     switch (size) {
+      case 12: if constexpr (kScoreRows >= 12) tile_scores<V, D, 12>(kt, rs + r, out); break;
+      case 11: if constexpr (kScoreRows >= 11) tile_scores<V, D, 11>(kt, rs + r, out); break;
+      case 10: if constexpr (kScoreRows >= 10) tile_scores<V, D, 10>(kt, rs + r, out); break;
+      case 9: if constexpr (kScoreRows >= 9) tile_scores<V, D, 9>(kt, rs + r, out); break;
+      case 8: if constexpr (kScoreRows >= 8) tile_scores<V, D, 8>(kt, rs + r, out); break;
+      case 7: if constexpr (kScoreRows >= 7) tile_scores<V, D, 7>(kt, rs + r, out); break;
       case 6: tile_scores<V, D, 6>(kt, rs + r, out); break;
       case 5: tile_scores<V, D, 5>(kt, rs + r, out); break;
       case 4: tile_scores<V, D, 4>(kt, rs + r, out); break;
@@ -236,32 +259,30 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
     }
     r += size;
   }
-  RowState* pend = nullptr;  // a row waiting for a partner with the same key range
-  const float* pend_p = nullptr;
-  float pend_c = 0.0f;
-  int pend_hi = 0;
-  for (int r = r0; r < r1; ++r) {
-    const int rhi = std::min(hi, rs[r].limit - t);
-    if (rhi <= lo) continue;
-    float* p = sc + (r - r0) * kKeys;
-    const float c = row_softmax(a.scale, lo, rhi, p, rs[r]);
-    if (pend && pend_hi == rhi) {
-      RowState* rows[2] = {pend, &rs[r]};
-      const float* ps[2] = {pend_p, p};
-      const float cs[2] = {pend_c, c};
-      tile_pv<V, D, 2>(vlo, lo, rhi, rows, ps, cs);
-      pend = nullptr;
-      continue;
+  // Then by runs of rows that see the same keys (the heads of one query), V::kPvRows at a time:
+  // each row's softmax, and P.V for the run.
+  constexpr int kPvRows = V::kPvRows;
+  const auto seen = [&](int r) { return std::min(hi, rs[r].limit - t); };  // key lanes before it
+  for (int r = r0; r < r1;) {
+    const int rhi = seen(r);
+    int e = r + 1;
+    while (e < r1 && e - r < kPvRows && seen(e) == rhi) ++e;
+    if (rhi > lo) {
+      RowState* rows[kPvRows];
+      float* p[kPvRows];
+      float c[kPvRows];
+      for (int i = 0; i < e - r; ++i) {
+        rows[i] = &rs[r + i], p[i] = sc + (r + i - r0) * kKeys;
+        c[i] = V::softmax(a.scale, lo, rhi, p[i], rs[r + i]);
+      }
+      switch (e - r) {
+        case 4: if constexpr (kPvRows >= 4) tile_pv<V, D, 4>(vlo, lo, rhi, rows, p, c); break;
+        case 3: if constexpr (kPvRows >= 3) tile_pv<V, D, 3>(vlo, lo, rhi, rows, p, c); break;
+        case 2: tile_pv<V, D, 2>(vlo, lo, rhi, rows, p, c); break;
+        default: tile_pv<V, D, 1>(vlo, lo, rhi, rows, p, c); break;
+      }
     }
-    if (pend) {
-      RowState* rows[1] = {pend};
-      tile_pv<V, D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
-    }
-    pend = &rs[r], pend_p = p, pend_c = c, pend_hi = rhi;
-  }
-  if (pend) {
-    RowState* rows[1] = {pend};
-    tile_pv<V, D, 1>(vlo, lo, pend_hi, rows, &pend_p, &pend_c);
+    r = e;
   }
 }
 
@@ -284,13 +305,12 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
     const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
     float* st = a.st.at(state_row(job, n), h, b);
-    if (!bk.resume) {
-      for (int d = 0; d < D; ++d) st[d] = 0.0f;
-      st[D] = -std::numeric_limits<float>::infinity();
-      st[D + 1] = 0.0f;
-    }
+    // A new state's output is not zeroed here: its first tile's factor is 0 and tile_pv starts it
+    // from zero, and a state that sees no key keeps l = 0, which the fold skips. Zeroing every
+    // state first stalled on the stores (the states of a long prefill fill tens of MB).
+    const float m = bk.resume ? st[D] : -std::numeric_limits<float>::infinity(), l = bk.resume ? st[D + 1] : 0.0f;
     const int limit = std::min(bk.hi, job.q_pos[n] + 1);
-    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, st[D], st[D + 1], limit};
+    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, m, l, limit};
     end = std::max(end, limit);
   }
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys

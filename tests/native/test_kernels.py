@@ -307,15 +307,17 @@ def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d
     [(1, 700, 14, 2, 64), (2, 300, 16, 2, 128), (40, 90, 12, 2, 128), (33, 70, 9, 3, 64), (5, 300, 4, 4, 32)],
 )
 def test_attention_avx512_gives_the_avx2_bits(f16: bool, n: int, length: int, h: int, kvh: int, d: int) -> None:
-    """The 16-lane scores and P.V (attention_avx512.cpp) never mix lanes and share AVX2's softmax:
-    decode (tiles straight from the cache) and prefill (staged tiles) give AVX2's bits."""
+    """The 16-lane scores, softmax and P.V (attention_avx512.cpp) give AVX2's bits: decode (tiles
+    straight from the cache) and prefill (staged tiles), whole tiles and masked ones."""
     need("avx512")
     q, k, v = attn_case(n, length, h, kvh, d, n * length + d, f16)
     q_pos = (length - n + np.arange(n)).astype(np.int32)
-    want_o, want_l = _native.attention(q, k, v, q_pos, 0, d**-0.5, "avx2")
-    got_o, got_l = _native.attention(q, k, v, q_pos, 0, d**-0.5, "avx512")
-    np.testing.assert_array_equal(got_o, want_o)
-    np.testing.assert_array_equal(got_l, want_l)
+    # From position 0, and from a span starting mid-tile (its first tile masks its low lanes).
+    for pos0 in (0, 45):
+        want_o, want_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx2")
+        got_o, got_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx512")
+        np.testing.assert_array_equal(got_o, want_o)
+        np.testing.assert_array_equal(got_l, want_l)
 
 
 def test_attention_merge_of_two_spans_equals_whole() -> None:
