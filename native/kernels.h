@@ -52,6 +52,20 @@ inline void with_panel_layout(const WeightView& w, F&& f) {
   else
     with_group(w.group, [&](auto G) { f(G, std::false_type{}); });
 }
+// f(integral_constant<bool, Sym>) for a panel layout's symmetry: no mins plane, so the minimum is
+// -2^(bits - 1) x the scale. q6, q6k and q8p are always symmetric (ops.h: mins are q4/q5's only);
+// q4k and q5k keep minimums in their K scales.
+template <int Bits, bool KScales, class F>
+inline void with_symmetry(const WeightView& w, F&& f) {
+  if constexpr (Bits == 6 || Bits == 8)
+    f(std::true_type{});
+  else if constexpr (KScales)
+    f(std::false_type{});
+  else if (w.mins)
+    f(std::false_type{});
+  else
+    f(std::true_type{});
+}
 template <int T, class F>
 inline void with_tokens(int left, F&& f) {
   if constexpr (T > 1) {
@@ -165,6 +179,10 @@ void gemm_f32_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy
 void gemm_f16_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 void gemm_bf16_avx2(const WeightView& w, const float* X, int N, float* Y, int ldy, int r0, int r1);
 std::size_t qacts_row_bytes_avx2(int cols, int group, bool for_q8);
+// The offsets 2^(bits - 1) of symmetric q4, q5, q6 and q8p panels, in the order in which an x86
+// activation row keeps -sum(q) x each (qgemm_avx2.cpp): sym_offset_row(bits) is its index.
+constexpr int kSymOffsets[4] = {8, 16, 32, 128};
+constexpr int sym_offset_row(int bits) { return bits == 8 ? 3 : bits - 4; }
 void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

@@ -1,7 +1,7 @@
 // The panel GEMMs of q4, q5 and q8p (and the q4k / q5k K-scale panels) with AMX-INT8 (Sapphire
 // Rapids and later Xeons) for prefill: whole tiles of 16 tokens x 16 rows (a pair of panels). One
 // tdpbsud sums one group of int8 activations (the A tile, read in place from the quantized rows)
-// against a pair's unsigned values, unpacked once per pair into the B tile's layout, 16 rows x 4
+// against a pair's unsigned values (tdpbssd against signed ones for a symmetric panel), unpacked once per pair into the B tile's layout, 16 rows x 4
 // columns per 64-byte row: what a 512-bit Zmm load of two panels yields after its nibble steps
 // (qgemm_zmm.h), so the unpack is those steps, stored. Tiles go in blocks of two token tiles x two
 // pairs, so that each tile loaded feeds two products. Decode (fewer than 16 tokens), q8 rows, a
@@ -10,8 +10,8 @@
 // than AVX-512 (q4, q8p and q5k 1.2-1.5x faster, q4k 1.0-1.1x; bench/kernels.py, 2 cores, 512
 // tokens at Qwen2.5-1.5B's shapes).
 //
-// Each group's sums are exact integers, and the float step is TileTokens::add on the same Zmm lanes
-// with the same GroupScales, in group order: the results are the AVX-512 kernels' bits (and so every
+// Each group's sums are exact integers, and the float step is TileTokens::add (add_sym) on the same
+// Zmm lanes with the same GroupScales, in group order: the results are the AVX-512 kernels' bits (and so every
 // x86 level's), whatever the batch.
 #include <vector>
 
@@ -58,18 +58,19 @@ void configure_tiles() {
 }
 
 // Panels `panel` and `panel + 1` as B tile rows: row 8b + i holds columns 32b + 4i .. + 3 of all 16
-// weight rows. The nibble and fifth-bit steps are panel_tile's / q8p_tile's loads.
-template <int Bits>
+// weight rows. The nibble and fifth-bit steps are panel_tile's / q8p_tile's loads; a symmetric
+// panel's values are made signed (q - 2^(bits - 1)), so that tdpbssd's sums are add_sym's.
+template <int Bits, bool Sym>
 void unpack_pair(const WeightView& w, int panel, Line* out) {
   using V = Zmm;
   constexpr int kBlock = panel_block_bytes(Bits);
   const int nb = w.cols / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const __m512i m4 = V::nibbles();
+  const __m512i m4 = V::nibbles(), off = _mm512_set1_epi8(static_cast<char>(Sym ? 1 << (Bits - 1) : 0));
   for (int b = 0; b < nb; ++b, pw += kBlock, out += 8) {
     if constexpr (Bits == 8) {
-      for (int j = 0; j < 8; ++j) _mm512_store_si512(out + j, V::load_w(pw + 32 * j, panel_bytes));
+      for (int j = 0; j < 8; ++j) _mm512_store_si512(out + j, _mm512_xor_si512(V::load_w(pw + 32 * j, panel_bytes), off));
       continue;
     }
     __m512i plane = V::zero_i();
@@ -82,16 +83,17 @@ void unpack_pair(const WeightView& w, int panel, Line* out) {
         lo = V::template with_bits<1>(lo, plane, 2 * j);
         hi = V::template with_bits<1>(hi, plane, 2 * j + 1);
       }
-      _mm512_store_si512(out + j, lo);
-      _mm512_store_si512(out + 4 + j, hi);
+      _mm512_store_si512(out + j, _mm512_sub_epi8(lo, off));
+      _mm512_store_si512(out + 4 + j, _mm512_sub_epi8(hi, off));
     }
   }
 }
 
 // One group's exact integer sums for TT token tiles x PP pairs: C tile 2i + j (zeroed first) =
-// token tile i's activations at a_i, group columns [0, G), against pair j's B rows at b_j. gcc's tile
-// intrinsics paste the tile number into the instruction's text, so the numbers are literals.
-template <int G, int TT, int PP>
+// token tile i's activations at a_i, group columns [0, G), against pair j's B rows at b_j (signed
+// values for a symmetric panel: tdpbssd). gcc's tile intrinsics paste the tile number into the
+// instruction's text, so the numbers are literals.
+template <int G, int TT, int PP, bool Sym>
 inline void block_sums(const std::int8_t* a0, const std::int8_t* a1, std::size_t a_stride, const Line* b0,
                        const Line* b1) {
   _tile_zero(0);
@@ -104,10 +106,17 @@ inline void block_sums(const std::int8_t* a0, const std::int8_t* a1, std::size_t
     if constexpr (TT == 2) _tile_loadd(6, a1 + s * kStep<G>, a_stride);
     _tile_loadd(5, b0 + s * kStep<G> / 4, kRowBytes);
     if constexpr (PP == 2) _tile_loadd(7, b1 + s * kStep<G> / 4, kRowBytes);
-    _tile_dpbsud(0, 4, 5);
-    if constexpr (PP == 2) _tile_dpbsud(1, 4, 7);
-    if constexpr (TT == 2) _tile_dpbsud(2, 6, 5);
-    if constexpr (TT == 2 && PP == 2) _tile_dpbsud(3, 6, 7);
+    if constexpr (Sym) {
+      _tile_dpbssd(0, 4, 5);
+      if constexpr (PP == 2) _tile_dpbssd(1, 4, 7);
+      if constexpr (TT == 2) _tile_dpbssd(2, 6, 5);
+      if constexpr (TT == 2 && PP == 2) _tile_dpbssd(3, 6, 7);
+    } else {
+      _tile_dpbsud(0, 4, 5);
+      if constexpr (PP == 2) _tile_dpbsud(1, 4, 7);
+      if constexpr (TT == 2) _tile_dpbsud(2, 6, 5);
+      if constexpr (TT == 2 && PP == 2) _tile_dpbsud(3, 6, 7);
+    }
   }
 }
 
@@ -121,12 +130,20 @@ inline void block_store(std::int32_t* c) {
   if constexpr (TT == 2 && PP == 2) _tile_stored(3, c + 3 * kBlock, kRowBytes);
 }
 
-template <class Tok>
+// The tile's sums are whole int32 sums, a symmetric panel's already of its signed values.
+struct TileSums {
+  static constexpr bool kInt16Sums = false;
+};
+
+template <int Bits, bool Sym, class Tok>
 inline void add_group(Tok& tok, int g, const std::int32_t* c, __m512 dw, __m512 mw) {
   __m512i a32[kTokens];
 #pragma GCC unroll 16
   for (int t = 0; t < kTokens; ++t) a32[t] = _mm512_load_si512(c + 16 * t);
-  tok.add(g, a32, dw, mw);
+  if constexpr (Sym)
+    tok.template add_sym<TileSums, Bits>(g, a32, dw);
+  else
+    tok.add(g, a32, dw, mw);
 }
 
 // A pair unpacked (unpack_pair), and its groups' scales and minimums as the float step takes them.
@@ -134,12 +151,12 @@ struct PairBuf {
   std::vector<Line> b, scale;
 };
 
-template <int Bits, int G, bool KScales>
+template <int Bits, int G, bool KScales, bool Sym>
 void prepare_pair(const WeightView& w, int panel, PairBuf& p) {
   const int ng = w.cols / G;
   p.b.resize(static_cast<std::size_t>(w.cols) / 4);
   p.scale.resize(2 * static_cast<std::size_t>(ng));
-  unpack_pair<Bits>(w, panel, p.b.data());
+  unpack_pair<Bits, Sym>(w, panel, p.b.data());
   const GroupScales<Zmm, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     __m512 dw, mw;
@@ -152,7 +169,7 @@ void prepare_pair(const WeightView& w, int panel, PairBuf& p) {
 // Y for TT token tiles (from xq) x PP pairs (rows from Y's first column). Software-pipelined: group
 // g's products are issued and stored before group g - 1's float step, which runs on the vector
 // units meanwhile; the float steps stay in group order.
-template <int G, int TT, int PP>
+template <int Bits, int G, int TT, int PP, bool Sym>
 void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, int K, float* Y, int ldy) {
   constexpr int kBlock = kTokens * 16;
   const int ng = K / G, ngp = (ng + 7) & ~7;
@@ -167,11 +184,11 @@ void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, 
   const auto add = [&](int g, const std::int32_t* cg) {
     for (int j = 0; j < PP; ++j) {
       const __m512 dw = _mm512_load_ps(pb[j].scale[2 * g].bytes), mw = _mm512_load_ps(pb[j].scale[2 * g + 1].bytes);
-      for (int i = 0; i < TT; ++i) add_group(tok[i][j], g, cg + (2 * i + j) * kBlock, dw, mw);
+      for (int i = 0; i < TT; ++i) add_group<Bits, Sym>(tok[i][j], g, cg + (2 * i + j) * kBlock, dw, mw);
     }
   };
   for (int g = 0; g < ng; ++g) {
-    block_sums<G, TT, PP>(a0 + g * G, a1 + g * G, x_stride, b0 + g * G / 4, b1 + g * G / 4);
+    block_sums<G, TT, PP, Sym>(a0 + g * G, a1 + g * G, x_stride, b0 + g * G / 4, b1 + g * G / 4);
     block_store<TT, PP>(c[g % 2]);
     if (g > 0) add(g - 1, c[(g - 1) % 2]);
   }
@@ -182,25 +199,25 @@ void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, 
 
 // Rows [r0, r1) (whole panel pairs) x tokens [0, N) (whole tiles of 16), in blocks of two pairs x
 // two token tiles (one of either where that many are left).
-template <int Bits, int G, bool KScales>
+template <int Bits, int G, bool KScales, bool Sym>
 void amx_run(const WeightView& w, const std::uint8_t* xq, int N, float* Y, int ldy, int r0, int r1) {
   const std::size_t x_stride = qacts_row_bytes_avx2(w.cols, G, false);
   thread_local PairBuf pb[2];
   configure_tiles<G>();
   for (int r = r0; r < r1; r += 32) {
     const bool two = r + 32 <= r1;
-    prepare_pair<Bits, G, KScales>(w, r / 8, pb[0]);
-    if (two) prepare_pair<Bits, G, KScales>(w, r / 8 + 2, pb[1]);
+    prepare_pair<Bits, G, KScales, Sym>(w, r / 8, pb[0]);
+    if (two) prepare_pair<Bits, G, KScales, Sym>(w, r / 8 + 2, pb[1]);
     int n = 0;
     for (; n + 2 * kTokens <= N; n += 2 * kTokens) {
       float* y = Y + r + static_cast<std::size_t>(n) * ldy;
-      two ? amx_block<G, 2, 2>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy)
-          : amx_block<G, 2, 1>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy);
+      two ? amx_block<Bits, G, 2, 2, Sym>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy)
+          : amx_block<Bits, G, 2, 1, Sym>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy);
     }
     if (n < N) {
       float* y = Y + r + static_cast<std::size_t>(n) * ldy;
-      two ? amx_block<G, 1, 2>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy)
-          : amx_block<G, 1, 1>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy);
+      two ? amx_block<Bits, G, 1, 2, Sym>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy)
+          : amx_block<Bits, G, 1, 1, Sym>(pb, xq + n * x_stride, x_stride, w.cols, y, ldy);
     }
   }
   _tile_release();
@@ -214,7 +231,9 @@ void qgemm_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
   const auto* x = static_cast<const std::uint8_t*>(xq);
   if (r16 > r0)
     with_panel_layout<Bits>(w, [&](auto G, auto KScales) {
-      amx_run<Bits, G.value, KScales.value>(w, x, n16, Y, ldy, r0, r16);
+      with_symmetry<Bits, KScales.value>(w, [&](auto Sym) {
+        amx_run<Bits, G.value, KScales.value, Sym.value>(w, x, n16, Y, ldy, r0, r16);
+      });
     });
   if (n16 && r16 < r1) rest(w, xq, n16, Y, ldy, r16, r1);
   if (n16 < N) {

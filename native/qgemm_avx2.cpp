@@ -5,8 +5,11 @@
 // Layout of one quantised activation row (private to this file):
 //   q4: int8 q[cols]    natural column order        q8: int16 q[cols]
 //       float d[ngp]    per group (weight group G): q * d = x; zero past ng
-//       float s[ngp]    q4 only: per group d * sum(q), for the min term; zero past ng
-// with ng = cols / G and ngp = ng rounded up to 8, so the min term is a plain 8-wide dot product.
+//       float s[ngp]    q4 only: per group d * sum(q), for a mins plane's term; zero past ng
+//       int32 o[4][ngp] q4 only: per group -sum(q) x 8, x 16, x 32 and x 128, where the integer
+//                       sum of a symmetric q4, q5, q6 or q8p panel starts (kSymOffsets,
+//                       qgemm_panel.h); zero past ng
+// with ng = cols / G and ngp = ng rounded up to 8.
 #include <immintrin.h>
 
 #include <cstring>
@@ -32,7 +35,7 @@ inline __m256i pack_i8(__m256i a, __m256i b, __m256i c, __m256i d) {
 
 std::size_t qacts_row_bytes_avx2(int cols, int group, bool for_q8) {
   const auto ngp = static_cast<std::size_t>(padded_groups(cols, group));
-  return for_q8 ? 2u * static_cast<std::size_t>(cols) + 4u * ngp : static_cast<std::size_t>(cols) + 8u * ngp;
+  return for_q8 ? 2u * static_cast<std::size_t>(cols) + 4u * ngp : static_cast<std::size_t>(cols) + 24u * ngp;
 }
 
 // int16 activations for q8 weights: q = round(x / d), d = amax / 32767.
@@ -64,6 +67,7 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
   const int ng = cols / G, ngp = padded_groups(cols, G);
   float* d = reinterpret_cast<float*>(q + cols);
   float* s = d + ngp;
+  auto* offset = reinterpret_cast<std::int32_t*>(s + ngp);
   const __m256 sign = _mm256_set1_ps(-0.0f);
   for (int g = 0; g < ng; ++g) {
     const float* xg = x + static_cast<std::size_t>(g) * G;
@@ -92,9 +96,14 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
     d[g] = dg;
-    s[g] = dg * static_cast<float>(_mm_cvtsi128_si32(t));
+    const int total = _mm_cvtsi128_si32(t);
+    s[g] = dg * static_cast<float>(total);
+    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = -total * kSymOffsets[k];
   }
-  for (int g = ng; g < ngp; ++g) d[g] = s[g] = 0.0f;
+  for (int g = ng; g < ngp; ++g) {
+    d[g] = s[g] = 0.0f;
+    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = 0;
+  }
 }
 
 namespace {

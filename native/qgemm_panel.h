@@ -14,10 +14,11 @@
 // reach 31, so AVX2's int16 lanes take at most four steps (4 x 2 x 31 x 127 < 2^15) before they are
 // widened. q6 (q6_tile) adds a sixth bit and groups 16 columns.
 // All give the exact integer sum of a group (however the chain of steps is split into partial
-// sums), so every ISA computes the same integers and then the same float operations -- one FMA per
-// group for the scale and one for the minimum (a symmetric panel's: its scale x -2^(bits - 1)), in
-// group order -- whatever the number of tokens: results are bit-identical across ISAs and do not
-// depend on the batch.
+// sums), so every ISA computes the same integers and then the same float operations, in group order,
+// whatever the number of tokens: results are bit-identical across ISAs and do not depend on the
+// batch. A symmetric panel (minimum = scale x -2^(bits - 1)) takes the offset into the integer sum,
+// which then starts at -2^(bits - 1) x sum(x), and has one FMA per group (TileTokens::add_sym); a
+// panel with a mins plane has one FMA for the scale and one for the minimum (TileTokens::add).
 //
 // Everything here has internal linkage (an anonymous namespace): each including file gets its own
 // copy compiled for its ISA, and the linker can never hand an AVX2 caller an AVX-512 body.
@@ -105,14 +106,16 @@ class GroupScales {
 };
 
 // The T tokens of a tile: each one's int8 activations x, per-group scales dx and sums (dx + ngp, the
-// layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step every panel tile
-// shares: one FMA per group for the scale and one for the minimum, in group order.
+// layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
+// mins plane: one FMA per group for the scale and one for the minimum, in group order; add_sym
+// that of a symmetric panel.
 template <class V, int T>
 struct TileTokens {
   using I = typename V::I;
   using F = typename V::F;
   const std::int8_t* x[T];
   const float* dx[T];
+  const std::int32_t* nx[T];  // per group -sum(q) x each of kSymOffsets
   F acc[T];
   int ngp;
 
@@ -122,6 +125,7 @@ struct TileTokens {
     for (int t = 0; t < T; ++t) {
       x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
       dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
+      nx[t] = reinterpret_cast<const std::int32_t*>(dx[t] + 2 * ngp);
       acc[t] = V::zero_f();
     }
   }
@@ -130,6 +134,25 @@ struct TileTokens {
     for (int t = 0; t < T; ++t) {
       acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
       acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
+    }
+  }
+  // A symmetric panel (no mins plane; Q4_0, Q5_0, Q6_K, Q8_0) holds q + 2^(bits - 1) for signed
+  // values q: its group's exact integer sum of q x is that of the stored values plus
+  // -sum(x) x 2^(bits - 1), and its float step is one FMA, the scale's: add_sym.
+  // The offset term comes from the activation row, multiplied (qgemm_avx2.cpp). VNNI adds into the
+  // int32 sums, so it starts them (start_sym); AVX2's int16 chains leave the int32 sums out of the
+  // registers until they are widened (which the offset would spill: 7% slower), so it is added
+  // after them (add_sym).
+  template <class D, int Bits>
+  I start_sym(int t, int g) const {
+    return D::kInt16Sums ? V::zero_i() : V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g);
+  }
+  template <class D, int Bits>
+  void add_sym(int g, I* a32, F dw) {
+#pragma GCC unroll 16
+    for (int t = 0; t < T; ++t) {
+      if constexpr (D::kInt16Sums) a32[t] = V::add_i(a32[t], V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g));
+      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
     }
   }
   void store(float* Y, int ldy, int nrows) const {
@@ -145,7 +168,7 @@ constexpr int kPanelPrefetchBytes = 4096;
 
 // Y[n + t, r + lane] for T tokens and the V::kRows rows of one panel (or two, side by side).
 // D::V is the vector policy; D's integer steps work on its vectors.
-template <class D, int Bits, int G, int T, bool KScales>
+template <class D, int Bits, int G, int T, bool KScales, bool Sym>
 void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                 int ldy, int nrows) {
   using V = typename D::V;
@@ -166,7 +189,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) a32[t] = V::zero_i();
+    for (int t = 0; t < T; ++t) a32[t] = Sym ? tok.template start_sym<D, Bits>(t, g) : V::zero_i();
 #pragma GCC unroll 4
     for (int q = 0; q < G / 32; ++q, pw += kBlock) {
       const int col = g * G + 32 * q;
@@ -225,7 +248,10 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
     }
     F dw, mw;
     scales.at(g, dw, mw);
-    tok.add(g, a32, dw, mw);
+    if constexpr (Sym)
+      tok.template add_sym<D, Bits>(g, a32, dw);
+    else
+      tok.add(g, a32, dw, mw);
   }
   tok.store(Y, ldy, nrows);
 }
@@ -233,7 +259,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
 // q6 (GGUF Q6_K): 16-column groups, each the low or the high nibbles of a 32-column block, so each
 // half of a block is its own group with its own float step; the values (0..63) are the nibbles plus
 // their two high bits, which sit side by side in two planes (one shift, mask and or per 32 values),
-// and the minimum is -32 x the scale (no mins plane: q6 is symmetric).
+// and the minimum is -32 x the scale (no mins plane: q6 is symmetric, add_sym).
 // AVX2's int16 lanes hold two steps of them (2 x 2 x 63 x 127 < 2^15) before they are widened.
 template <class D, int T, bool KScales>
 void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
@@ -261,7 +287,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
       I a32[T], blk[T][kChains];
 #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) {
-        a32[t] = V::zero_i();
+        a32[t] = tok.template start_sym<D, 6>(t, g);
         blk[t][0] = D::start(a32[t]);
         if constexpr (kChains > 1) blk[t][1] = V::zero_i();
       }
@@ -297,14 +323,14 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
       }
       F dw, mw;
       scales.at(g, dw, mw);
-      tok.add(g, a32, dw, mw);
+      tok.template add_sym<D, 6>(g, a32, dw);
     }
   }
   tok.store(Y, ldy, nrows);
 }
 
-// q8p (GGUF Q8_0): whole bytes, the values + 128 (0..255), minimum -128 x the scale; a 32-column block
-// is 8 loads, load j holding columns 4j..4j+3 of the 8 rows. VNNI multiplies the bytes as they are.
+// q8p (GGUF Q8_0): whole bytes, the values + 128 (0..255), minimum -128 x the scale (add_sym); a
+// 32-column block is 8 loads, load j holding columns 4j..4j+3 of the 8 rows. VNNI multiplies the bytes as they are.
 // AVX2's vpmaddubsw would saturate (2 x 255 x 127 > 2^15), so it takes each byte as its two nibbles in
 // two chains, the high one widened x 16 (D::finish_high): 8 steps of 2 x 15 x 127 fit int16 lanes.
 template <class D, int G, int T>
@@ -326,7 +352,7 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
-    for (int t = 0; t < T; ++t) a32[t] = V::zero_i();
+    for (int t = 0; t < T; ++t) a32[t] = tok.template start_sym<D, 8>(t, g);
 #pragma GCC unroll 4
     for (int q = 0; q < G / 32; ++q, pw += kBlock) {
       const int col = g * G + 32 * q;
@@ -372,12 +398,12 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
     }
     F dw, mw;
     scales.at(g, dw, mw);
-    tok.add(g, a32, dw, mw);
+    tok.template add_sym<D, 8>(g, a32, dw);
   }
   tok.store(Y, ldy, nrows);
 }
 
-template <class D, int Bits, int G, int T, bool KScales>
+template <class D, int Bits, int G, int T, bool KScales, bool Sym>
 void any_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
                     int ldy, int nrows) {
   if constexpr (Bits == 6)
@@ -385,11 +411,12 @@ void any_panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std:
   else if constexpr (Bits == 8)
     q8p_tile<D, G, T>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
   else
-    panel_tile<D, Bits, G, T, KScales>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
+    panel_tile<D, Bits, G, T, KScales, Sym>(w, panel, xq, x_stride, ngp, Y, ldy, nrows);
 }
 
-// KScales: the weight's scales are K scales (w.kscales).
-template <class D, int Bits, int G, bool KScales>
+// KScales: the weight's scales are K scales (w.kscales); Sym: the panel is symmetric (no minimums
+// but -2^(bits - 1) x the scale).
+template <class D, int Bits, int G, bool KScales, bool Sym>
 void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   constexpr int T = D::tokens(G, Bits);  // accumulators that fit the register file
   constexpr int kRows = D::V::kRows;
@@ -404,13 +431,13 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
       // has no second one to read: the narrow policy takes both cases.
       using Narrow = typename NarrowOf<D>::type;
       if (L.value <= 2 || nrows <= 8) {
-        any_panel_tile<Narrow, Bits, G, L.value, KScales>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
+        any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
         if (nrows > 8)
-          any_panel_tile<Narrow, Bits, G, L.value, KScales>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
+          any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
         return;
       }
     }
-    any_panel_tile<D, Bits, G, L.value, KScales>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
+    any_panel_tile<D, Bits, G, L.value, KScales, Sym>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows);
   });
 }
 
@@ -418,7 +445,9 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
 template <class D, int Bits>
 void qgemm_panels(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1) {
   with_panel_layout<Bits>(w, [&](auto G, auto KScales) {
-    panel_run<D, Bits, G.value, KScales.value>(w, xq, N, Y, ldy, r0, r1);
+    with_symmetry<Bits, KScales.value>(w, [&](auto Sym) {
+      panel_run<D, Bits, G.value, KScales.value, Sym.value>(w, xq, N, Y, ldy, r0, r1);
+    });
   });
 }
 

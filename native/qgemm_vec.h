@@ -26,7 +26,9 @@ struct Vec256 {
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm256_cvtepi32_ps(a); }
+  static I add_i(I a, I b) { return _mm256_add_epi32(a, b); }
   static F set1_f(float v) { return _mm256_set1_ps(v); }
+  static I bcast_i(const std::int32_t* p) { return _mm256_set1_epi32(*p); }
   // The q4 panel's integer steps: 4 activation bytes to every lane, and a byte's two nibbles.
   static I bcast4(const std::int8_t* p) { return _mm256_set1_epi32(load_i32(p)); }
   static I nibbles() { return _mm256_set1_epi8(0x0F); }
@@ -52,7 +54,9 @@ struct Vec512 {
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F fmadd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F to_f(I a) { return _mm512_cvtepi32_ps(a); }
+  static I add_i(I a, I b) { return _mm512_add_epi32(a, b); }
   static F set1_f(float v) { return _mm512_set1_ps(v); }
+  static I bcast_i(const std::int32_t* p) { return _mm512_set1_epi32(*p); }
   static I bcast4(const std::int8_t* p) { return _mm512_set1_epi32(load_i32(p)); }
   static I nibbles() { return _mm512_set1_epi8(0x0F); }
   static I low(I raw, I m4) { return _mm512_and_si512(raw, m4); }
