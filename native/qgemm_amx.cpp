@@ -1,9 +1,10 @@
 // The panel GEMMs of q4, q5 and q8p (and the q4k / q5k K-scale panels) with AMX-INT8 (Sapphire
 // Rapids and later Xeons) for prefill: whole tiles of 16 tokens x 16 rows (a pair of panels). One
 // tdpbsud sums one group of int8 activations (the A tile, read in place from the quantized rows)
-// against a pair's unsigned values (tdpbssd against signed ones for a symmetric panel), unpacked once per pair into the B tile's layout, 16 rows x 4
-// columns per 64-byte row: what a 512-bit Zmm load of two panels yields after its nibble steps
-// (qgemm_zmm.h), so the unpack is those steps, stored. Tiles go in blocks of two token tiles x two
+// against a pair's unsigned values (tdpbssd against signed ones for a symmetric panel), unpacked
+// once per pair into the B tile's layout, 16 rows x 4 columns per 64-byte row: what a 512-bit Zmm
+// load of two panels yields after its nibble steps (qgemm_zmm.h), so the unpack is those steps,
+// stored. Tiles go in blocks of two token tiles x two
 // pairs, so that each tile loaded feeds two products. Decode (fewer than 16 tokens), q8 rows, a
 // lone last panel and the tokens left over run the AVX-512 kernels, and so does q6: its 16-column
 // groups halve each product while the tile loads and stores stay, and it measured 3-13% slower
@@ -70,7 +71,8 @@ void unpack_pair(const WeightView& w, int panel, Line* out) {
   const __m512i m4 = V::nibbles(), off = _mm512_set1_epi8(static_cast<char>(Sym ? 1 << (Bits - 1) : 0));
   for (int b = 0; b < nb; ++b, pw += kBlock, out += 8) {
     if constexpr (Bits == 8) {
-      for (int j = 0; j < 8; ++j) _mm512_store_si512(out + j, _mm512_xor_si512(V::load_w(pw + 32 * j, panel_bytes), off));
+      for (int j = 0; j < 8; ++j)
+        _mm512_store_si512(out + j, _mm512_xor_si512(V::load_w(pw + 32 * j, panel_bytes), off));  // q + 128 -> q
       continue;
     }
     __m512i plane = V::zero_i();

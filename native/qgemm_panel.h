@@ -105,8 +105,8 @@ class GroupScales {
   F factor_;
 };
 
-// The T tokens of a tile: each one's int8 activations x, per-group scales dx and sums (dx + ngp, the
-// layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
+// The T tokens of a tile: each one's int8 activations x, per-group scales dx, sums (dx + ngp) and
+// offset terms (nx; the layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
 // mins plane: one FMA per group for the scale and one for the minimum, in group order; add_sym
 // that of a symmetric panel.
 template <class V, int T>
@@ -137,12 +137,11 @@ struct TileTokens {
     }
   }
   // A symmetric panel (no mins plane; Q4_0, Q5_0, Q6_K, Q8_0) holds q + 2^(bits - 1) for signed
-  // values q: its group's exact integer sum of q x is that of the stored values plus
-  // -sum(x) x 2^(bits - 1), and its float step is one FMA, the scale's: add_sym.
-  // The offset term comes from the activation row, multiplied (qgemm_avx2.cpp). VNNI adds into the
-  // int32 sums, so it starts them (start_sym); AVX2's int16 chains leave the int32 sums out of the
-  // registers until they are widened (which the offset would spill: 7% slower), so it is added
-  // after them (add_sym).
+  // values q: its group's exact integer sum of q x is that of the stored values plus the offset
+  // term -sum(x) x 2^(bits - 1), and its float step is one FMA, the scale's: add_sym. VNNI adds
+  // into the int32 sums, so the term starts them (start_sym); AVX2's int16 chains leave the int32
+  // sums out of the registers until they are widened (the term would spill them: 6-7% slower),
+  // so it is added after them (add_sym).
   template <class D, int Bits>
   I start_sym(int t, int g) const {
     return D::kInt16Sums ? V::zero_i() : V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g);
@@ -330,9 +329,10 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
 }
 
 // q8p (GGUF Q8_0): whole bytes, the values + 128 (0..255), minimum -128 x the scale (add_sym); a
-// 32-column block is 8 loads, load j holding columns 4j..4j+3 of the 8 rows. VNNI multiplies the bytes as they are.
-// AVX2's vpmaddubsw would saturate (2 x 255 x 127 > 2^15), so it takes each byte as its two nibbles in
-// two chains, the high one widened x 16 (D::finish_high): 8 steps of 2 x 15 x 127 fit int16 lanes.
+// 32-column block is 8 loads, load j holding columns 4j..4j+3 of the 8 rows. VNNI multiplies the
+// bytes as they are. AVX2's vpmaddubsw would saturate (2 x 255 x 127 > 2^15), so it takes each byte
+// as its two nibbles in two chains, the high one widened x 16 (D::finish_high): 8 steps of
+// 2 x 15 x 127 fit int16 lanes.
 template <class D, int G, int T>
 void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t x_stride, int ngp, float* Y,
               int ldy, int nrows) {
@@ -431,9 +431,11 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
       // has no second one to read: the narrow policy takes both cases.
       using Narrow = typename NarrowOf<D>::type;
       if (L.value <= 2 || nrows <= 8) {
-        any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8, xn, x_stride, ngp, yn, ldy, nrows < 8 ? nrows : 8);
+        any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8, xn, x_stride, ngp, yn, ldy,
+                                                               nrows < 8 ? nrows : 8);
         if (nrows > 8)
-          any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy, nrows - 8);
+          any_panel_tile<Narrow, Bits, G, L.value, KScales, Sym>(w, r / 8 + 1, xn, x_stride, ngp, yn + 8, ldy,
+                                                                 nrows - 8);
         return;
       }
     }
