@@ -14,6 +14,7 @@
 // Each group's sums are exact integers, and the float step is TileTokens::add (add_sym) on the same
 // Zmm lanes with the same GroupScales, in group order: the results are the AVX-512 kernels' bits (and so every
 // x86 level's), whatever the batch.
+#include <algorithm>
 #include <vector>
 
 #include "qgemm_zmm.h"
@@ -34,6 +35,13 @@ struct TileConfig {  // ldtilecfg's operand, palette 1
   std::uint16_t colsb[16] = {};
   std::uint8_t rows[16] = {};
 };
+
+// Groups whose products are stored before their float steps run (amx_block), so that the float
+// steps keep their accumulators in registers over kChunk groups. Two buffers of 3 groups' C tiles
+// (24 KB) stay in L1 next to the A and B tiles: against one group at a time, 1.15-1.25x faster at
+// Qwen2.5-1.5B's shapes (bench/kernels.py, q4s and q8p, 2 cores); 4 groups gained less, 8 (64 KB)
+// lost 20%.
+constexpr int kChunk = 3;
 
 // Tiles: C tiles 0..3 hold the sums of token tile i x pair j at 2i + j; A tiles 4 and 6 hold the
 // two token tiles' activations, B tiles 5 and 7 the two pairs' values. Each loaded tile feeds two
@@ -137,17 +145,6 @@ struct TileSums {
   static constexpr bool kInt16Sums = false;
 };
 
-template <int Bits, bool Sym, class Tok>
-inline void add_group(Tok& tok, int g, const std::int32_t* c, __m512 dw, __m512 mw) {
-  __m512i a32[kTokens];
-#pragma GCC unroll 16
-  for (int t = 0; t < kTokens; ++t) a32[t] = _mm512_load_si512(c + 16 * t);
-  if constexpr (Sym)
-    tok.template add_sym<TileSums, Bits>(g, a32, dw);
-  else
-    tok.add(g, a32, dw, mw);
-}
-
 // A pair unpacked (unpack_pair), and its groups' scales and minimums as the float step takes them.
 struct PairBuf {
   std::vector<Line> b, scale;
@@ -168,12 +165,35 @@ void prepare_pair(const WeightView& w, int panel, PairBuf& p) {
   }
 }
 
-// Y for TT token tiles (from xq) x PP pairs (rows from Y's first column). Software-pipelined: group
-// g's products are issued and stored before group g - 1's float step, which runs on the vector
-// units meanwhile; the float steps stay in group order.
+// Groups [g0, g0 + n) of one C tile (group k's sums at c + k * step) into tok's accumulators, held
+// in registers over the groups: 16 accumulators per token tile and pair would not fit 32 registers
+// for all four tiles of a block, and reloading them per group cost as much as the float step.
+template <int Bits, bool Sym, class Tok>
+inline void add_groups(Tok& tok, int g0, int n, const std::int32_t* c, int step, const PairBuf& p) {
+  __m512 acc[kTokens];
+#pragma GCC unroll 16
+  for (int t = 0; t < kTokens; ++t) acc[t] = tok.acc[t];
+  for (int k = 0; k < n; ++k, c += step) {
+    const int g = g0 + k;
+    const __m512 dw = _mm512_load_ps(p.scale[2 * g].bytes);
+    __m512i a32[kTokens];
+#pragma GCC unroll 16
+    for (int t = 0; t < kTokens; ++t) a32[t] = _mm512_load_si512(c + 16 * t);
+    if constexpr (Sym)
+      tok.template add_sym_to<TileSums, Bits>(acc, g, a32, dw);
+    else
+      tok.add_to(acc, g, a32, dw, _mm512_load_ps(p.scale[2 * g + 1].bytes));
+  }
+#pragma GCC unroll 16
+  for (int t = 0; t < kTokens; ++t) tok.acc[t] = acc[t];
+}
+
+// Y for TT token tiles (from xq) x PP pairs (rows from Y's first column), kChunk groups at a time.
+// Software-pipelined: a chunk's products are issued and stored before the previous chunk's float
+// steps, which run on the vector units meanwhile; the float steps stay in group order.
 template <int Bits, int G, int TT, int PP, bool Sym>
 void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, int K, float* Y, int ldy) {
-  constexpr int kBlock = kTokens * 16;
+  constexpr int kBlock = kTokens * 16, kGroup = 4 * kBlock;  // one group's C tiles
   const int ng = K / G, ngp = (ng + 7) & ~7;
   TileTokens<Zmm, kTokens> tok[TT][PP];
   for (int i = 0; i < TT; ++i)
@@ -182,19 +202,24 @@ void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, 
   const std::int8_t* a1 = tok[TT - 1][0].x[0];
   const Line* b0 = pb[0].b.data();
   const Line* b1 = pb[PP - 1].b.data();
-  alignas(64) std::int32_t c[2][4 * kBlock];
-  const auto add = [&](int g, const std::int32_t* cg) {
-    for (int j = 0; j < PP; ++j) {
-      const __m512 dw = _mm512_load_ps(pb[j].scale[2 * g].bytes), mw = _mm512_load_ps(pb[j].scale[2 * g + 1].bytes);
-      for (int i = 0; i < TT; ++i) add_group<Bits, Sym>(tok[i][j], g, cg + (2 * i + j) * kBlock, dw, mw);
-    }
+  alignas(64) std::int32_t c[2][kChunk * kGroup];
+  const auto add = [&](int g0, int n, const std::int32_t* cc) {
+    for (int j = 0; j < PP; ++j)
+      for (int i = 0; i < TT; ++i) add_groups<Bits, Sym>(tok[i][j], g0, n, cc + (2 * i + j) * kBlock, kGroup, pb[j]);
   };
-  for (int g = 0; g < ng; ++g) {
-    block_sums<G, TT, PP, Sym>(a0 + g * G, a1 + g * G, x_stride, b0 + g * G / 4, b1 + g * G / 4);
-    block_store<TT, PP>(c[g % 2]);
-    if (g > 0) add(g - 1, c[(g - 1) % 2]);
+  int prev = -1;  // the chunk whose float steps are pending
+  for (int g0 = 0; g0 < ng; g0 += kChunk) {
+    const int n = std::min(kChunk, ng - g0);
+    std::int32_t* cc = c[(g0 / kChunk) % 2];
+    for (int k = 0; k < n; ++k) {
+      const int g = g0 + k;
+      block_sums<G, TT, PP, Sym>(a0 + g * G, a1 + g * G, x_stride, b0 + g * G / 4, b1 + g * G / 4);
+      block_store<TT, PP>(cc + k * kGroup);
+    }
+    if (prev >= 0) add(prev, kChunk, c[(prev / kChunk) % 2]);
+    prev = g0;
   }
-  add(ng - 1, c[(ng - 1) % 2]);
+  add(prev, ng - prev, c[(prev / kChunk) % 2]);
   for (int i = 0; i < TT; ++i)
     for (int j = 0; j < PP; ++j) tok[i][j].store(Y + 16 * j + static_cast<std::size_t>(i) * kTokens * ldy, ldy, 16);
 }

@@ -129,11 +129,13 @@ struct TileTokens {
       acc[t] = V::zero_f();
     }
   }
-  void add(int g, const I* a32, F dw, F mw) {
+  void add(int g, const I* a32, F dw, F mw) { add_to(acc, g, a32, dw, mw); }
+  // The same into accumulators held elsewhere (qgemm_amx.cpp keeps them in registers over groups).
+  void add_to(F* into, int g, const I* a32, F dw, F mw) const {
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
-      acc[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), acc[t]);  // + min * sum(x)
+      into[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), into[t]);
+      into[t] = V::fmadd(mw, V::bcast_f(dx[t] + ngp + g), into[t]);  // + min * sum(x)
     }
   }
   // A symmetric panel (no mins plane; Q4_0, Q5_0, Q6_K, Q8_0) holds q + 2^(bits - 1) for signed
@@ -148,10 +150,14 @@ struct TileTokens {
   }
   template <class D, int Bits>
   void add_sym(int g, I* a32, F dw) {
+    add_sym_to<D, Bits>(acc, g, a32, dw);
+  }
+  template <class D, int Bits>
+  void add_sym_to(F* into, int g, I* a32, F dw) const {
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
       if constexpr (D::kInt16Sums) a32[t] = V::add_i(a32[t], V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g));
-      acc[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), acc[t]);
+      into[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), into[t]);
     }
   }
   void store(float* Y, int ldy, int nrows) const {
