@@ -4,16 +4,15 @@
 // against a pair's unsigned values (tdpbssd against signed ones for a symmetric panel), unpacked
 // once per pair into the B tile's layout, 16 rows x 4 columns per 64-byte row: what a 512-bit Zmm
 // load of two panels yields after its nibble steps (qgemm_zmm.h), so the unpack is those steps,
-// stored. Tiles go in blocks of two token tiles x two
-// pairs, so that each tile loaded feeds two products. Decode (fewer than 16 tokens), q8 rows, a
-// lone last panel and the tokens left over run the AVX-512 kernels, and so does q6: its 16-column
-// groups halve each product while the tile loads and stores stay, and it measured 3-13% slower
-// than AVX-512 (q4, q8p and q5k 1.2-1.5x faster, q4k 1.0-1.1x; bench/kernels.py, 2 cores, 512
-// tokens at Qwen2.5-1.5B's shapes).
+// stored. Tiles go in blocks of two token tiles x two pairs, so that each tile loaded feeds two
+// products. Decode (fewer than 16 tokens), q8 rows, a lone last panel and the tokens left over run
+// the AVX-512 kernels, and so does q6: its 16-column groups halve each product while the tile loads
+// and stores stay, and it measured 3-13% slower than AVX-512. Against AVX-512 (bench/kernels.py,
+// 2 cores, 512 tokens at Qwen2.5-1.5B's shapes): q4s, q8p, q4k and q5k 1.2-1.3x faster, q4 1.1-1.2x.
 //
 // Each group's sums are exact integers, and the float step is TileTokens::add (add_sym) on the same
-// Zmm lanes with the same GroupScales, in group order: the results are the AVX-512 kernels' bits (and so every
-// x86 level's), whatever the batch.
+// Zmm lanes with the same GroupScales, in group order: the results are the AVX-512 kernels' bits
+// (and so every x86 level's), whatever the batch.
 #include <algorithm>
 #include <vector>
 
