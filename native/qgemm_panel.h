@@ -105,8 +105,8 @@ class GroupScales {
   F factor_;
 };
 
-// The T tokens of a tile: each one's int8 activations x, per-group scales dx, sums (dx + ngp) and
-// offset terms (nx; the layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
+// The T tokens of a tile: each one's int8 activations x, per-group scales dx, then sums and offset
+// terms (the layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
 // mins plane: one FMA per group for the scale and one for the minimum, in group order; add_sym
 // that of a symmetric panel.
 template <class V, int T>
@@ -115,7 +115,6 @@ struct TileTokens {
   using F = typename V::F;
   const std::int8_t* x[T];
   const float* dx[T];
-  const std::int32_t* nx[T];  // per group -sum(q) x each of kSymOffsets
   F acc[T];
   int ngp;
 
@@ -125,7 +124,6 @@ struct TileTokens {
     for (int t = 0; t < T; ++t) {
       x[t] = reinterpret_cast<const std::int8_t*>(xq + t * x_stride);
       dx[t] = reinterpret_cast<const float*>(xq + t * x_stride + K);
-      nx[t] = reinterpret_cast<const std::int32_t*>(dx[t] + 2 * ngp);
       acc[t] = V::zero_f();
     }
   }
@@ -144,9 +142,13 @@ struct TileTokens {
   // into the int32 sums, so the term starts them (start_sym); AVX2's int16 chains leave the int32
   // sums out of the registers until they are widened (the term would spill them: 6-7% slower),
   // so it is added after them (add_sym).
+  template <int Bits>
+  I offset_term(int t, int g) const {  // -sum(x) x 2^(bits - 1), after the sums in the row
+    return V::bcast_i(reinterpret_cast<const std::int32_t*>(dx[t] + (2 + sym_offset_row(Bits)) * ngp) + g);
+  }
   template <class D, int Bits>
   I start_sym(int t, int g) const {
-    return D::kInt16Sums ? V::zero_i() : V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g);
+    return D::kInt16Sums ? V::zero_i() : offset_term<Bits>(t, g);
   }
   template <class D, int Bits>
   void add_sym(int g, I* a32, F dw) {
@@ -156,7 +158,7 @@ struct TileTokens {
   void add_sym_to(F* into, int g, I* a32, F dw) const {
 #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) {
-      if constexpr (D::kInt16Sums) a32[t] = V::add_i(a32[t], V::bcast_i(nx[t] + sym_offset_row(Bits) * ngp + g));
+      if constexpr (D::kInt16Sums) a32[t] = V::add_i(a32[t], offset_term<Bits>(t, g));
       into[t] = V::fmadd(V::to_f(a32[t]), V::mul(dw, V::bcast_f(dx[t] + g)), into[t]);
     }
   }
