@@ -121,7 +121,7 @@ void bind_kernels(py::module_& m) {
     float* pyy = y.mutable_data();
     {
       py::gil_scoped_release nogil;
-      rmsnorm_with(kt, px, pw, eps, N, dim, pyy);
+      rmsnorm_with(kt, px, pw, eps, N, dim, pyy, global_pool());
     }
     return y;
   }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("isa") = "", "RMSNorm of each row.");
@@ -136,7 +136,7 @@ void bind_kernels(py::module_& m) {
     const int N = static_cast<int>(x.shape(0)), H = static_cast<int>(x.shape(1)), D = static_cast<int>(x.shape(2));
     {
       py::gil_scoped_release nogil;
-      rope(p, N, H, D, pp, theta);
+      rope(p, H, nullptr, 0, N, D, pp, theta, global_pool());
     }
     return y;
   }, py::arg("x"), py::arg("positions"), py::arg("theta"), "Rotary embedding (rotate_half) of a copy of x.");
@@ -150,7 +150,7 @@ void bind_kernels(py::module_& m) {
     const auto n = static_cast<std::size_t>(gate.size());
     {
       py::gil_scoped_release nogil;
-      kt.silu_mul(p, pu, n);
+      silu_mul_with(kt, p, pu, n, global_pool());
     }
     return y;
   }, py::arg("gate"), py::arg("up"), py::arg("isa") = "", "silu(gate) * up.");
@@ -164,7 +164,7 @@ void bind_kernels(py::module_& m) {
     const auto n = static_cast<std::size_t>(y.size());
     {
       py::gil_scoped_release nogil;
-      kt.add(p, px, n);
+      add_with(kt, p, px, n, global_pool());
     }
     return r;
   }, py::arg("y"), py::arg("x"), py::arg("isa") = "", "y + x (the residual add_inplace kernel).");

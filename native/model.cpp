@@ -134,30 +134,27 @@ void Model::forward(const std::int32_t* tokens, const SeqRef* seqs, int n_seqs, 
   // Logits only where asked: the final norm and the vocabulary projection of those rows.
   for (int i = 0; i < n_logit_rows; ++i)
     std::memcpy(xn_.data() + i * H, x_.data() + logit_rows[i] * H, H * sizeof(float));
-  rmsnorm(xn_.data(), w_.norm, d_.norm_eps, n_logit_rows, d_.hidden, xn_.data());
+  rmsnorm(xn_.data(), w_.norm, d_.norm_eps, n_logit_rows, d_.hidden, xn_.data(), pool);
   linear(w_.output, xn_.data(), n_logit_rows, logits, pool);
 }
 
 void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   const LayerWeights& L = w_.layers[layer];
   const int N = p.N, qd = d_.q_dim(), kvd = d_.kv_dim();
-  rmsnorm(x_.data(), L.attn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
+  rmsnorm(x_.data(), L.attn_norm, d_.norm_eps, N, d_.hidden, xn_.data(), pool);
   const WeightView qkv[3] = {L.wq, L.wk, L.wv};
   float* const qkv_out[3] = {q_.data(), k_.data(), v_.data()};
   linear_many(qkv, qkv_out, 3, xn_.data(), N, pool);
   if (d_.qkv_bias) {
-    for (int n = 0; n < N; ++n) {
-      add_inplace(q_.data() + n * qd, L.bq, qd);
-      add_inplace(k_.data() + n * kvd, L.bk, kvd);
-      add_inplace(v_.data() + n * kvd, L.bv, kvd);
-    }
+    add_rows(q_.data(), L.bq, N, qd, pool);
+    add_rows(k_.data(), L.bk, N, kvd, pool);
+    add_rows(v_.data(), L.bv, N, kvd, pool);
   }
   if (d_.qk_norm) {  // Qwen3: RMSNorm of every head's vector before the rotation
-    rmsnorm(q_.data(), L.q_norm, d_.norm_eps, N * d_.n_heads, d_.head_dim, q_.data());
-    rmsnorm(k_.data(), L.k_norm, d_.norm_eps, N * d_.n_kv_heads, d_.head_dim, k_.data());
+    rmsnorm(q_.data(), L.q_norm, d_.norm_eps, N * d_.n_heads, d_.head_dim, q_.data(), pool);
+    rmsnorm(k_.data(), L.k_norm, d_.norm_eps, N * d_.n_kv_heads, d_.head_dim, k_.data(), pool);
   }
-  rope(q_.data(), N, d_.n_heads, d_.head_dim, pos_.data(), d_.rope_theta);
-  rope(k_.data(), N, d_.n_kv_heads, d_.head_dim, pos_.data(), d_.rope_theta);
+  rope(q_.data(), d_.n_heads, k_.data(), d_.n_kv_heads, N, d_.head_dim, pos_.data(), d_.rope_theta, pool);
   for (int s = 0; s < p.n_seqs; ++s) {
     KVCache* kv = p.seqs[s].kv;
     const std::size_t r = static_cast<std::size_t>(p.row0[s]) * kvd;
@@ -165,7 +162,7 @@ void Model::attention_block(int layer, const Plan& p, ThreadPool& pool) {
   }
   attend(layer, p, pool);
   linear(L.wo, att_.data(), N, xn_.data(), pool);
-  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);
+  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden, pool);
 }
 
 // Attention of every row, in two phases over the canonical blocks (ops.h):
@@ -245,13 +242,13 @@ void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
 
 void Model::mlp_block(int layer, int N, ThreadPool& pool) {
   const LayerWeights& L = w_.layers[layer];
-  rmsnorm(x_.data(), L.ffn_norm, d_.norm_eps, N, d_.hidden, xn_.data());
+  rmsnorm(x_.data(), L.ffn_norm, d_.norm_eps, N, d_.hidden, xn_.data(), pool);
   const WeightView gate_up[2] = {L.w_gate, L.w_up};
   float* const gate_up_out[2] = {gate_.data(), up_.data()};
   linear_many(gate_up, gate_up_out, 2, xn_.data(), N, pool);
-  silu_mul(gate_.data(), up_.data(), static_cast<std::size_t>(N) * d_.intermediate);
+  silu_mul(gate_.data(), up_.data(), static_cast<std::size_t>(N) * d_.intermediate, pool);
   linear(L.w_down, gate_.data(), N, xn_.data(), pool);
-  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden);
+  add_inplace(x_.data(), xn_.data(), static_cast<std::size_t>(N) * d_.hidden, pool);
 }
 
 }  // namespace seqshare

@@ -119,18 +119,25 @@ void linear_many(const WeightView* ws, float* const* Ys, int n_w, const float* X
 // Row `token` of an embedding matrix in any format, dequantized: out (N, w.cols).
 void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* out, ThreadPool& pool);
 
-// y (N, dim) = x / rms(x) * weight ; x and y may alias.
-void rmsnorm(const float* x, const float* weight, float eps, int N, int dim, float* y);
+// The element-wise ops below split their rows (or runs of kEltGrain elements) among the pool's
+// threads; each element is computed as one thread would, so the results do not depend on the pool.
 
-// In place on x (N, n_heads, head_dim): rotate dimension i with i + head_dim/2 ("rotate_half")
-// by angle positions[n] * theta^(-2i/head_dim).
-void rope(float* x, int N, int n_heads, int head_dim, const std::int32_t* positions, float theta);
+// y (N, dim) = x / rms(x) * weight ; x and y may alias.
+void rmsnorm(const float* x, const float* weight, float eps, int N, int dim, float* y, ThreadPool& pool);
+
+// In place on q (N, n_q_heads, head_dim) and k (N, n_k_heads, head_dim; null when n_k_heads is 0):
+// rotate dimension i with i + head_dim/2 ("rotate_half") by angle positions[n] * theta^(-2i/head_dim).
+void rope(float* q, int n_q_heads, float* k, int n_k_heads, int N, int head_dim, const std::int32_t* positions,
+          float theta, ThreadPool& pool);
 
 // gate (n) = silu(gate) * up
-void silu_mul(float* gate, const float* up, std::size_t n);
+void silu_mul(float* gate, const float* up, std::size_t n, ThreadPool& pool);
 
-// y += x
-void add_inplace(float* y, const float* x, std::size_t n);
+// y (n) += x
+void add_inplace(float* y, const float* x, std::size_t n, ThreadPool& pool);
+
+// y (N, dim) += b (dim), every row
+void add_rows(float* y, const float* b, int N, int dim, ThreadPool& pool);
 
 // ---- attention ------------------------------------------------------------------------------
 // A run of cached keys/values of one layer of a KVCache (kv.h): rows [0, len) at absolute positions

@@ -11,7 +11,10 @@ void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_job
 void attention_with(const KernelTable& kt, const float* q, int N, int n_heads, int n_kv_heads, int head_dim,
                     const std::int32_t* q_pos, const KVSpan& span, float scale, float* out, float* lse,
                     ThreadPool& pool);
-void rmsnorm_with(const KernelTable& kt, const float* x, const float* weight, float eps, int N, int dim, float* y);
+void rmsnorm_with(const KernelTable& kt, const float* x, const float* weight, float eps, int N, int dim, float* y,
+                  ThreadPool& pool);
+void silu_mul_with(const KernelTable& kt, float* gate, const float* up, std::size_t n, ThreadPool& pool);
+void add_with(const KernelTable& kt, float* y, const float* x, std::size_t n, ThreadPool& pool);
 // Throws std::invalid_argument when the view is inconsistent (shape, group, missing planes).
 void check_weight(const WeightView& w);
 

@@ -181,6 +181,39 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
+def test_elementwise_ops_same_result_with_one_or_two_threads(isa: str) -> None:
+    """Past ops.cpp's kMinSplit (32768 elements) the element-wise ops split their rows or runs among
+    the threads: each element must still come out as one thread computes it, the odd tail included,
+    and still match the float64 reference."""
+    need(isa)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((70, 1000), dtype=np.float32)
+    w = rng.standard_normal(1000, dtype=np.float32)
+    up = rng.standard_normal((70, 1000), dtype=np.float32)
+    flat, flat_up = x.reshape(-1)[:69_997], up.reshape(-1)[:69_997]  # 69,997: not a whole vector
+    heads = rng.standard_normal((70, 8, 64), dtype=np.float32)
+    pos = np.arange(1000, 1070, dtype=np.int32)
+
+    def run() -> list[np.ndarray]:
+        return [_native.rmsnorm(x, w, 1e-5, isa), _native.silu_mul(flat, flat_up, isa),
+                _native.add(flat, flat_up, isa), _native.rope(heads, pos, 10000.0)]
+
+    before = _native.get_threads()
+    try:
+        _native.set_threads(1)
+        one = run()
+        _native.set_threads(2)
+        two = run()
+    finally:
+        _native.set_threads(before)
+    for a, b in zip(one, two, strict=True):
+        np.testing.assert_array_equal(a, b)
+    f64 = flat.astype(np.float64)
+    assert rel_err(two[1], f64 / (1 + np.exp(-f64)) * flat_up) < ELEMENTWISE_RTOL, isa
+    np.testing.assert_array_equal(two[2], flat + flat_up)
+
+
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", *QUANTIZED])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
