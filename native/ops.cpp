@@ -217,7 +217,8 @@ void rope(float* q, int n_q_heads, float* k, int n_k_heads, int N, int head_dim,
   if (half > 512) throw std::invalid_argument("rope: head_dim too large");
   for (int i = 0; i < half; ++i)
     inv_freq[i] = 1.0f / std::pow(theta, static_cast<float>(2 * i) / static_cast<float>(head_dim));
-  const std::size_t q_row = static_cast<std::size_t>(n_q_heads) * head_dim, k_row = static_cast<std::size_t>(n_k_heads) * head_dim;
+  const std::size_t q_row = static_cast<std::size_t>(n_q_heads) * head_dim;
+  const std::size_t k_row = static_cast<std::size_t>(n_k_heads) * head_dim;
   split_items(N, q_row + k_row, pool, [&](int n0, int n1) {
     float cs[512], sn[512];
     for (int n = n0; n < n1; ++n) {
@@ -236,7 +237,9 @@ void silu_mul_with(const KernelTable& kt, float* gate, const float* up, std::siz
   for_runs(n, pool, [&](std::size_t i0, std::size_t i1) { kt.silu_mul(gate + i0, up + i0, i1 - i0); });
 }
 
-void silu_mul(float* gate, const float* up, std::size_t n, ThreadPool& pool) { silu_mul_with(kernels(), gate, up, n, pool); }
+void silu_mul(float* gate, const float* up, std::size_t n, ThreadPool& pool) {
+  silu_mul_with(kernels(), gate, up, n, pool);
+}
 
 void add_with(const KernelTable& kt, float* y, const float* x, std::size_t n, ThreadPool& pool) {
   for_runs(n, pool, [&](std::size_t i0, std::size_t i1) { kt.add(y + i0, x + i0, i1 - i0); });

@@ -119,8 +119,9 @@ void linear_many(const WeightView* ws, float* const* Ys, int n_w, const float* X
 // Row `token` of an embedding matrix in any format, dequantized: out (N, w.cols).
 void embedding(const WeightView& w, const std::int32_t* tokens, int N, float* out, ThreadPool& pool);
 
-// The element-wise ops below split their rows (or runs of kEltGrain elements) among the pool's
-// threads; each element is computed as one thread would, so the results do not depend on the pool.
+// The element-wise ops below split their rows (or runs of whole vectors) among the pool's threads
+// from 32K elements up (ops.cpp's kMinSplit); each element is computed as one thread would compute
+// it, so the results do not depend on the pool.
 
 // y (N, dim) = x / rms(x) * weight ; x and y may alias.
 void rmsnorm(const float* x, const float* weight, float eps, int N, int dim, float* y, ThreadPool& pool);
