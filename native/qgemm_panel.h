@@ -106,9 +106,9 @@ class GroupScales {
 };
 
 // The T tokens of a tile: each one's int8 activations x, per-group scales dx, then sums and offset
-// terms (the layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a panel with a
-// mins plane: one FMA per group for the scale and one for the minimum, in group order; add_sym
-// that of a symmetric panel.
+// terms (the layout of qgemm_avx2.cpp), and its float accumulator. `add` is the float step of a
+// panel with a mins plane: one FMA per group for the scale and one for the minimum, in group
+// order; add_sym that of a symmetric panel.
 template <class V, int T>
 struct TileTokens {
   using I = typename V::I;
