@@ -4,6 +4,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "cpu.h"
@@ -76,14 +77,18 @@ inline void with_tokens(int left, F&& f) {
 // The q4 kernels' loop: tile(r, n, nrows, integral_constant<int, T'>) for each Rows-row step (one
 // 8-row panel, or two) of rows [r0, r1) (r0 a multiple of 8: ops split rows in whole panels;
 // nrows < Rows only in the last) and the N tokens in tiles of T' = T, then one smaller tile for the
-// N % T left over.
+// N % T left over. With `block` (a multiple of T) the tokens go in blocks of that many, each block
+// under all the rows before the next: the block's activations stay in the cache while the rows pass.
 template <int T, int Rows = 8, class F>
-inline void for_panel_tiles(int N, int r0, int r1, F&& tile) {
-  for (int r = r0; r < r1; r += Rows) {
-    const int nrows = r1 - r < Rows ? r1 - r : Rows;
-    int n = 0;
-    for (; n + T <= N; n += T) tile(r, n, nrows, std::integral_constant<int, T>{});
-    if (n < N) with_tokens<T>(N - n, [&](auto L) { tile(r, n, nrows, L); });
+inline void for_panel_tiles(int N, int r0, int r1, F&& tile, int block = std::numeric_limits<int>::max()) {
+  for (int b0 = 0; b0 < N; b0 += block) {
+    const int b1 = N - b0 < block ? N : b0 + block;
+    for (int r = r0; r < r1; r += Rows) {
+      const int nrows = r1 - r < Rows ? r1 - r : Rows;
+      int n = b0;
+      for (; n + T <= b1; n += T) tile(r, n, nrows, std::integral_constant<int, T>{});
+      if (n < b1) with_tokens<T>(b1 - n, [&](auto L) { tile(r, n, nrows, L); });
+    }
   }
 }
 
