@@ -217,7 +217,7 @@ def test_elementwise_ops_same_result_with_one_or_two_threads(isa: str) -> None:
 @pytest.mark.parametrize("fmt", ["f32", "f16", "bf16", *QUANTIZED])
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
-    so a question decoded in a batch answers exactly as when decoded alone. At 1536 columns the x86
+    so a question decoded in a batch answers exactly as when decoded alone. At 1536 columns the AVX2
     panel kernels take 61 tokens in blocks of 15 to 24 (qgemm_panel.h's token blocks)."""
     need(isa)
     for cols, n, parts in [(576, 37, [(0, 1), (5, 7), (9, 13), (20, 37)]), (1536, 61, [(0, 1), (23, 30), (17, 61)])]:
