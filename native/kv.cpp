@@ -1,8 +1,6 @@
 // KV cache storage. One allocation per cache; growing copies the valid rows only.
 #include "kv.h"
 
-#include <sys/mman.h>
-
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -10,29 +8,9 @@
 #include <string>
 
 #include "half.h"
+#include "pages.h"
 
 namespace seqshare {
-
-namespace {
-std::uint8_t* alloc_bytes(std::size_t n, bool huge_pages) {
-  // Untouched pages stay unbacked, so a large capacity costs address space, not memory. A cache of
-  // 2 MiB or more asks for transparent huge pages: decode attention reads every row of a long
-  // context once per token, and with 4 KiB pages the TLB misses (nested paging in a VM) halve the
-  // bandwidth it gets. Without them it refuses huge pages even where THP is "always".
-  constexpr std::size_t kHuge = 2u << 20;
-  if (n >= kHuge) {
-    const std::size_t rounded = (n + kHuge - 1) & ~(kHuge - 1);
-    void* p = std::aligned_alloc(kHuge, rounded);
-    if (!p) throw std::bad_alloc();
-    madvise(p, rounded, huge_pages ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
-    return static_cast<std::uint8_t*>(p);
-  }
-  const std::size_t rounded = (n + 63) & ~static_cast<std::size_t>(63);
-  void* p = std::aligned_alloc(64, rounded ? rounded : 64);
-  if (!p) throw std::bad_alloc();
-  return static_cast<std::uint8_t*>(p);
-}
-}  // namespace
 
 KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool slot)
     : n_layers_(n_layers),
@@ -45,7 +23,7 @@ KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool 
   if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
-  base_ = alloc_bytes(nbytes(), !slot);
+  base_ = static_cast<std::uint8_t*>(alloc_pages(nbytes(), !slot));
 }
 
 KVCache::~KVCache() { std::free(base_); }

@@ -34,8 +34,8 @@ struct Model::Plan {
 };
 
 namespace {
-std::vector<float> scratch(int rows, int cols) {
-  return std::vector<float>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols));
+PageVector<float> scratch(int rows, int cols) {
+  return PageVector<float>(static_cast<std::size_t>(rows) * static_cast<std::size_t>(cols));
 }
 std::string str(int v) { return std::to_string(v); }
 }  // namespace

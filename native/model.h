@@ -13,6 +13,7 @@
 
 #include "kv.h"
 #include "ops.h"
+#include "pages.h"
 
 namespace seqshare {
 
@@ -76,22 +77,23 @@ class Model {
   std::mutex mu_;  // one forward at a time: the scratch below is shared
   std::unique_ptr<Plan> plan_;  // the row bookkeeping, refilled by every call
 
-  // Scratch, allocated once; T = max_tokens_.
-  std::vector<float> x_;      // (T, hidden) residual stream
-  std::vector<float> xn_;     // (T, hidden) normed input of a block
-  std::vector<float> q_;      // (T, q_dim)
-  std::vector<float> k_;      // (T, kv_dim)
-  std::vector<float> v_;      // (T, kv_dim)
-  std::vector<float> att_;    // (T, q_dim) attention output
-  std::vector<float> lse_;    // (T, n_heads)
-  std::vector<float> gq_;     // (T, q_dim) query rows of the prefix groups, gathered
-  std::vector<float> gate_;   // (T, intermediate)
-  std::vector<float> up_;     // (T, intermediate)
+  // Scratch, allocated once; T = max_tokens_. On huge pages (pages.h): a prefill chunk's gate and
+  // up rows are 10 MB each at Qwen2.5-0.5B's shapes.
+  PageVector<float> x_;      // (T, hidden) residual stream
+  PageVector<float> xn_;     // (T, hidden) normed input of a block
+  PageVector<float> q_;      // (T, q_dim)
+  PageVector<float> k_;      // (T, kv_dim)
+  PageVector<float> v_;      // (T, kv_dim)
+  PageVector<float> att_;    // (T, q_dim) attention output
+  PageVector<float> lse_;    // (T, n_heads)
+  PageVector<float> gq_;     // (T, q_dim) query rows of the prefix groups, gathered
+  PageVector<float> gate_;   // (T, intermediate)
+  PageVector<float> up_;     // (T, intermediate)
   std::vector<std::int32_t> pos_;   // (T) absolute positions
   std::vector<std::int32_t> gpos_;  // (T) positions of the gathered rows
   std::vector<std::int32_t> grow_;  // (T) row of each gathered row
   std::vector<std::int32_t> rows_;  // (T) 0, 1, ..., T-1
-  std::vector<float> states_;       // attention states, (T, n_heads, blocks, head_dim + 8), grown with the context
+  PageVector<float> states_;  // attention states, (T, n_heads, blocks, head_dim + 8), grown with the context
   std::vector<AttnJob> jobs_;
 };
 

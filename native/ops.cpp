@@ -11,14 +11,15 @@
 #include <vector>
 
 #include "half.h"
+#include "pages.h"
 #include "ops_impl.h"
 
 namespace seqshare {
 
 namespace {
 
-// Grow-only, 64-byte aligned scratch owned by the calling thread (ops are called from one
-// thread at a time per model; nothing is allocated per token once warmed up).
+// Grow-only, 64-byte aligned scratch owned by the calling thread (ops are called from one thread
+// at a time per model; nothing is allocated per token once warmed up), on huge pages from 2 MiB.
 struct Scratch {
   void* p = nullptr;
   std::size_t cap = 0;
@@ -27,8 +28,7 @@ struct Scratch {
     if (bytes > cap) {
       std::free(p);
       cap = (bytes + 4095) & ~static_cast<std::size_t>(4095);
-      p = std::aligned_alloc(64, cap);
-      if (!p) throw std::bad_alloc();
+      p = alloc_pages(cap);
     }
     return p;
   }

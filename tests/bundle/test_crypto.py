@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import stat
@@ -171,3 +172,27 @@ def test_cli_keygen_in_place_backup_and_decrypt(plain: Path, tmp_path: Path) -> 
         cli, ["model", "decrypt", str(work), "--key-file", str(other), "--out", str(tmp_path / "e")]
     )
     assert res.exit_code != 0 and "WrongKeyError" in res.output and not (tmp_path / "e").exists()
+
+
+
+def mapping_flags(addr: int) -> list[str] | None:
+    """VmFlags of the mapping that holds `addr`, from /proc/self/smaps."""
+    inside = False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split(maxsplit=1)[0] if line else ""
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(a, 16) for a in head.split("-"))
+            inside = lo <= addr < hi
+        elif inside and line.startswith("VmFlags:"):
+            return line.split()[1:]
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="no /proc/self/smaps (not Linux)")
+def test_decrypted_weights_ask_for_huge_pages(enc: Path, key: bytes) -> None:
+    # decode streams every weight once per token: the plaintext buffer carries MADV_HUGEPAGE
+    # ("hg" in its mapping's VmFlags), so the kernel may back it with 2 MiB pages
+    buf = crypto.decrypt_to_memory(crypto.open_encrypted(enc), key)
+    flags = mapping_flags(ctypes.addressof(ctypes.c_char.from_buffer(buf)))
+    assert flags is not None, "the decrypted buffer's mapping is not in /proc/self/smaps"
+    assert "hg" in flags
