@@ -218,10 +218,13 @@ def test_elementwise_ops_same_result_with_one_or_two_threads(isa: str) -> None:
 def test_linear_rows_do_not_depend_on_the_batch(fmt: str, isa: str) -> None:
     """Batch invariance: a token's output is the same bits alone, in a small batch or in a big one,
     so a question decoded in a batch answers exactly as when decoded alone. At 1536 columns the AVX2
-    panel kernels take 61 tokens in blocks of 15 to 24 (qgemm_panel.h's token blocks)."""
+    panel kernels take 61 tokens in blocks of 15 to 24 (qgemm_panel.h's token blocks); at 8192 the
+    AMX tiles take 80 of 90 tokens in blocks of 32, 32 and 16, under both 32-row passes of the first unit."""
     need(isa)
-    for cols, n, parts in [(576, 37, [(0, 1), (5, 7), (9, 13), (20, 37)]), (1536, 61, [(0, 1), (23, 30), (17, 61)])]:
-        t = weight(fmt, 45, cols, 32, 11)
+    cases = [(45, 576, 37, [(0, 1), (5, 7), (9, 13), (20, 37)]), (45, 1536, 61, [(0, 1), (23, 30), (17, 61)]),
+             (80, 8192, 90, [(0, 1), (30, 90), (5, 40)])]
+    for rows, cols, n, parts in cases:
+        t = weight(fmt, rows, cols, 32, 11)
         x = np.random.default_rng(3).standard_normal((n, t.shape[1]), dtype=np.float32)
         whole = _native.linear(x, isa=isa, **kernel_args(t))
         for n0, n1 in parts:
