@@ -1,6 +1,6 @@
 // Large buffers on transparent huge pages. In a VM every TLB miss walks two page tables (nested
 // paging): with 4 KiB pages, decode attention over a long cache got half its bandwidth, and on the
-// AMX Xeon a GEMV pass over Qwen2.5-1.5B-shaped weights ran 3-5% faster from huge pages. The
+// AMX Xeon a GEMV pass over Qwen2.5-1.5B-shaped weights ran 2-6% faster from huge pages. The
 // kernel gives huge pages only where asked (THP "madvise", the common default); a region marked
 // MADV_NOHUGEPAGE keeps 4 KiB pages even where THP is "always" (KV slots too small to fill one).
 #pragma once
