@@ -234,7 +234,7 @@ void amx_block(const PairBuf* pb, const std::uint8_t* xq, std::size_t x_stride, 
 // from L3. Unblocked, each 32-row pass streamed all the tokens' activations, 2.8 MB at 512 tokens
 // of Qwen2.5-0.5B's down projection.
 constexpr int kRowBlock = 64;
-constexpr std::size_t kTokenBlockBytes = std::size_t{256} << 10;
+constexpr std::size_t kTileTokenBlockBytes = std::size_t{256} << 10;
 
 // Tokens [n, n1) x the pair (two = false) or two pairs at pb, rows from r: two token tiles at a
 // time, then one where 16 tokens are left.
@@ -254,12 +254,12 @@ void amx_tiles(const PairBuf* pb, bool two, const std::uint8_t* xq, std::size_t 
 }
 
 // Rows [r0, r1) (whole panel pairs) x tokens [0, N) (whole tiles of 16): kRowBlock rows at a time,
-// their pairs unpacked once, under token blocks of about kTokenBlockBytes of activations; each
+// their pairs unpacked once, under token blocks of about kTileTokenBlockBytes of activations; each
 // block in tiles of two pairs x two token tiles (one of either where that many are left).
 template <int Bits, int G, bool KScales, bool Sym>
 void amx_run(const WeightView& w, const std::uint8_t* xq, int N, float* Y, int ldy, int r0, int r1) {
   const std::size_t x_stride = qacts_row_bytes_avx2(w.cols, G, false);
-  const int block = std::max(1, static_cast<int>(kTokenBlockBytes / x_stride) / (2 * kTokens)) * 2 * kTokens;
+  const int block = std::max(1, static_cast<int>(kTileTokenBlockBytes / x_stride) / (2 * kTokens)) * 2 * kTokens;
   thread_local PairBuf pb[kRowBlock / 16];
   configure_tiles<G>();
   for (int rb = r0; rb < r1; rb += kRowBlock) {

@@ -29,7 +29,6 @@ struct Avx512PanelPairDot {
   using Narrow = Avx512ByteDot;  // a lone last panel
   static constexpr int tokens(int, int) { return 12; }  // 12 float + 12 int32 accumulators of 32 registers
   static constexpr bool kInt16Sums = false;
-  static constexpr std::size_t kTokenBlockBytes = 65536;  // panel_run's token blocks (qgemm_panel.h)
   static __m512i start(__m512i a32) { return a32; }
   static __m512i add(__m512i a, __m512i b) { return _mm512_add_epi32(a, b); }
   static __m512i madd(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }

@@ -12,7 +12,6 @@ struct AvxVnniDot {
   using V = Ymm;
   static constexpr int tokens(int G, int) { return G == 16 ? 5 : 6; }  // float + int32 accumulators of 16 registers
   static constexpr bool kInt16Sums = false;
-  static constexpr std::size_t kTokenBlockBytes = 65536;  // panel_run's token blocks (qgemm_panel.h)
   static __m256i start(__m256i a32) { return a32; }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi32(a, b); }
   static __m256i madd(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_avx_epi32(acc, w, x); }

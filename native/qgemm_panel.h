@@ -174,6 +174,12 @@ struct TileTokens {
 // --layers 10 on a 2-core Zen 5).
 constexpr int kPanelPrefetchBytes = 4096;
 
+// A prefill's tokens go in blocks of about this many bytes of activations, which stay in L2 while
+// the unit's panels pass over them. Unblocked, a 512-token prefill's activations (850 KiB at 896
+// columns) came from L3 once per panel: with 64 KiB blocks the prefill GEMMs ran 3-18% faster at
+// 0.5B shapes on AVX2 (Zen 3), and won most alternated runs on avx512 and avxvnni (AMX Xeon).
+constexpr std::size_t kPanelTokenBlockBytes = 65536;
+
 // Y[n + t, r + lane] for T tokens and the V::kRows rows of one panel (or two, side by side).
 // D::V is the vector policy; D's integer steps work on its vectors.
 template <class D, int Bits, int G, int T, bool KScales, bool Sym>
@@ -432,13 +438,7 @@ void panel_run(const WeightView& w, const void* xq, int N, float* Y, int ldy, in
   const int K = w.cols, ngp = (K / G + 7) & ~7;
   const std::size_t x_stride = qacts_row_bytes_avx2(K, G, false);
   const auto* x = static_cast<const std::uint8_t*>(xq);
-  // Tokens in blocks of about D::kTokenBlockBytes of activations (0: all at once), which stay in L2
-  // while the unit's panels pass over them. Unblocked, a 512-token prefill's activations (850 KiB
-  // at 896 columns) came from L3 once per panel: with 64 KiB blocks the AVX2 prefill GEMMs ran
-  // 3-18% faster at 0.5B shapes (Zen 3).
-  const int block = D::kTokenBlockBytes == 0
-                        ? std::max(N, 1)
-                        : std::max(1, static_cast<int>(D::kTokenBlockBytes / x_stride) / T) * T;
+  const int block = std::max(1, static_cast<int>(kPanelTokenBlockBytes / x_stride) / T) * T;
   for_panel_tiles<T, kRows>(N, r0, r1, [&](int r, int n, int nrows, auto L) {
     const std::uint8_t* xn = x + n * x_stride;
     float* yn = Y + r + static_cast<std::size_t>(n) * ldy;

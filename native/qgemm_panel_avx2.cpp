@@ -12,7 +12,6 @@ struct MaddubsDot {
   // 16 registers; q8p's two chains per token leave room for 3 tokens.
   static constexpr int tokens(int G, int Bits) { return G == 16 || Bits == 8 ? 3 : G == 32 ? 6 : 4; }
   static constexpr bool kInt16Sums = true;
-  static constexpr std::size_t kTokenBlockBytes = 65536;  // panel_run's token blocks (qgemm_panel.h)
   static __m256i start(__m256i) { return _mm256_setzero_si256(); }
   static __m256i add(__m256i a, __m256i b) { return _mm256_add_epi16(a, b); }
   // The empty asm keeps each chain a chain. Without it gcc 12 reassociates a group's adds into a
