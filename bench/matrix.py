@@ -14,7 +14,9 @@ $SEQSHARE_HOME/bench-matrix and reused.
 Each cell runs bench/engine.py on that file: seqshare (the GGUF compiled losslessly where the format
 allows) and llama.cpp with flash attention off and on (each figure takes the better), alternating, in
 one run. The table shows seqshare / llama.cpp per figure, above 1 = seqshare faster, with the CPU, its
-ISA flags and the ISA seqshare picked. Nothing here asserts a time.
+ISA flags and the ISA seqshare picked. A second table puts each decode figure against the
+memory-bandwidth floor (bench/floor.py), from the plain read bandwidth measured before the first
+cell and after the last (the higher counts). Nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import floor
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
@@ -172,6 +175,38 @@ def ratio_row(name: str, fmt: str, cell: dict[str, Any] | None, cols: list[tuple
     return f"| {name} | {fmt} | " + " | ".join(vals) + " |"
 
 
+def floor_rows(cells: dict[str, tuple[Path, dict[str, Any] | None]], decode_lengths: list[str],
+               steps: int, bandwidth: float) -> list[str]:
+    """One row per cell: the floor's tok/s per decode length and each engine's share of it."""
+    rows = []
+    for key, (gguf, cell) in cells.items():
+        name = key.split()[0]
+        s, weights = SHAPES[name], floor.streamed_weight_bytes(gguf)
+        vals = []
+        for n in decode_lengths:
+            kv = floor.kv_bytes(s.layers, s.kv_heads, s.hidden // s.heads, int(n) + steps // 2)
+            top = floor.floor_tok_s(weights, kv, bandwidth)
+            ours, peer = ((cell or {}).get(e, {}).get("decode", {}).get(n) for e in ("seqshare", "llama.cpp"))
+            pct = " / ".join(f"{v / top:.0%}" if v else "-" for v in (ours, peer))
+            vals.append(f"{top:.0f}: {pct}")
+        rows.append(f"| {key.replace(' ', ' | ')} | {weights / 1e6:.0f} | " + " | ".join(vals) + " |")
+    return rows
+
+
+def floor_table(cells: dict[str, tuple[Path, dict[str, Any] | None]], decode_lengths: list[str],
+                args: argparse.Namespace, bandwidth: float) -> float:
+    """Print the decode figures against the floor, from the higher of the read bandwidth measured
+    before the cells and now (a VM's bandwidth drifts; the higher floor is the harder one)."""
+    bandwidth = max(bandwidth, floor.read_bandwidth(args.threads))
+    print(f"\nDecode against the memory-bandwidth floor: (weight + f16 KV bytes per step) / "
+          f"{bandwidth / 1e9:.1f} GB/s, the plain read of {args.threads} thread(s); floor tok/s: "
+          f"seqshare / llama.cpp as shares of it\n")
+    head = "| shape | format | weight MB | " + " | ".join(f"decode {n}" for n in decode_lengths) + " |"
+    print("\n".join([head, "|" + "---|" * (3 + len(decode_lengths)),
+                     *floor_rows(cells, decode_lengths, args.steps, bandwidth)]))
+    return bandwidth
+
+
 def cpu_line() -> str:
     from seqshare import _native
 
@@ -204,21 +239,25 @@ def main() -> None:
             ap.error(f"unknown format {f} (known: {', '.join(FTYPES)})")
     cols = [("prefill", n) for n in args.lengths.split(",") if n] + \
            [("decode", n) for n in args.decode_after.split(",") if n]
-    cells: dict[str, Any] = {}
+    decode_lengths = [n for kind, n in cols if kind == "decode"]
+    bandwidth = floor.read_bandwidth(args.threads) if decode_lengths else 0.0
+    cells: dict[str, tuple[Path, dict[str, Any] | None]] = {}
     rows = []
     for s in shapes:
         for f in formats:
             print(f"cell {s} {f} ...", file=sys.stderr, flush=True)
-            cell = run_cell(quantized(s, f, args.threads), args)
-            cells[f"{s} {f}"] = cell
-            rows.append(ratio_row(s, f, cell, cols))
+            gguf = quantized(s, f, args.threads)
+            cells[f"{s} {f}"] = gguf, run_cell(gguf, args)
+            rows.append(ratio_row(s, f, cells[f"{s} {f}"][1], cols))
     head = "| shape | format | " + " | ".join(f"{k} {n}" for k, n in cols) + " |"
     print(f"\n{cpu_line()}\nthreads {args.threads}, {args.rounds} alternating round(s), tok/s as seqshare / "
           f"llama.cpp (best of flash attention off and on)\n")
     print("\n".join([head, "|" + "---|" * (2 + len(cols)), *rows]))
+    raw: dict[str, Any] = {key: cell for key, (_, cell) in cells.items()}
+    if decode_lengths:
+        raw["read_bandwidth"] = floor_table(cells, decode_lengths, args, bandwidth)
     if args.json:
-        Path(args.json).write_text(json.dumps(cells, indent=1))
-
+        Path(args.json).write_text(json.dumps(raw, indent=1))
 
 if __name__ == "__main__":
     main()
