@@ -175,12 +175,13 @@ def ratio_row(name: str, fmt: str, cell: dict[str, Any] | None, cols: list[tuple
     return f"| {name} | {fmt} | " + " | ".join(vals) + " |"
 
 
-def floor_rows(cells: dict[str, tuple[Path, dict[str, Any] | None]], decode_lengths: list[str],
-               steps: int, bandwidth: float) -> list[str]:
+Cells = dict[tuple[str, str], tuple[Path, dict[str, Any] | None]]  # (shape, format) -> (GGUF, figures)
+
+
+def floor_rows(cells: Cells, decode_lengths: list[str], steps: int, bandwidth: float) -> list[str]:
     """One row per cell: the floor's tok/s per decode length and each engine's share of it."""
     rows = []
-    for key, (gguf, cell) in cells.items():
-        name = key.split()[0]
+    for (name, fmt), (gguf, cell) in cells.items():
         s, weights = SHAPES[name], floor.streamed_weight_bytes(gguf)
         vals = []
         for n in decode_lengths:
@@ -189,12 +190,11 @@ def floor_rows(cells: dict[str, tuple[Path, dict[str, Any] | None]], decode_leng
             ours, peer = ((cell or {}).get(e, {}).get("decode", {}).get(n) for e in ("seqshare", "llama.cpp"))
             pct = " / ".join(f"{v / top:.0%}" if v else "-" for v in (ours, peer))
             vals.append(f"{top:.0f}: {pct}")
-        rows.append(f"| {key.replace(' ', ' | ')} | {weights / 1e6:.0f} | " + " | ".join(vals) + " |")
+        rows.append(f"| {name} | {fmt} | {weights / 1e6:.0f} | " + " | ".join(vals) + " |")
     return rows
 
 
-def floor_table(cells: dict[str, tuple[Path, dict[str, Any] | None]], decode_lengths: list[str],
-                args: argparse.Namespace, bandwidth: float) -> float:
+def floor_table(cells: Cells, decode_lengths: list[str], args: argparse.Namespace, bandwidth: float) -> float:
     """Print the decode figures against the floor, from the higher of the read bandwidth measured
     before the cells and now (a VM's bandwidth drifts; the higher floor is the harder one)."""
     bandwidth = max(bandwidth, floor.read_bandwidth(args.threads))
@@ -241,19 +241,19 @@ def main() -> None:
            [("decode", n) for n in args.decode_after.split(",") if n]
     decode_lengths = [n for kind, n in cols if kind == "decode"]
     bandwidth = floor.read_bandwidth(args.threads) if decode_lengths else 0.0
-    cells: dict[str, tuple[Path, dict[str, Any] | None]] = {}
+    cells: Cells = {}
     rows = []
     for s in shapes:
         for f in formats:
             print(f"cell {s} {f} ...", file=sys.stderr, flush=True)
             gguf = quantized(s, f, args.threads)
-            cells[f"{s} {f}"] = gguf, run_cell(gguf, args)
-            rows.append(ratio_row(s, f, cells[f"{s} {f}"][1], cols))
+            cells[s, f] = gguf, run_cell(gguf, args)
+            rows.append(ratio_row(s, f, cells[s, f][1], cols))
     head = "| shape | format | " + " | ".join(f"{k} {n}" for k, n in cols) + " |"
     print(f"\n{cpu_line()}\nthreads {args.threads}, {args.rounds} alternating round(s), tok/s as seqshare / "
           f"llama.cpp (best of flash attention off and on)\n")
     print("\n".join([head, "|" + "---|" * (2 + len(cols)), *rows]))
-    raw: dict[str, Any] = {key: cell for key, (_, cell) in cells.items()}
+    raw: dict[str, Any] = {f"{s} {f}": cell for (s, f), (_, cell) in cells.items()}
     if decode_lengths:
         raw["read_bandwidth"] = floor_table(cells, decode_lengths, args, bandwidth)
     if args.json:
