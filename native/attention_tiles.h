@@ -6,7 +6,8 @@
 // exists beyond one rows x 32 tile. With up to 8 rows per kv head (decode, GQA groups of real
 // models) the tile is read straight from the cache instead. The score, softmax and P.V loops take
 // their vector width as a policy (Lanes8 here, Lanes16 in attention_avx512.cpp); staging is 8 lanes
-// wide.
+// wide. A policy with kPairs (Bf16Pairs there) brings its own loops and staging over tiles of BF16
+// pairs; this file keeps the rows, the tile walk and the online-softmax bookkeeping for both.
 // Included only by files compiled with at least -mavx2 -mfma -mf16c.
 #pragma once
 #include <immintrin.h>
@@ -94,6 +95,7 @@ struct RowState {
   float* o;    // the state's running output (D), updated in place
   float m, l;  // copied in and out of the state around the block
   int limit;   // positions before `limit` are visible to this row
+  const std::uint32_t* qp;  // q as BF16 pairs (D / 2 words), for a policy with kPairs only
 };
 
 // Scores of NR rows against the tile's 32 keys, two vectors of keys at a time: per head_dim element
@@ -174,6 +176,7 @@ inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row)
 // policy's softmax: row_softmax, or a wider one with its bits.
 struct Lanes8 {
   using F = __m256;
+  static constexpr bool kPairs = false;  // f32 products (a pair policy: attention_avx512.cpp's Bf16Pairs)
   static constexpr int kLanes = 8, kScoreRows = 6, kPvRows = 2;
   static F load(const std::uint16_t* p) { return load8(p); }
   static F load(const float* p) { return load8(p); }
@@ -228,6 +231,19 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
   }
 }
 
+// A policy with kPairs brings its own score and P.V loops, over the f16 cache itself (E =
+// std::uint16_t, whole tiles only) or over a tile staged as BF16 pairs (E = std::uint32_t).
+template <class V, int D, int NR, typename E>
+void group_scores(const E* kt, const RowState* rs, float* sc) {
+  if constexpr (V::kPairs) V::template scores<D, NR, E>(kt, rs, sc);
+  else tile_scores<V, D, NR>(kt, rs, sc);
+}
+template <class V, int D, int NR, typename E>
+void group_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+  if constexpr (V::kPairs) V::template pv<D, NR, E>(vlo, lo, rhi, rows, p, c);
+  else tile_pv<V, D, NR>(vlo, lo, rhi, rows, p, c);
+}
+
 // One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
 // of one kv head: scores of all of them, then per row the online softmax, then P.V by runs of
 // rows that see the same keys. K is a (D, kKeys) block, `vlo` the value row of lane lo (then one
@@ -244,18 +260,18 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
     const int left = groups - gi, size = (r1 - r + left - 1) / left;  // rows left, split evenly
     float* out = sc + (r - r0) * kKeys;
     switch (size) {
-      case 12: if constexpr (kScoreRows >= 12) tile_scores<V, D, 12>(kt, rs + r, out); break;
-      case 11: if constexpr (kScoreRows >= 11) tile_scores<V, D, 11>(kt, rs + r, out); break;
-      case 10: if constexpr (kScoreRows >= 10) tile_scores<V, D, 10>(kt, rs + r, out); break;
-      case 9: if constexpr (kScoreRows >= 9) tile_scores<V, D, 9>(kt, rs + r, out); break;
-      case 8: if constexpr (kScoreRows >= 8) tile_scores<V, D, 8>(kt, rs + r, out); break;
-      case 7: if constexpr (kScoreRows >= 7) tile_scores<V, D, 7>(kt, rs + r, out); break;
-      case 6: tile_scores<V, D, 6>(kt, rs + r, out); break;
-      case 5: tile_scores<V, D, 5>(kt, rs + r, out); break;
-      case 4: tile_scores<V, D, 4>(kt, rs + r, out); break;
-      case 3: tile_scores<V, D, 3>(kt, rs + r, out); break;
-      case 2: tile_scores<V, D, 2>(kt, rs + r, out); break;
-      default: tile_scores<V, D, 1>(kt, rs + r, out); break;
+      case 12: if constexpr (kScoreRows >= 12) group_scores<V, D, 12>(kt, rs + r, out); break;
+      case 11: if constexpr (kScoreRows >= 11) group_scores<V, D, 11>(kt, rs + r, out); break;
+      case 10: if constexpr (kScoreRows >= 10) group_scores<V, D, 10>(kt, rs + r, out); break;
+      case 9: if constexpr (kScoreRows >= 9) group_scores<V, D, 9>(kt, rs + r, out); break;
+      case 8: if constexpr (kScoreRows >= 8) group_scores<V, D, 8>(kt, rs + r, out); break;
+      case 7: if constexpr (kScoreRows >= 7) group_scores<V, D, 7>(kt, rs + r, out); break;
+      case 6: group_scores<V, D, 6>(kt, rs + r, out); break;
+      case 5: group_scores<V, D, 5>(kt, rs + r, out); break;
+      case 4: group_scores<V, D, 4>(kt, rs + r, out); break;
+      case 3: group_scores<V, D, 3>(kt, rs + r, out); break;
+      case 2: group_scores<V, D, 2>(kt, rs + r, out); break;
+      default: group_scores<V, D, 1>(kt, rs + r, out); break;
     }
     r += size;
   }
@@ -276,10 +292,14 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
         c[i] = V::softmax(a.scale, lo, rhi, p[i], rs[r + i]);
       }
       switch (e - r) {
-        case 4: if constexpr (kPvRows >= 4) tile_pv<V, D, 4>(vlo, lo, rhi, rows, p, c); break;
-        case 3: if constexpr (kPvRows >= 3) tile_pv<V, D, 3>(vlo, lo, rhi, rows, p, c); break;
-        case 2: tile_pv<V, D, 2>(vlo, lo, rhi, rows, p, c); break;
-        default: tile_pv<V, D, 1>(vlo, lo, rhi, rows, p, c); break;
+        case 8: if constexpr (kPvRows >= 8) group_pv<V, D, 8>(vlo, lo, rhi, rows, p, c); break;
+        case 7: if constexpr (kPvRows >= 7) group_pv<V, D, 7>(vlo, lo, rhi, rows, p, c); break;
+        case 6: if constexpr (kPvRows >= 6) group_pv<V, D, 6>(vlo, lo, rhi, rows, p, c); break;
+        case 5: if constexpr (kPvRows >= 5) group_pv<V, D, 5>(vlo, lo, rhi, rows, p, c); break;
+        case 4: if constexpr (kPvRows >= 4) group_pv<V, D, 4>(vlo, lo, rhi, rows, p, c); break;
+        case 3: if constexpr (kPvRows >= 3) group_pv<V, D, 3>(vlo, lo, rhi, rows, p, c); break;
+        case 2: group_pv<V, D, 2>(vlo, lo, rhi, rows, p, c); break;
+        default: group_pv<V, D, 1>(vlo, lo, rhi, rows, p, c); break;
       }
     }
     r = e;
@@ -295,11 +315,15 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
   const BlockKeys bk = block_keys(job, b);
   thread_local std::vector<float> buf;
   thread_local std::vector<RowState> rs;
-  buf.resize(2 * kKeys * D + static_cast<std::size_t>(per_kvh) * kKeys + 8);
+  thread_local std::vector<std::uint32_t> qpairs;
+  constexpr std::size_t kPairTile = V::kPairs ? kKeys * D : 0;  // a BF16 pair tile: K and V, kKeys * D / 2 words each
+  buf.resize(2 * kKeys * D + kPairTile + static_cast<std::size_t>(per_kvh) * kKeys + 16);
   rs.resize(static_cast<std::size_t>(nrows));
-  float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 31) & ~std::uintptr_t(31));
+  float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 63) & ~std::uintptr_t(63));
   Tile tile{base, base + kKeys * D};
-  float* sc = base + 2 * kKeys * D;  // scores, then weights, of one kv head's rows
+  std::uint32_t* pairs = reinterpret_cast<std::uint32_t*>(base + 2 * kKeys * D);
+  float* sc = base + 2 * kKeys * D + kPairTile;  // scores, then weights, of one kv head's rows
+  if constexpr (V::kPairs) qpairs.resize(static_cast<std::size_t>(nrows) * D / 2);
   const KeySpans& ks = job.keys;
   int end = bk.lo;  // the last visible position of any row, plus one
   for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
@@ -310,7 +334,8 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
     // state first stalled on the stores (the states of a long prefill fill tens of MB).
     const float m = bk.resume ? st[D] : -std::numeric_limits<float>::infinity(), l = bk.resume ? st[D + 1] : 0.0f;
     const int limit = std::min(bk.hi, job.q_pos[n] + 1);
-    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, m, l, limit};
+    rs[i] = RowState{job.q + (static_cast<std::size_t>(n) * a.n_heads + h) * D, st, m, l, limit, nullptr};
+    if constexpr (V::kPairs) rs[i].qp = V::template pack_q<D>(rs[i].q, qpairs.data() + static_cast<std::size_t>(i) * D / 2);
     end = std::max(end, limit);
   }
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
@@ -319,12 +344,17 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       const int r0 = kvh * per_kvh, r1 = r0 + per_kvh;
       int row0;
       const KVSpan& sp = key_span(ks, t + lo, row0);
-      if (per_kvh <= kDirectRows && sp.pos0 + sp.len >= t + hi) {
+      const bool one_span = sp.pos0 + sp.len >= t + hi, whole = one_span && lo == 0 && hi == kKeys;
+      // A pair policy reads pairs of V rows, so it goes direct only where every row is present.
+      if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
         // arithmetic either way, so a row's result does not depend on which path ran.
         const E* v =
             static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
         tile_rows<V, D, E>(a, k_block<D, E>(sp, kvh, t), v, t, lo, hi, rs.data(), r0, r1, sc);
+      } else if constexpr (V::kPairs) {
+        V::template stage<D>(a, kvh, t, lo, hi, whole ? &sp : nullptr, row0, tile, pairs);
+        tile_rows<V, D, std::uint32_t>(a, pairs, pairs + kKeys * D / 2, t, lo, hi, rs.data(), r0, r1, sc);
       } else {
         load_tile<D, E>(a, kvh, t, lo, hi, tile);
         tile_rows<V, D, float>(a, tile.kt, tile.v + lo * D, t, lo, hi, rs.data(), r0, r1, sc);

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernel_checks import ISAS, need, rel_err
 
 from seqshare import _native
 from seqshare.bundle.quant import Q6_GROUP, QTensor, default_group, dequantize, kernel_args, panel_tensor, quantize
 
-ISAS = ["scalar", "avx2", "avxvnni", "avx512", "amx", "neon", "dotprod", "i8mm"]
 QUANTIZED = ["q8", "q4", "q5", "q6", "q4s", "q5s", "q8p", "q4k", "q5k", "q6k"]
 
 # Named tolerances. Relative errors are max|got - want| / max|want|.
@@ -21,23 +21,8 @@ INT8_PATH_RTOL = 2e-6  # q8/q4 kernels vs numpy running the same int8-activation
 INT8_ACT_QUANT_RTOL = 1.5e-2
 # q8 weights take int16 activations: ~1/65534 of a group's max per value.
 INT16_ACT_QUANT_RTOL = 1e-4
-ATTN_RTOL = 2e-5  # float32 online softmax vs float64 softmax
 ELEMENTWISE_RTOL = 1e-6
 ROPE_ATOL = 2e-6  # float32 angles as transformers computes them; cos/sin rounding only
-
-
-def runnable() -> list[str]:
-    """The variants this CPU runs (a lower level is not always runnable: Zen 4 has avx512, not avxvnni)."""
-    return _native.runnable_isas()
-
-
-def need(isa: str) -> None:
-    if isa not in runnable():
-        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
-
-
-def rel_err(got: np.ndarray, want: np.ndarray) -> float:
-    return float(np.max(np.abs(got.astype(np.float64) - want)) / max(np.max(np.abs(want)), 1e-30))
 
 
 def int8_path_reference(x: np.ndarray, t: QTensor) -> np.ndarray:
@@ -270,108 +255,6 @@ def test_embedding_rows_are_dequantized_rows(fmt: str) -> None:
     np.testing.assert_array_equal(got, dequantize(t)[tokens])
     with pytest.raises(ValueError, match="out of range"):
         _native.embedding(np.array([50], np.int32), **kernel_args(t))
-
-
-def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, pos0: int,
-                        scale: float) -> tuple[np.ndarray, np.ndarray]:
-    h = q.shape[1]
-    kvh = k.shape[1]
-    kk = np.repeat(k.astype(np.float64), h // kvh, axis=1)  # (L, H, D)
-    vv = np.repeat(v.astype(np.float64), h // kvh, axis=1)
-    s = np.einsum("nhd,lhd->nhl", q.astype(np.float64), kk) * scale
-    visible = (pos0 + np.arange(k.shape[0]))[None, None, :] <= q_pos[:, None, None]
-    s = np.where(visible, s, -np.inf)
-    m = np.max(s, axis=2, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m)
-    l_sum = p.sum(axis=2, keepdims=True)
-    out = np.einsum("nhl,lhd->nhd", p, vv) / np.where(l_sum > 0, l_sum, 1)
-    lse = np.where(l_sum[..., 0] > 0, np.log(np.where(l_sum[..., 0] > 0, l_sum[..., 0], 1)) + m[..., 0], -np.inf)
-    return out, lse
-
-
-def attn_case(n: int, length: int, h: int, kvh: int, d: int, seed: int, f16: bool):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((n, h, d), dtype=np.float32)
-    k = rng.standard_normal((length, kvh, d), dtype=np.float32)
-    v = rng.standard_normal((length, kvh, d), dtype=np.float32)
-    if f16:
-        k, v = k.astype(np.float16), v.astype(np.float16)
-    return q, k, v
-
-
-@pytest.mark.parametrize("f16", [True, False])
-@pytest.mark.parametrize(
-    ("n", "length", "h", "kvh", "pos0"),
-    [(1, 1000, 9, 3, 0), (40, 40, 9, 3, 0), (5, 300, 4, 4, 100), (33, 70, 6, 2, 7), (1, 7, 2, 1, 3),
-     # Qwen2.5's GQA groups in decode: 7 (0.5B) and 8 (3B) query heads per kv head
-     (1, 700, 14, 2, 0), (1, 300, 16, 2, 40), (2, 300, 14, 2, 0)],
-)
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("d", [64, 128])
-def test_attention_matches_softmax(
-    f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int, isa: str
-) -> None:
-    need(isa)
-    q, k, v = attn_case(n, length, h, kvh, d, n + length, f16)
-    q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)  # the last n rows of the span
-    q_pos[0] = max(pos0 - 1, 0) if n > 1 else q_pos[0]  # a query that may see nothing (or row 0)
-    scale = d**-0.5
-    want_o, want_l = attention_reference(q, k, v, q_pos, pos0, scale)
-    out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
-    assert rel_err(out, want_o) < ATTN_RTOL, isa
-    fin = np.isfinite(want_l)
-    np.testing.assert_array_equal(np.isfinite(lse), fin)
-    np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=ATTN_RTOL)
-
-
-@pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize(("h", "kvh", "d"), [(14, 2, 64), (16, 2, 128), (12, 2, 128), (9, 3, 64)])
-def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int, isa: str) -> None:
-    """A decode row (up to 8 rows per kv head: tiles read straight from the f16 cache) and the same
-    row among more queries (tiles staged as f32) run the same arithmetic: the same bits."""
-    need(isa)
-    q, k, v = attn_case(3, 500, h, kvh, d, h * d, True)
-    q_pos = np.array([497, 498, 499], np.int32)
-    together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
-    alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
-    np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
-    np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
-
-
-@pytest.mark.parametrize("f16", [True, False])
-@pytest.mark.parametrize(
-    ("n", "length", "h", "kvh", "d"),
-    [(1, 700, 14, 2, 64), (2, 300, 16, 2, 128), (40, 90, 12, 2, 128), (33, 70, 9, 3, 64), (5, 300, 4, 4, 32)],
-)
-def test_attention_avx512_gives_the_avx2_bits(f16: bool, n: int, length: int, h: int, kvh: int, d: int) -> None:
-    """The 16-lane scores, softmax and P.V (attention_avx512.cpp) give AVX2's bits: decode (tiles
-    straight from the cache) and prefill (staged tiles), whole tiles and masked ones."""
-    need("avx512")
-    q, k, v = attn_case(n, length, h, kvh, d, n * length + d, f16)
-    q_pos = (length - n + np.arange(n)).astype(np.int32)
-    # From position 0, and from a span starting mid-tile (its first tile masks its low lanes).
-    for pos0 in (0, 45):
-        want_o, want_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx2")
-        got_o, got_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx512")
-        np.testing.assert_array_equal(got_o, want_o)
-        np.testing.assert_array_equal(got_l, want_l)
-
-
-def test_attention_merge_of_two_spans_equals_whole() -> None:
-    q, k, v = attn_case(6, 200, 9, 3, 64, 0, True)
-    q_pos = np.arange(194, 200, dtype=np.int32)
-    whole_o, whole_l = _native.attention(q, k, v, q_pos, 0, 0.125)
-    a_o, a_l = _native.attention(q, k[:120], v[:120], q_pos, 0, 0.125)
-    b_o, b_l = _native.attention(q, k[120:], v[120:], q_pos, 120, 0.125)
-    m_o, m_l = _native.attention_merge(a_o, a_l, b_o, b_l)
-    np.testing.assert_allclose(m_o, whole_o, rtol=ATTN_RTOL, atol=1e-6)
-    np.testing.assert_allclose(m_l, whole_l, rtol=ATTN_RTOL)
-    empty_o, empty_l = _native.attention(q, k[:1], v[:1], np.zeros(6, np.int32) - 1, 0, 0.125)
-    assert np.all(np.isneginf(empty_l)) and not np.any(empty_o)
-    m2_o, m2_l = _native.attention_merge(empty_o, empty_l, whole_o, whole_l)
-    np.testing.assert_array_equal(m2_o, whole_o)
-    np.testing.assert_array_equal(m2_l, whole_l)
 
 
 @pytest.mark.parametrize("isa", ISAS)

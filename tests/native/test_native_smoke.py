@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from kernel_checks import ISAS, need
 
 from seqshare import _native
 
-ISAS = ["scalar", "avx2", "avxvnni", "avx512", "amx", "neon", "dotprod", "i8mm"]
 DOT_RTOL = 1e-5  # float32 accumulation order differs between variants
-
-
-def runnable() -> list[str]:
-    """The variants this CPU runs (a lower level is not always runnable: Zen 4 has avx512, not avxvnni)."""
-    return _native.runnable_isas()
-
-
-def need(isa: str) -> None:
-    if isa not in runnable():
-        pytest.skip(f"this CPU cannot run the {isa} kernels (runs: {', '.join(runnable())})")
 
 
 def test_module_reports_version_and_isa() -> None:

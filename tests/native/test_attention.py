@@ -1,0 +1,162 @@
+"""The attention kernel (online softmax over tiles of the KV cache, ops.h) against a float64 softmax,
+in every variant this CPU runs: f32 products, and BF16 pair products where the avx512 and amx
+levels read an f16 cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from kernel_checks import ISAS, need, rel_err
+
+from seqshare import _native
+
+# Named tolerances. Relative errors are max|got - want| / max|want|.
+ATTN_RTOL = 2e-5  # float32 online softmax vs float64 softmax
+# The levels whose attention multiplies BF16 pairs with an f16 cache: q, K, V and the softmax
+# weights are rounded to 8 significant bits (relative error up to 2^-9 each). Seen here: 2-6e-3 of
+# the output's max against the float64 softmax of the unrounded inputs, 1-2e-3 (the weights'
+# rounding) against that of the BF16-rounded q, K and V, and up to 7e-3 in the log-sum-exp.
+BF16_ISAS = ("avx512", "amx")
+BF16_ATTN_RTOL = 1.2e-2
+BF16_WEIGHTS_RTOL = 4e-3
+BF16_LSE_ATOL = 1.5e-2
+
+
+def bf16_round(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to nearest-even BF16 (the top 16 bits), as float32."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32).view(np.float32)
+
+
+def attention_reference(q: np.ndarray, k: np.ndarray, v: np.ndarray, q_pos: np.ndarray, pos0: int,
+                        scale: float) -> tuple[np.ndarray, np.ndarray]:
+    h = q.shape[1]
+    kvh = k.shape[1]
+    kk = np.repeat(k.astype(np.float64), h // kvh, axis=1)  # (L, H, D)
+    vv = np.repeat(v.astype(np.float64), h // kvh, axis=1)
+    s = np.einsum("nhd,lhd->nhl", q.astype(np.float64), kk) * scale
+    visible = (pos0 + np.arange(k.shape[0]))[None, None, :] <= q_pos[:, None, None]
+    s = np.where(visible, s, -np.inf)
+    m = np.max(s, axis=2, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    p = np.exp(s - m)
+    l_sum = p.sum(axis=2, keepdims=True)
+    out = np.einsum("nhl,lhd->nhd", p, vv) / np.where(l_sum > 0, l_sum, 1)
+    lse = np.where(l_sum[..., 0] > 0, np.log(np.where(l_sum[..., 0] > 0, l_sum[..., 0], 1)) + m[..., 0], -np.inf)
+    return out, lse
+
+
+def attn_case(n: int, length: int, h: int, kvh: int, d: int, seed: int, f16: bool):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((n, h, d), dtype=np.float32)
+    k = rng.standard_normal((length, kvh, d), dtype=np.float32)
+    v = rng.standard_normal((length, kvh, d), dtype=np.float32)
+    if f16:
+        k, v = k.astype(np.float16), v.astype(np.float16)
+    return q, k, v
+
+
+@pytest.mark.parametrize("f16", [True, False])
+@pytest.mark.parametrize(
+    ("n", "length", "h", "kvh", "pos0"),
+    [(1, 1000, 9, 3, 0), (40, 40, 9, 3, 0), (5, 300, 4, 4, 100), (33, 70, 6, 2, 7), (1, 7, 2, 1, 3),
+     # Qwen2.5's GQA groups in decode: 7 (0.5B) and 8 (3B) query heads per kv head
+     (1, 700, 14, 2, 0), (1, 300, 16, 2, 40), (2, 300, 14, 2, 0)],
+)
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("d", [64, 128])
+def test_attention_matches_softmax(
+    f16: bool, n: int, length: int, h: int, kvh: int, pos0: int, d: int, isa: str
+) -> None:
+    need(isa)
+    q, k, v = attn_case(n, length, h, kvh, d, n + length, f16)
+    q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)  # the last n rows of the span
+    q_pos[0] = max(pos0 - 1, 0) if n > 1 else q_pos[0]  # a query that may see nothing (or row 0)
+    scale = d**-0.5
+    want_o, want_l = attention_reference(q, k, v, q_pos, pos0, scale)
+    out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
+    bf16 = f16 and isa in BF16_ISAS
+    assert rel_err(out, want_o) < (BF16_ATTN_RTOL if bf16 else ATTN_RTOL), isa
+    fin = np.isfinite(want_l)
+    np.testing.assert_array_equal(np.isfinite(lse), fin)
+    atol = BF16_LSE_ATOL if bf16 else ATTN_RTOL
+    np.testing.assert_allclose(lse[fin], want_l[fin], rtol=ATTN_RTOL, atol=atol)
+
+
+@pytest.mark.parametrize(
+    ("n", "length", "h", "kvh", "pos0"),
+    [(1, 1000, 14, 2, 0), (1, 301, 16, 2, 45), (2, 300, 14, 2, 7), (40, 90, 12, 2, 0), (33, 71, 9, 3, 45),
+     (5, 300, 4, 4, 100), (200, 1200, 14, 2, 0)],
+)
+@pytest.mark.parametrize("isa", BF16_ISAS)
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_attention_bf16_pairs_are_the_softmax_of_rounded_inputs(
+    n: int, length: int, h: int, kvh: int, pos0: int, d: int, isa: str
+) -> None:
+    """With an f16 cache the BF16 levels compute the softmax of q, K and V rounded to BF16; what is
+    left is the weights' own rounding. Odd lengths and spans starting mid-tile put key pairs
+    across the visible edge, whose other half must count for nothing."""
+    need(isa)
+    q, k, v = attn_case(n, length, h, kvh, d, 3 * n + length + d, True)
+    q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)
+    scale = d**-0.5
+    want_o, want_l = attention_reference(bf16_round(q), bf16_round(k.astype(np.float32)),
+                                         bf16_round(v.astype(np.float32)), q_pos, pos0, scale)
+    out, lse = _native.attention(q, k, v, q_pos, pos0, scale, isa)
+    assert rel_err(out, want_o) < BF16_WEIGHTS_RTOL, isa
+    np.testing.assert_allclose(lse, want_l, rtol=ATTN_RTOL, atol=BF16_LSE_ATOL)
+    # The rounding is BF16's: an f32 product would be nearer the softmax of the unrounded inputs.
+    exact_o, _ = attention_reference(q, k, v, q_pos, pos0, scale)
+    assert rel_err(out, want_o) < rel_err(out, exact_o), isa
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize(("h", "kvh", "d"), [(14, 2, 64), (16, 2, 128), (12, 2, 128), (9, 3, 64)])
+def test_attention_row_is_the_same_bits_alone_or_with_others(h: int, kvh: int, d: int, isa: str) -> None:
+    """A decode row (up to 8 rows per kv head: tiles read straight from the f16 cache) and the same
+    row among more queries (tiles staged, as f32 or as BF16 pairs) run the same arithmetic: the
+    same bits."""
+    need(isa)
+    q, k, v = attn_case(3, 500, h, kvh, d, h * d, True)
+    q_pos = np.array([497, 498, 499], np.int32)
+    together, lse_t = _native.attention(q, k, v, q_pos, 0, d**-0.5, isa)
+    alone, lse_a = _native.attention(q[2:], k, v, q_pos[2:], 0, d**-0.5, isa)
+    np.testing.assert_array_equal(alone[0], together[2], err_msg=isa)
+    np.testing.assert_array_equal(lse_a[0], lse_t[2], err_msg=isa)
+
+
+@pytest.mark.parametrize(
+    ("n", "length", "h", "kvh", "d"),
+    [(1, 700, 14, 2, 64), (2, 300, 16, 2, 128), (40, 90, 12, 2, 128), (33, 70, 9, 3, 64), (5, 300, 4, 4, 32)],
+)
+def test_attention_avx512_f32_cache_gives_the_avx2_bits(n: int, length: int, h: int, kvh: int, d: int) -> None:
+    """With an f32 cache the 16-lane scores, softmax and P.V (attention_avx512.cpp) give AVX2's bits:
+    decode (tiles straight from the cache) and prefill (staged tiles), whole tiles and masked ones."""
+    need("avx512")
+    q, k, v = attn_case(n, length, h, kvh, d, n * length + d, False)
+    q_pos = (length - n + np.arange(n)).astype(np.int32)
+    # From position 0, and from a span starting mid-tile (its first tile masks its low lanes).
+    for pos0 in (0, 45):
+        want_o, want_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx2")
+        got_o, got_l = _native.attention(q, k[pos0:], v[pos0:], q_pos, pos0, d**-0.5, "avx512")
+        np.testing.assert_array_equal(got_o, want_o)
+        np.testing.assert_array_equal(got_l, want_l)
+
+
+@pytest.mark.parametrize("f16", [True, False])
+def test_attention_merge_of_two_spans_equals_whole(f16: bool) -> None:
+    q, k, v = attn_case(6, 200, 9, 3, 64, 0, f16)
+    q_pos = np.arange(194, 200, dtype=np.int32)
+    whole_o, whole_l = _native.attention(q, k, v, q_pos, 0, 0.125)
+    a_o, a_l = _native.attention(q, k[:120], v[:120], q_pos, 0, 0.125)
+    b_o, b_l = _native.attention(q, k[120:], v[120:], q_pos, 120, 0.125)
+    m_o, m_l = _native.attention_merge(a_o, a_l, b_o, b_l)
+    # The halves round their weights against their own maxima, the whole against one.
+    bf16 = f16 and _native.active_isa() in BF16_ISAS
+    assert rel_err(m_o, whole_o) < (BF16_WEIGHTS_RTOL if bf16 else ATTN_RTOL)
+    np.testing.assert_allclose(m_l, whole_l, rtol=ATTN_RTOL, atol=BF16_LSE_ATOL if bf16 else 0)
+    empty_o, empty_l = _native.attention(q, k[:1], v[:1], np.zeros(6, np.int32) - 1, 0, 0.125)
+    assert np.all(np.isneginf(empty_l)) and not np.any(empty_o)
+    m2_o, m2_l = _native.attention_merge(empty_o, empty_l, whole_o, whole_l)
+    np.testing.assert_array_equal(m2_o, whole_o)
+    np.testing.assert_array_equal(m2_l, whole_l)
