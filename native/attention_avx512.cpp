@@ -27,6 +27,10 @@ inline __m512 exp16(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+inline __m512 f16x16(const std::uint16_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
 // The softmax weights of a 32-key tile's scores `sc` (two vectors) against the row's new maximum,
 // which it returns: the masked lanes become -inf, then weight 0, as in row_softmax; the maximum
 // is exact in any order.
@@ -53,9 +57,7 @@ struct Lanes16 {
   using F = __m512;
   static constexpr bool kPairs = false;
   static constexpr int kLanes = 16, kScoreRows = 12, kPvRows = 4;
-  static F load(const std::uint16_t* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
+  static F load(const std::uint16_t* p) { return f16x16(p); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
   static F bcast(const float* p) { return _mm512_set1_ps(*p); }
   static F zero() { return _mm512_setzero_ps(); }
@@ -90,9 +92,6 @@ inline __m512i bf16_pairs(__m512 a, __m512 b) {
 }
 inline __m512 dot_pairs(__m512 acc, __m512i x, __m512i y) {
   return _mm512_dpbf16_ps(acc, reinterpret_cast<__m512bh>(x), reinterpret_cast<__m512bh>(y));
-}
-inline __m512 f16x16(const std::uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // Keys c..c+15 of head_dim pair j: from a (D, 32) f16 K block of the cache, or a staged pair tile.
@@ -135,21 +134,15 @@ struct Bf16Pairs {
 
   // The tile's keys [lo, hi) as pairs: K's lanes outside are zero (their scores are masked), and so
   // are V's, since a pair of keys may straddle the edge and a weight of 0 times a stale value must
-  // stay 0. `whole` is the span holding the full tile (lo = 0, hi = 32), whose rows convert
-  // straight from the cache; any other tile is staged as f32 by load_tile first (exact, so the
-  // same pairs).
+  // stay 0. A full tile of one span (lo = 0, hi = 32) comes as its K block `k16` and first V row
+  // `v16` in the cache and converts straight from there; any other tile (both null) is staged as
+  // f32 by load_tile first (exact, so the same pairs).
   template <int D>
-  static void stage(const AttnArgs& a, int kvh, int t, int lo, int hi, const KVSpan* whole, int row0, Tile& tile,
-                    std::uint32_t* kp) {
+  static void stage(const AttnArgs& a, int kvh, int t, int lo, int hi, const std::uint16_t* k16,
+                    const std::uint16_t* v16, Tile& tile, std::uint32_t* kp) {
     std::uint32_t* vp = kp + kKeys * D / 2;
-    const std::uint16_t *k16 = nullptr, *v16 = nullptr;
-    if (whole) {
-      k16 = k_block<D, std::uint16_t>(*whole, kvh, t);
-      v16 = static_cast<const std::uint16_t*>(whole->v) + whole->head_stride * kvh +
-            static_cast<std::size_t>(row0 + whole->phase) * D;
-    } else {
-      load_tile<D, std::uint16_t>(a, kvh, t, lo, hi, tile);
-    }
+    const bool whole = k16 != nullptr;
+    if (!whole) load_tile<D, std::uint16_t>(a, kvh, t, lo, hi, tile);
     for (int j = 0; j < D / 2; ++j)
       for (int c = 0; c < kKeys; c += 16) {
         const std::size_t e = static_cast<std::size_t>(2 * j) * kKeys + c;
@@ -257,8 +250,7 @@ struct Bf16Pairs {
 
 void attention_avx512(const AttnArgs& a, int n0, int n1, int b) {
   const KeySpans& ks = a.job->keys;
-  const bool f16 = ks.span[0].f16 && (ks.n == 1 || ks.span[1].f16);
-  if (f16 && a.head_dim % 32 == 0 && a.head_dim <= 128) return attend_dim<Bf16Pairs, std::uint16_t>(a, n0, n1, b);
+  if (ks.span[0].f16 && (ks.n == 1 || ks.span[1].f16)) return attend_dim<Bf16Pairs, std::uint16_t>(a, n0, n1, b);
   attention_tiles<Lanes16>(a, n0, n1, b);
 }
 

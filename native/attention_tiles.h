@@ -345,15 +345,16 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       int row0;
       const KVSpan& sp = key_span(ks, t + lo, row0);
       const bool one_span = sp.pos0 + sp.len >= t + hi, whole = one_span && lo == 0 && hi == kKeys;
+      // The tile's K block and lane lo's V row in the cache, where one span holds its keys.
+      const E* k = k_block<D, E>(sp, kvh, t);
+      const E* v = static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
       // A pair policy reads pairs of V rows, so it goes direct only where every row is present.
       if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
         // arithmetic either way, so a row's result does not depend on which path ran.
-        const E* v =
-            static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
-        tile_rows<V, D, E>(a, k_block<D, E>(sp, kvh, t), v, t, lo, hi, rs.data(), r0, r1, sc);
+        tile_rows<V, D, E>(a, k, v, t, lo, hi, rs.data(), r0, r1, sc);
       } else if constexpr (V::kPairs) {
-        V::template stage<D>(a, kvh, t, lo, hi, whole ? &sp : nullptr, row0, tile, pairs);
+        V::template stage<D>(a, kvh, t, lo, hi, whole ? k : nullptr, whole ? v : nullptr, tile, pairs);
         tile_rows<V, D, std::uint32_t>(a, pairs, pairs + kKeys * D / 2, t, lo, hi, rs.data(), r0, r1, sc);
       } else {
         load_tile<D, E>(a, kvh, t, lo, hi, tile);
