@@ -155,7 +155,7 @@ void prepare_pair(const WeightView& w, int panel, PairBuf& p) {
   p.b.resize(static_cast<std::size_t>(w.cols) / 4);
   p.scale.resize(2 * static_cast<std::size_t>(ng));
   unpack_pair<Bits, Sym>(w, panel, p.b.data());
-  const GroupScales<Zmm, Bits, G, KScales> scales(w, panel);
+  GroupScales<Zmm, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     __m512 dw, mw;
     scales.at(g, dw, mw);

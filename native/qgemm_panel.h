@@ -51,7 +51,10 @@ struct Ymm : Vec256 {
   static F load_i8(const std::uint8_t* p, std::size_t) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  // A whole panel (all but a matrix's last) needs no mask: a plain store, not vmaskmovps, whose
+  // store form is slow on AMD's cores.
   static void store(float* y, int nrows, F v) {
+    if (nrows == 8) return _mm256_storeu_ps(y, v);
     const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32(nrows), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     _mm256_maskstore_ps(y, m, v);
   }
@@ -62,6 +65,9 @@ struct Ymm : Vec256 {
 // K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
 // Which of the two (KScales), the bits and the group size G are the tile's, fixed when it is compiled:
 // a branch or a division here would cost AVX2's prefill tile 10% (measured).
+// K scales' d and -dmin belong to the whole super-block: `at` converts them when g enters one, so
+// groups must be asked for in order, from 0. Every product is exact in float, so where they are
+// converted does not change a bit.
 template <class V, int Bits, int G, bool KScales>
 class GroupScales {
  public:
@@ -79,7 +85,7 @@ class GroupScales {
       factor_ = V::set1_f(mins.factor);
     }
   }
-  void at(int g, F& dw, F& mw) const {
+  void at(int g, F& dw, F& mw) {
     if constexpr (!KScales) {
       dw = V::load_h(sc_ + 8 * g, next_);
       mw = V::mul(V::load_h(mn_ + 8 * g, next_), factor_);
@@ -87,13 +93,17 @@ class GroupScales {
     }
     const std::uint8_t* k = k_ + static_cast<std::size_t>(g / kPerSuper) * kBytes;
     const int j = 8 * (g % kPerSuper);
-    const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+    if (j == 0) {
+      const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+      d_ = V::load_h(d, next_ / 2);
+      if constexpr (!kSix) neg_dmin_ = V::mul(V::load_h(d + 8, next_ / 2), factor_);
+    }
     if constexpr (kSix) {
-      dw = V::mul(V::load_h(d, next_ / 2), V::load_i8(k + 16 + j, next_));
+      dw = V::mul(d_, V::load_i8(k + 16 + j, next_));
       mw = V::mul(dw, factor_);
     } else {
-      dw = V::mul(V::load_h(d, next_ / 2), V::load_u8(k + 32 + j, next_));
-      mw = V::mul(V::mul(V::load_h(d + 8, next_ / 2), V::load_u8(k + 96 + j, next_)), factor_);
+      dw = V::mul(d_, V::load_u8(k + 32 + j, next_));
+      mw = V::mul(neg_dmin_, V::load_u8(k + 96 + j, next_));
     }
   }
 
@@ -104,6 +114,7 @@ class GroupScales {
   const std::uint16_t *sc_ = nullptr, *mn_ = nullptr;
   std::size_t next_ = 0;  // to the next panel's groups: halves of the planes, bytes of the K scales
   F factor_;
+  F d_, neg_dmin_;  // the current super-block's (K scales only)
 };
 
 // The T tokens of a tile: each one's int8 activations x, per-group scales dx, then sums and offset
@@ -199,7 +210,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
   TileTokens<V, T> tok(xq, x_stride, K, ngp);
   const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
-  const GroupScales<V, Bits, G, KScales> scales(w, panel);
+  GroupScales<V, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     I a32[T];
 #pragma GCC unroll 16
@@ -286,7 +297,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
   const int K = w.cols, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V, 6, kQ6Group, KScales> scales(w, panel);
+  GroupScales<V, 6, kQ6Group, KScales> scales(w, panel);
   TileTokens<V, T> tok(xq, x_stride, K, ngp);
   const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
@@ -360,7 +371,7 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
   const int K = w.cols, ng = K / G, nb = K / 32;
   const std::size_t panel_bytes = static_cast<std::size_t>(nb) * kBlock;
   const I m4 = V::nibbles();
-  const GroupScales<V, 8, G, false> scales(w, panel);
+  GroupScales<V, 8, G, false> scales(w, panel);
   TileTokens<V, T> tok(xq, x_stride, K, ngp);
   const std::int8_t* const* x = tok.x;
   const std::uint8_t* pw = static_cast<const std::uint8_t*>(w.data) + static_cast<std::size_t>(panel) * panel_bytes;
