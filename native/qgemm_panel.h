@@ -64,10 +64,10 @@ struct Ymm : Vec256 {
 // takes them: from the float16 planes (the minimum as plane x factor, ops.h panel_mins), or from
 // K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
 // Which of the two (KScales), the bits and the group size G are the tile's, fixed when it is compiled:
-// a branch or a division here would cost AVX2's prefill tile 10% (measured).
-// K scales' d and -dmin belong to the whole super-block: `at` converts them when g enters one, so
-// groups must be asked for in order, from 0. Every product is exact in float, so where they are
-// converted does not change a bit.
+// choosing between them at run time, per group, would cost AVX2's prefill tile 10% (measured).
+// K scales' d and -dmin belong to the whole super-block: `at` converts them when g enters one (a
+// branch taken once per 8 or 16 groups), so groups must be asked for in order, from 0. Every
+// product is exact in float, so where they are converted does not change a bit.
 template <class V, int Bits, int G, bool KScales>
 class GroupScales {
  public:
