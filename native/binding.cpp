@@ -147,13 +147,17 @@ static py::array_t<float> model_forward(PyModel& self, Dense<std::int32_t> token
   return logits;
 }
 
+// Written straight into the bytes object (nothing else holds it yet): a document's KV is 100+ MB,
+// and a std::string in between cost two more passes over it.
 static py::bytes kv_export(const KVCache& kv) {
-  std::string buf(kv.used_bytes(), '\0');
+  auto out = py::reinterpret_steal<py::bytes>(PyBytes_FromStringAndSize(nullptr, static_cast<Py_ssize_t>(kv.used_bytes())));
+  if (!out) throw py::error_already_set();
+  char* dst = PyBytes_AS_STRING(out.ptr());
   {
     py::gil_scoped_release nogil;
-    kv.export_to(buf.data());
+    kv.export_to(dst);
   }
-  return py::bytes(buf);
+  return out;
 }
 
 static void kv_import(KVCache& kv, const py::buffer& b, int length) {

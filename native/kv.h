@@ -79,6 +79,10 @@ class KVCache {
 
  private:
   std::size_t plane_bytes() const { return head_stride() * n_kv_heads_ * elem_bytes(); }
+  // Rows [0, length) between the export layout in `bytes` and the storage: into the storage when
+  // `bytes` is const (import_from), out of it otherwise (export_to).
+  template <class Bytes>
+  void move_rows(Bytes* bytes, int length) const;
   // Copy `n` rows of every layer and plane from `src` (row s0) to `dst` (row d0).
   static void copy_rows(const KVCache& src, int s0, KVCache& dst, int d0, int n);
   // One element of row `row` of a K (which = 0) or V plane as raw bytes.
