@@ -158,7 +158,7 @@ void prepare_pair(const WeightView& w, int panel, PairBuf& p) {
   GroupScales<Zmm, Bits, G, KScales> scales(w, panel);
   for (int g = 0; g < ng; ++g) {
     __m512 dw, mw;
-    scales.at(g, dw, mw);
+    scales.next(dw, mw);
     _mm512_store_ps(p.scale[2 * g].bytes, dw);
     _mm512_store_ps(p.scale[2 * g + 1].bytes, mw);
   }

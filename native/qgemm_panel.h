@@ -65,9 +65,11 @@ struct Ymm : Vec256 {
 // K scales: d x sc and -dmin x m (q6k: -32 x the scale), the products ops.h panel_scale_at names.
 // Which of the two (KScales), the bits and the group size G are the tile's, fixed when it is compiled:
 // choosing between them at run time, per group, would cost AVX2's prefill tile 10% (measured).
-// K scales' d and -dmin belong to the whole super-block: `at` converts them when g enters one (a
-// branch taken once per 8 or 16 groups), so groups must be asked for in order, from 0. Every
-// product is exact in float, so where they are converted does not change a bit.
+// A cursor: `next` gives group 0, 1, 2, ... in turn, walking pointers, because a group number turned
+// into a super-block and an offset (a division, a remainder and their address arithmetic: a dozen
+// scalar instructions per group) made the one-token q4k tile 50% longer than q4's. K scales' d and
+// -dmin belong to the whole super-block and are converted when a super-block starts. Every product
+// is exact in float, so where they are converted does not change a bit.
 template <class V, int Bits, int G, bool KScales>
 class GroupScales {
  public:
@@ -85,33 +87,39 @@ class GroupScales {
       factor_ = V::set1_f(mins.factor);
     }
   }
-  void at(int g, F& dw, F& mw) {
+  void next(F& dw, F& mw) {
     if constexpr (!KScales) {
-      dw = V::load_h(sc_ + 8 * g, next_);
-      mw = V::mul(V::load_h(mn_ + 8 * g, next_), factor_);
+      dw = V::load_h(sc_, next_);
+      mw = V::mul(V::load_h(mn_, next_), factor_);
+      sc_ += 8;
+      mn_ += 8;
       return;
     }
-    const std::uint8_t* k = k_ + static_cast<std::size_t>(g / kPerSuper) * kBytes;
-    const int j = 8 * (g % kPerSuper);
-    if (j == 0) {
-      const auto* d = reinterpret_cast<const std::uint16_t*>(k);  // d[8], then dmin[8]
+    if (j_ == 0) {
+      const auto* d = reinterpret_cast<const std::uint16_t*>(k_);  // d[8], then dmin[8]
       d_ = V::load_h(d, next_ / 2);
       if constexpr (!kSix) neg_dmin_ = V::mul(V::load_h(d + 8, next_ / 2), factor_);
     }
     if constexpr (kSix) {
-      dw = V::mul(d_, V::load_i8(k + 16 + j, next_));
+      dw = V::mul(d_, V::load_i8(k_ + 16 + j_, next_));
       mw = V::mul(dw, factor_);
     } else {
-      dw = V::mul(d_, V::load_u8(k + 32 + j, next_));
-      mw = V::mul(neg_dmin_, V::load_u8(k + 96 + j, next_));
+      dw = V::mul(d_, V::load_u8(k_ + 32 + j_, next_));
+      mw = V::mul(neg_dmin_, V::load_u8(k_ + 96 + j_, next_));
+    }
+    j_ += 8;
+    if (j_ == 8 * kPerSuper) {
+      j_ = 0;
+      k_ += kBytes;
     }
   }
 
  private:
   static constexpr bool kSix = Bits == 6;
   static constexpr int kPerSuper = kSuperCols / G, kBytes = kscale_bytes(Bits);
-  const std::uint8_t* k_;
-  const std::uint16_t *sc_ = nullptr, *mn_ = nullptr;
+  const std::uint8_t* k_;  // the current super-block's K scales
+  int j_ = 0;              // the next group's offset in them: 8 x its index in the super-block
+  const std::uint16_t *sc_ = nullptr, *mn_ = nullptr;  // the next group's (float16 planes)
   std::size_t next_ = 0;  // to the next panel's groups: halves of the planes, bytes of the K scales
   F factor_;
   F d_, neg_dmin_;  // the current super-block's (K scales only)
@@ -272,7 +280,7 @@ void panel_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::siz
       }
     }
     F dw, mw;
-    scales.at(g, dw, mw);
+    scales.next(dw, mw);
     if constexpr (Sym)
       tok.template add_sym<D, Bits>(g, a32, dw);
     else
@@ -347,7 +355,7 @@ void q6_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_t
         }
       }
       F dw, mw;
-      scales.at(g, dw, mw);
+      scales.next(dw, mw);
       tok.template add_sym<D, 6>(g, a32, dw);
     }
   }
@@ -423,7 +431,7 @@ void q8p_tile(const WeightView& w, int panel, const std::uint8_t* xq, std::size_
       }
     }
     F dw, mw;
-    scales.at(g, dw, mw);
+    scales.next(dw, mw);
     tok.template add_sym<D, 8>(g, a32, dw);
   }
   tok.store(Y, ldy, nrows);
