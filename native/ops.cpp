@@ -61,8 +61,41 @@ void check_weight(const WeightView& w) {
   }
 }
 
-// Rows are handed out in chunks that threads claim as they finish: two threads that stream weights
-// from memory do not run at the same speed, and a static half each would leave one waiting.
+namespace {
+
+// Units [0, total) handed out in ranges that threads claim as they finish, "guided": a claim takes
+// 1 / (2 x threads) of what is left, at least one unit. Each claim moves the counter's cache line
+// between cores, and with one unit per claim 2% of a Qwen2.5-1.5B decode step's samples sat on that
+// instruction (about 10,000 claims a step); guided, an op takes a few dozen, and the last ranges are
+// still one unit, so no thread waits long for another at the end.
+class GuidedClaims {
+ public:
+  GuidedClaims(int total, int threads) : total_(total), div_(2 * std::max(1, threads)) {}
+  bool claim(int& begin, int& end) {
+    int b = next_.load(std::memory_order_relaxed);
+    for (;;) {
+      if (b >= total_) return false;
+      const int e = b + std::max(1, (total_ - b) / div_);
+      if (next_.compare_exchange_weak(b, e, std::memory_order_relaxed)) {
+        begin = b;
+        end = e;
+        return true;
+      }
+    }
+  }
+
+ private:
+  std::atomic<int> next_{0};
+  const int total_, div_;
+};
+
+}  // namespace
+
+// Rows are claimed in chunks of kChunk rows (GuidedClaims' units) as threads finish: two threads
+// that stream weights from memory do not run at the same speed, and a static half each would leave
+// one waiting. A claimed range still runs one kernel call per chunk: a prefill's call passes its
+// rows over each block of tokens in turn (for_panel_tiles), and a chunk's rows stay in L2 for that.
+// Each row's result does not depend on how the rows were split.
 void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const* Ys, int n_w, const float* X, int N,
                       ThreadPool& pool) {
   if (N <= 0 || n_w <= 0) return;
@@ -84,19 +117,26 @@ void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const*
     xq = buf;
   }
   constexpr int kChunk = 4 * kRowGrain;
+  const auto chunks = [](const WeightView& w) { return (w.rows + kChunk - 1) / kChunk; };
   int total = 0;
-  for (int i = 0; i < n_w; ++i) total += (ws[i].rows + kChunk - 1) / kChunk;
-  std::atomic<int> next{0};
+  for (int i = 0; i < n_w; ++i) total += chunks(ws[i]);
+  GuidedClaims claims(total, pool.size());
   pool.parallel_for(pool.size(), 1, [&](int, int) {
-    for (int u; (u = next.fetch_add(1, std::memory_order_relaxed)) < total;) {
-      int i = 0;
-      while (u >= (ws[i].rows + kChunk - 1) / kChunk) u -= (ws[i++].rows + kChunk - 1) / kChunk;
-      const WeightView& w = ws[i];
-      const int r0 = u * kChunk, r1 = std::min(w.rows, r0 + kChunk);
-      if (quantized)
-        kt.qgemm[static_cast<int>(w.fmt) - static_cast<int>(WFmt::Q8)](w, xq, N, Ys[i], w.rows, r0, r1);
-      else
-        kt.gemm[static_cast<int>(w.fmt)](w, X, N, Ys[i], w.rows, r0, r1);
+    for (int u0, u1; claims.claim(u0, u1);) {
+      int i = 0, u = u0;
+      while (u >= chunks(ws[i])) u -= chunks(ws[i++]);
+      for (int n = u0; n < u1; ++n, ++u) {
+        if (u == chunks(ws[i])) {
+          u = 0;
+          ++i;
+        }
+        const WeightView& w = ws[i];
+        const int r0 = u * kChunk, r1 = std::min(w.rows, r0 + kChunk);
+        if (quantized)
+          kt.qgemm[static_cast<int>(w.fmt) - static_cast<int>(WFmt::Q8)](w, xq, N, Ys[i], w.rows, r0, r1);
+        else
+          kt.gemm[static_cast<int>(w.fmt)](w, X, N, Ys[i], w.rows, r0, r1);
+      }
     }
   });
 }
