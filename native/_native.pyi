@@ -31,6 +31,9 @@ def linear(
     rows: int = 0,
     isa: str = "",
 ) -> npt.NDArray[np.float32]: ...
+def linear_many(
+    x: npt.NDArray[np.float32], weights: list[dict[str, object]], isa: str = ""
+) -> list[npt.NDArray[np.float32]]: ...
 def embedding(
     tokens: npt.NDArray[np.int32],
     fmt: str,

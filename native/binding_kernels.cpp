@@ -5,6 +5,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "binding_args.h"
 #include "kernels.h"
@@ -36,6 +37,36 @@ void bind_kernels(py::module_& m) {
   }, py::arg("x"), py::arg("fmt"), py::arg("data"), py::arg("scales") = py::none(),
      py::arg("mins") = py::none(), py::arg("group") = 0, py::arg("rows") = 0, py::arg("isa") = "",
      "Y (N, rows) = x (N, cols) @ W^T for a weight in runtime layout (bundle/quant.py planes).");
+
+  m.def("linear_many", [](Dense<float> x, const py::list& weights, const std::string& isa) {
+    std::vector<WeightView> ws;
+    for (const py::handle& h : weights) {
+      const auto kw = h.cast<py::dict>();
+      const auto get = [&](const char* k) { return kw.contains(k) ? py::object(kw[k]) : py::object(py::none()); };
+      ws.push_back(weight_arg(kw["fmt"].cast<std::string>(), kw["data"].cast<py::array>(), get("scales"), get("mins"),
+                              kw.contains("group") ? kw["group"].cast<int>() : 0,
+                              kw.contains("rows") ? kw["rows"].cast<int>() : 0));
+    }
+    if (ws.empty() || x.ndim() != 2 || x.shape(1) != ws[0].cols)
+      throw std::invalid_argument("linear_many: at least one weight, and x must be (N, cols)");
+    const KernelTable& kt = table_arg(isa);
+    const int N = static_cast<int>(x.shape(0));
+    py::list out;
+    std::vector<float*> ys;
+    for (const WeightView& w : ws) {
+      py::array_t<float> y({static_cast<py::ssize_t>(N), static_cast<py::ssize_t>(w.rows)});
+      ys.push_back(y.mutable_data());
+      out.append(y);
+    }
+    const float* px = x.data();
+    {
+      py::gil_scoped_release nogil;
+      linear_many_with(kt, ws.data(), ys.data(), static_cast<int>(ws.size()), px, N, global_pool());
+    }
+    return out;
+  }, py::arg("x"), py::arg("weights"), py::arg("isa") = "",
+     "[x @ W^T for each weight], computed as one fused op (the model's q/k/v and gate/up): `weights` are\n"
+     "`linear`'s keyword arguments as dicts, all with the same columns, format and group.");
 
   m.def("embedding", [](py::array_t<std::int32_t, py::array::c_style | py::array::forcecast> tokens,
                         const std::string& fmt, py::array data, py::object scales, py::object mins, int group,

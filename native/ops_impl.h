@@ -6,6 +6,8 @@
 namespace seqshare {
 
 void linear_with(const KernelTable& kt, const WeightView& w, const float* X, int N, float* Y, ThreadPool& pool);
+void linear_many_with(const KernelTable& kt, const WeightView* ws, float* const* Ys, int n_w, const float* X, int N,
+                      ThreadPool& pool);
 void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale,
                            const AttnStates& st, ThreadPool& pool);
 void attention_with(const KernelTable& kt, const float* q, int N, int n_heads, int n_kv_heads, int head_dim,

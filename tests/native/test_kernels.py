@@ -165,6 +165,27 @@ def test_linear_same_result_with_one_or_two_threads() -> None:
     np.testing.assert_array_equal(one, two)
 
 
+@pytest.mark.parametrize("fmt", ["q4", "q4k", "f32"])
+@pytest.mark.parametrize("isa", ISAS)
+def test_fused_linears_give_each_weight_its_own_rows(fmt: str, isa: str) -> None:
+    """The model fuses q/k/v and gate/up into one op whose threads claim ranges of row chunks that can
+    span two weights (Qwen2.5-1.5B's q/k/v: 24 + 4 + 4 chunks of 64 rows): each output is the weight's
+    own `linear`, bit for bit, with one thread or two."""
+    need(isa)
+    ts = [weight(fmt, rows, 256, 32, rows) for rows in (1536, 256, 200)]
+    x = np.random.default_rng(3).standard_normal((3, 256), dtype=np.float32)
+    before = _native.get_threads()
+    try:
+        for threads in (1, 2):
+            _native.set_threads(threads)
+            for n in (1, 3):
+                got = _native.linear_many(x[:n], [kernel_args(t) for t in ts], isa=isa)
+                for t, y in zip(ts, got, strict=True):
+                    np.testing.assert_array_equal(y, _native.linear(x[:n], isa=isa, **kernel_args(t)))
+    finally:
+        _native.set_threads(before)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_elementwise_ops_same_result_with_one_or_two_threads(isa: str) -> None:
     """Past ops.cpp's kMinSplit (32768 elements) the element-wise ops split their rows or runs among
