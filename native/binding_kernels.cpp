@@ -41,11 +41,11 @@ void bind_kernels(py::module_& m) {
   m.def("linear_many", [](Dense<float> x, const py::list& weights, const std::string& isa) {
     std::vector<WeightView> ws;
     for (const py::handle& h : weights) {
-      const auto kw = h.cast<py::dict>();
-      const auto get = [&](const char* k) { return kw.contains(k) ? py::object(kw[k]) : py::object(py::none()); };
-      ws.push_back(weight_arg(kw["fmt"].cast<std::string>(), kw["data"].cast<py::array>(), get("scales"), get("mins"),
-                              kw.contains("group") ? kw["group"].cast<int>() : 0,
-                              kw.contains("rows") ? kw["rows"].cast<int>() : 0));
+      const auto kw = h.cast<py::dict>();  // linear's keywords, with its defaults where one is absent
+      const auto plane = [&](const char* k) { return kw.contains(k) ? py::object(kw[k]) : py::object(py::none()); };
+      const auto number = [&](const char* k) { return kw.contains(k) ? kw[k].cast<int>() : 0; };
+      ws.push_back(weight_arg(kw["fmt"].cast<std::string>(), kw["data"].cast<py::array>(), plane("scales"),
+                              plane("mins"), number("group"), number("rows")));
     }
     if (ws.empty() || x.ndim() != 2 || x.shape(1) != ws[0].cols)
       throw std::invalid_argument("linear_many: at least one weight, and x must be (N, cols)");
