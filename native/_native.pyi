@@ -52,6 +52,15 @@ def attention(
     scale: float,
     isa: str = "",
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
+def attention_kv(
+    q: npt.NDArray[np.float32],
+    kv: KV,
+    layer: int,
+    q_pos: npt.NDArray[np.int32],
+    pos0: int,
+    scale: float,
+    isa: str = "",
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]: ...
 def attention_merge(
     out_a: npt.NDArray[np.float32],
     lse_a: npt.NDArray[np.float32],

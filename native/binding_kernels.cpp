@@ -19,6 +19,33 @@ namespace seqshare {
 
 using namespace py_args;
 
+namespace {
+
+// Causal GQA attention of q (N, n_heads, head_dim) at q_pos over one layer of a cache whose row 0
+// is at absolute position pos0: (out, lse).
+py::tuple cached_attention(const Dense<float>& q, const KVCache& kv, int layer, const Dense<std::int32_t>& q_pos,
+                           int pos0, float scale, const std::string& isa) {
+  if (q.ndim() != 3 || q.shape(2) != kv.head_dim())
+    throw std::invalid_argument("attention: q must be (N, heads, head_dim)");
+  if (q_pos.size() != q.shape(0)) throw std::invalid_argument("attention: q_pos length mismatch");
+  const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = kv.head_dim();
+  const int KVH = kv.n_kv_heads();
+  if (KVH <= 0 || H % KVH) throw std::invalid_argument("attention: n_heads must be a multiple of kv heads");
+  const KVSpan span{kv.k(layer), kv.v(layer), kv.length(), pos0, kv.f16(), kv.phase(), kv.head_stride()};
+  const KernelTable& kt = table_arg(isa);
+  py::array_t<float> out({N, H, D});
+  py::array_t<float> lse({N, H});
+  float* po = out.mutable_data();
+  float* pl = lse.mutable_data();
+  {
+    py::gil_scoped_release nogil;
+    attention_with(kt, q.data(), N, H, KVH, D, q_pos.data(), span, scale, po, pl, global_pool());
+  }
+  return py::make_tuple(out, lse);
+}
+
+}  // namespace
+
 void bind_kernels(py::module_& m) {
   m.def("linear", [](Dense<float> x, const std::string& fmt, py::array data, py::object scales,
                      py::object mins, int group, int rows, const std::string& isa) {
@@ -90,36 +117,33 @@ void bind_kernels(py::module_& m) {
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("attention: q, k, v must be 3-D");
     for (int i = 0; i < 3; ++i)
       if (k.shape(i) != v.shape(i)) throw std::invalid_argument("attention: k and v shapes differ");
-    if (k.shape(2) != q.shape(2) || q_pos.size() != q.shape(0))
-      throw std::invalid_argument("attention: head_dim or q_pos length mismatch");
+    if (k.shape(2) != q.shape(2)) throw std::invalid_argument("attention: head_dim mismatch");
     if (pos0 < 0) throw std::invalid_argument("attention: pos0 must be >= 0");
     // The keys go into a real KV cache (its layout is what the kernels read), float16 or float32
     // like the arrays; float16 values survive the float32 round trip exactly.
     const bool f16 = k.itemsize() == 2;
-    const int L = static_cast<int>(k.shape(0)), KVH0 = static_cast<int>(k.shape(1));
-    KVCache cache(1, KVH0, static_cast<int>(k.shape(2)), L, f16, pos0 % kKVTile);
+    const int L = static_cast<int>(k.shape(0));
+    KVCache cache(1, static_cast<int>(k.shape(1)), static_cast<int>(k.shape(2)), L, f16, pos0 % kKVTile);
     {
       auto as_f32 = [](const py::array& a) { return py::array_t<float, py::array::c_style | py::array::forcecast>(a); };
       auto k32 = as_f32(k), v32 = as_f32(v);
       kv_store(cache, 0, 0, k32.data(), v32.data(), L);
       cache.advance(L);
     }
-    KVSpan span{cache.k(0), cache.v(0), L, pos0, f16, cache.phase(), cache.head_stride()};
-    const KernelTable& kt = table_arg(isa);
-    const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = static_cast<int>(q.shape(2));
-    py::array_t<float> out({N, H, D});
-    py::array_t<float> lse({N, H});
-    const int KVH = static_cast<int>(k.shape(1));
-    if (KVH <= 0 || H % KVH) throw std::invalid_argument("attention: n_heads must be a multiple of kv heads");
-    float* po = out.mutable_data();
-    float* pl = lse.mutable_data();
-    {
-      py::gil_scoped_release nogil;
-      attention_with(kt, q.data(), N, H, KVH, D, q_pos.data(), span, scale, po, pl, global_pool());
-    }
-    return py::make_tuple(out, lse);
+    return cached_attention(q, cache, 0, q_pos, pos0, scale, isa);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_pos"), py::arg("pos0"), py::arg("scale"),
      py::arg("isa") = "", "Causal GQA attention over one KV span (k/v float16 or float32): (out, lse).");
+
+  // bench/kernels.py times this one: `attention` above spends most of a long span's time building
+  // its cache, which the model never does per step.
+  m.def("attention_kv", [](Dense<float> q, const KVCache& kv, int layer, Dense<std::int32_t> q_pos, int pos0,
+                           float scale, const std::string& isa) {
+    if (layer < 0 || layer >= kv.n_layers()) throw std::invalid_argument("attention_kv: no such layer");
+    if (pos0 < 0 || pos0 % kKVTile != kv.phase())
+      throw std::invalid_argument("attention_kv: pos0 must be >= 0 and pos0 % 32 the cache's phase");
+    return cached_attention(q, kv, layer, q_pos, pos0, scale, isa);
+  }, py::arg("q"), py::arg("kv"), py::arg("layer"), py::arg("q_pos"), py::arg("pos0"), py::arg("scale"),
+     py::arg("isa") = "", "`attention` over one layer of an existing KV cache, its row 0 at position pos0.");
 
   m.def("attention_merge", [](Dense<float> out_a, Dense<float> lse_a, Dense<float> out_b, Dense<float> lse_b) {
     if (out_a.ndim() != 3 || out_b.ndim() != 3 || lse_a.ndim() != 2 || lse_b.ndim() != 2)
@@ -206,6 +230,9 @@ void bind_kernels(py::module_& m) {
       throw std::invalid_argument("kv_store: k and v must be (N, kv_dim)");
     if (layer < 0 || layer >= kv.n_layers()) throw std::invalid_argument("kv_store: layer out of range");
     const int N = static_cast<int>(k.shape(0));
+    if (kv.length() + N > kv.capacity())  // before the rows are written, not after
+      throw std::invalid_argument("kv_store: " + std::to_string(N) + " rows do not fit after the " +
+                                  std::to_string(kv.length()) + " of a KV of " + std::to_string(kv.capacity()));
     kv_store(kv, layer, kv.length(), k.data(), v.data(), N);
     kv.advance(N);
   }, py::arg("kv"), py::arg("layer"), py::arg("k"), py::arg("v"),

@@ -160,3 +160,27 @@ def test_attention_merge_of_two_spans_equals_whole(f16: bool) -> None:
     m2_o, m2_l = _native.attention_merge(empty_o, empty_l, whole_o, whole_l)
     np.testing.assert_array_equal(m2_o, whole_o)
     np.testing.assert_array_equal(m2_l, whole_l)
+
+
+@pytest.mark.parametrize("f16", [True, False])
+def test_attention_over_a_model_cache_layer_equals_the_arrays_call(f16: bool) -> None:
+    """attention_kv (bench/kernels.py's timed call) reads a layer of a cache the model filled: the
+    same keys as attention's arrays give the same bits, at another layer and a start mid-tile."""
+    q, k, v = attn_case(5, 150, 9, 3, 64, 3, f16)
+    pos0 = 37  # row 0 at lane 5 of its K tile
+    q_pos = np.array([40, 100, 150, 186, 186], np.int32)
+    kv = _native.KV(2, 3, 64, 150, "f16" if f16 else "f32", start=pos0)
+    for layer, (kl, vl) in enumerate([(v, k), (k, v)]):  # layer 0 holds other rows
+        kv.truncate(0)  # the binding appends one layer at a time
+        _native.kv_store(kv, layer, np.asarray(kl, np.float32).reshape(150, -1),
+                         np.asarray(vl, np.float32).reshape(150, -1))
+    with pytest.raises(ValueError, match="do not fit"):
+        _native.kv_store(kv, 0, np.zeros((1, 192), np.float32), np.zeros((1, 192), np.float32))
+    want_o, want_l = _native.attention(q, k, v, q_pos, pos0, 0.125)
+    got_o, got_l = _native.attention_kv(q, kv, 1, q_pos, pos0, 0.125)
+    np.testing.assert_array_equal(got_o, want_o)
+    np.testing.assert_array_equal(got_l, want_l)
+    with pytest.raises(ValueError, match="phase"):
+        _native.attention_kv(q, kv, 1, q_pos, 32, 0.125)
+    with pytest.raises(ValueError, match="no such layer"):
+        _native.attention_kv(q, kv, 2, q_pos, pos0, 0.125)
