@@ -164,12 +164,17 @@ struct Bf16Pairs {
 
   // tile_scores over head_dim pairs: per pair two key vectors and NR broadcast q pairs feed 2 NR
   // dot products. Each score is one chain over the pairs in order, whatever NR.
+  // `ahead` (Ahead::scores): 64 D bytes, two lines per pair j.
   template <int D, int NR, typename E>
-  static void scores(const E* kt, const RowState* rs, float* sc) {
+  static void scores(const E* kt, const RowState* rs, float* sc, const char* ahead) {
     __m512 acc[NR][2];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
     for (int j = 0; j < D / 2; ++j) {
+      if (ahead) {
+        _mm_prefetch(ahead + 128 * j, _MM_HINT_T0);
+        _mm_prefetch(ahead + 128 * j + 64, _MM_HINT_T0);
+      }
       const __m512i k0 = key_pairs(kt, j, 0), k1 = key_pairs(kt, j, 16);
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
@@ -209,8 +214,10 @@ struct Bf16Pairs {
   // tile_pv over key pairs: out_r <- out_r * c_r + the pairs of [lo, rhi) (a pair's key outside has
   // weight 0 and a zero value). kVecs value vectors of 16 output dims serve NR rows: four up to
   // 4 rows, two beyond (at most 16 accumulators of the 32 registers).
+  // `ahead` (Ahead::pv, whole tiles only): 64 D bytes, kVecs lines per pair j of each pass over dc.
   template <int D, int NR, typename E>
-  static void pv(const E* vt, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+  static void pv(const E* vt, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c,
+                 const char* ahead) {
     constexpr int kWant = NR <= 4 ? 4 : 2, kVecs = D / 16 < kWant ? D / 16 : kWant;
     const std::uint32_t* w[NR];
     for (int r = 0; r < NR; ++r) w[r] = reinterpret_cast<const std::uint32_t*>(p[r]);
@@ -228,6 +235,11 @@ struct Bf16Pairs {
           if (c[r] != 1.0f) o[r][v] = _mm512_mul_ps(o[r][v], _mm512_set1_ps(c[r]));
         }
       for (int j = lo / 2; j < (rhi + 1) / 2; ++j) {
+        if (ahead) {
+          const char* line = ahead + 64 * kVecs * (dc / (kVecs * 16) * (kKeys / 2) + j);
+#pragma GCC unroll 4
+          for (int l = 0; l < kVecs; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+        }
         __m512i vv[kVecs];
 #pragma GCC unroll 16
         for (int v = 0; v < kVecs; ++v) vv[v] = value_pairs<D>(vt, j, dc + 16 * v);

@@ -102,13 +102,16 @@ struct RowState {
 // two key vectors and NR broadcasts feed 2 NR FMAs, so with NR = 6 the loads no longer outnumber the
 // FMAs. Each score is one FMA chain over head_dim in order, whatever NR or V: never a different bit.
 template <class V, int D, int NR, typename E>
-void tile_scores(const E* kt, const RowState* rs, float* sc) {
+void tile_scores(const E* kt, const RowState* rs, float* sc, const char* ahead = nullptr) {
   using F = typename V::F;
+  constexpr int kLinesPerDim = static_cast<int>(sizeof(E)) / 2;  // of a 32-row tile (Ahead)
   for (int half = 0; half < kKeys; half += 2 * V::kLanes) {
     F acc[NR][2];
 #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[r][0] = acc[r][1] = V::zero();
     for (int d = 0; d < D; ++d) {
+      if (ahead && half == 0)
+        for (int l = 0; l < kLinesPerDim; ++l) _mm_prefetch(ahead + 64 * (kLinesPerDim * d + l), _MM_HINT_T0);
       const F k0 = V::load(kt + d * kKeys + half), k1 = V::load(kt + d * kKeys + half + V::kLanes);
 #pragma GCC unroll 16
       for (int r = 0; r < NR; ++r) {
@@ -196,9 +199,12 @@ struct Lanes8 {
 // loads (NR = 4 where AVX-512's 32 registers hold 16 accumulators). Per output element the
 // arithmetic is the same for any NR or V.
 template <class V, int D, int NR, typename E>
-void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
+void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c,
+             const char* ahead = nullptr) {
   using F = typename V::F;
   constexpr int kVecs = D / V::kLanes < 4 ? D / V::kLanes : 4;
+  // Ahead's lines per key of each pass over dc: all of them over a whole tile's passes.
+  constexpr int kLinesPerKey = static_cast<int>(sizeof(E)) * kVecs * V::kLanes / 64;
   for (int dc = 0; dc < D; dc += kVecs * V::kLanes) {
     F o[NR][kVecs];
 #pragma GCC unroll 16
@@ -213,6 +219,10 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
         if (c[r] != 1.0f) o[r][v] = V::scale(o[r][v], c[r]);
       }
     for (int k = lo; k < rhi; ++k) {
+      if (ahead) {
+        const char* line = ahead + 64 * kLinesPerKey * (dc / (kVecs * V::kLanes) * kKeys + k);
+        for (int l = 0; l < kLinesPerKey; ++l) _mm_prefetch(line + 64 * l, _MM_HINT_T0);
+      }
       const E* vr = vlo + (k - lo) * D + dc;
       F vv[kVecs];
 #pragma GCC unroll 16
@@ -231,17 +241,31 @@ void tile_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* 
   }
 }
 
+// What a tile read straight from the cache asks memory for while it works, so that decode's loads
+// overlap its arithmetic: the next tile's (the next kv head's, or the next 32 keys') K block
+// during the scores and its V rows during P.V, a few lines per iteration of each loop. Without it
+// a decode row read a long cache at 13-18 GB/s from memory against 33-37 GB/s from the caches
+// (BENCHMARKS.md): each tile's loads waited on memory, phase after phase. Asking two tiles ahead,
+// or for this tile's V during its scores, measured no better. Every score group and P.V run of
+// the tile asks (AVX2's P.V takes a GQA group's rows in runs of two): the repeats hit L1, and
+// asking from the first run alone was slower at AVX2.
+struct Ahead {
+  const char* scores = nullptr;
+  const char* pv = nullptr;
+};
+
 // A policy with kPairs brings its own score and P.V loops, over the f16 cache itself (E =
 // std::uint16_t, whole tiles only) or over a tile staged as BF16 pairs (E = std::uint32_t).
 template <class V, int D, int NR, typename E>
-void group_scores(const E* kt, const RowState* rs, float* sc) {
-  if constexpr (V::kPairs) V::template scores<D, NR, E>(kt, rs, sc);
-  else tile_scores<V, D, NR>(kt, rs, sc);
+void group_scores(const E* kt, const RowState* rs, float* sc, const Ahead& ah) {
+  if constexpr (V::kPairs) V::template scores<D, NR, E>(kt, rs, sc, ah.scores);
+  else tile_scores<V, D, NR>(kt, rs, sc, ah.scores);
 }
 template <class V, int D, int NR, typename E>
-void group_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c) {
-  if constexpr (V::kPairs) V::template pv<D, NR, E>(vlo, lo, rhi, rows, p, c);
-  else tile_pv<V, D, NR>(vlo, lo, rhi, rows, p, c);
+void group_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float* const* p, const float* c,
+              const Ahead& ah) {
+  if constexpr (V::kPairs) V::template pv<D, NR, E>(vlo, lo, rhi, rows, p, c, ah.pv);
+  else tile_pv<V, D, NR>(vlo, lo, rhi, rows, p, c, ah.pv);
 }
 
 // One tile (absolute positions [t, t + kKeys), key lanes [lo, hi) present) for the rows [r0, r1)
@@ -251,7 +275,7 @@ void group_pv(const E* vlo, int lo, int rhi, RowState* const* rows, const float*
 // floats.
 template <class V, int D, typename E>
 void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int hi, RowState* rs, int r0, int r1,
-               float* sc) {
+               float* sc, const Ahead& ah = {}) {
   // Score groups as even as the register budget allows (7 rows: 4 + 3, not 6 + 1): each group
   // reads the key tile once, and a group of one would read it for a single row.
   constexpr int kScoreRows = V::kScoreRows;
@@ -260,18 +284,18 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
     const int left = groups - gi, size = (r1 - r + left - 1) / left;  // rows left, split evenly
     float* out = sc + (r - r0) * kKeys;
     switch (size) {
-      case 12: if constexpr (kScoreRows >= 12) group_scores<V, D, 12>(kt, rs + r, out); break;
-      case 11: if constexpr (kScoreRows >= 11) group_scores<V, D, 11>(kt, rs + r, out); break;
-      case 10: if constexpr (kScoreRows >= 10) group_scores<V, D, 10>(kt, rs + r, out); break;
-      case 9: if constexpr (kScoreRows >= 9) group_scores<V, D, 9>(kt, rs + r, out); break;
-      case 8: if constexpr (kScoreRows >= 8) group_scores<V, D, 8>(kt, rs + r, out); break;
-      case 7: if constexpr (kScoreRows >= 7) group_scores<V, D, 7>(kt, rs + r, out); break;
-      case 6: group_scores<V, D, 6>(kt, rs + r, out); break;
-      case 5: group_scores<V, D, 5>(kt, rs + r, out); break;
-      case 4: group_scores<V, D, 4>(kt, rs + r, out); break;
-      case 3: group_scores<V, D, 3>(kt, rs + r, out); break;
-      case 2: group_scores<V, D, 2>(kt, rs + r, out); break;
-      default: group_scores<V, D, 1>(kt, rs + r, out); break;
+      case 12: if constexpr (kScoreRows >= 12) group_scores<V, D, 12>(kt, rs + r, out, ah); break;
+      case 11: if constexpr (kScoreRows >= 11) group_scores<V, D, 11>(kt, rs + r, out, ah); break;
+      case 10: if constexpr (kScoreRows >= 10) group_scores<V, D, 10>(kt, rs + r, out, ah); break;
+      case 9: if constexpr (kScoreRows >= 9) group_scores<V, D, 9>(kt, rs + r, out, ah); break;
+      case 8: if constexpr (kScoreRows >= 8) group_scores<V, D, 8>(kt, rs + r, out, ah); break;
+      case 7: if constexpr (kScoreRows >= 7) group_scores<V, D, 7>(kt, rs + r, out, ah); break;
+      case 6: group_scores<V, D, 6>(kt, rs + r, out, ah); break;
+      case 5: group_scores<V, D, 5>(kt, rs + r, out, ah); break;
+      case 4: group_scores<V, D, 4>(kt, rs + r, out, ah); break;
+      case 3: group_scores<V, D, 3>(kt, rs + r, out, ah); break;
+      case 2: group_scores<V, D, 2>(kt, rs + r, out, ah); break;
+      default: group_scores<V, D, 1>(kt, rs + r, out, ah); break;
     }
     r += size;
   }
@@ -292,14 +316,14 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
         c[i] = V::softmax(a.scale, lo, rhi, p[i], rs[r + i]);
       }
       switch (e - r) {
-        case 8: if constexpr (kPvRows >= 8) group_pv<V, D, 8>(vlo, lo, rhi, rows, p, c); break;
-        case 7: if constexpr (kPvRows >= 7) group_pv<V, D, 7>(vlo, lo, rhi, rows, p, c); break;
-        case 6: if constexpr (kPvRows >= 6) group_pv<V, D, 6>(vlo, lo, rhi, rows, p, c); break;
-        case 5: if constexpr (kPvRows >= 5) group_pv<V, D, 5>(vlo, lo, rhi, rows, p, c); break;
-        case 4: if constexpr (kPvRows >= 4) group_pv<V, D, 4>(vlo, lo, rhi, rows, p, c); break;
-        case 3: if constexpr (kPvRows >= 3) group_pv<V, D, 3>(vlo, lo, rhi, rows, p, c); break;
-        case 2: group_pv<V, D, 2>(vlo, lo, rhi, rows, p, c); break;
-        default: group_pv<V, D, 1>(vlo, lo, rhi, rows, p, c); break;
+        case 8: if constexpr (kPvRows >= 8) group_pv<V, D, 8>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 7: if constexpr (kPvRows >= 7) group_pv<V, D, 7>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 6: if constexpr (kPvRows >= 6) group_pv<V, D, 6>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 5: if constexpr (kPvRows >= 5) group_pv<V, D, 5>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 4: if constexpr (kPvRows >= 4) group_pv<V, D, 4>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 3: if constexpr (kPvRows >= 3) group_pv<V, D, 3>(vlo, lo, rhi, rows, p, c, ah); break;
+        case 2: group_pv<V, D, 2>(vlo, lo, rhi, rows, p, c, ah); break;
+        default: group_pv<V, D, 1>(vlo, lo, rhi, rows, p, c, ah); break;
       }
     }
     r = e;
@@ -352,7 +376,14 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
         // arithmetic either way, so a row's result does not depend on which path ran.
-        tile_rows<V, D, E>(a, k, v, t, lo, hi, rs.data(), r0, r1, sc);
+        Ahead ah;
+        const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
+        if (next_t + kKeys <= std::min(end, sp.pos0 + sp.len)) {  // the next tile is whole and in this span
+          ah.scores = reinterpret_cast<const char*>(k_block<D, E>(sp, next_kvh, next_t));
+          ah.pv = reinterpret_cast<const char*>(static_cast<const E*>(sp.v) + sp.head_stride * next_kvh +
+                                                static_cast<std::size_t>(next_t - sp.pos0 + sp.phase) * D);
+        }
+        tile_rows<V, D, E>(a, k, v, t, lo, hi, rs.data(), r0, r1, sc, ah);
       } else if constexpr (V::kPairs) {
         V::template stage<D>(a, kvh, t, lo, hi, whole ? k : nullptr, whole ? v : nullptr, tile, pairs);
         tile_rows<V, D, std::uint32_t>(a, pairs, pairs + kKeys * D / 2, t, lo, hi, rs.data(), r0, r1, sc);
