@@ -53,6 +53,12 @@ const E* k_block(const KVSpan& sp, int kvh, int t) {
   return static_cast<const E*>(sp.k) + kvh * sp.head_stride + tile * (static_cast<std::size_t>(D) * kKeys);
 }
 
+// Row `row` of a span's V rows for kv head `kvh` (row 0 is the span's first position).
+template <int D, typename E>
+const E* v_row(const KVSpan& sp, int kvh, int row) {
+  return static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row + sp.phase) * D;
+}
+
 // Keys/values at absolute positions [t + lo, t + hi) into the tile (lanes lo..hi); the other lanes
 // of K are zero (their scores are masked). E is the cache's element type (float16 bits or float).
 // K needs no transposing: the cache stores it as the tile wants it. A tile straddling the end of
@@ -83,7 +89,7 @@ void load_tile(const AttnArgs& a, int kvh, int t, int lo, int hi, Tile& tile) {
     int row;
     const KVSpan& sp = key_span(ks, t + l, row);
     const int end = std::min(hi, sp.pos0 + sp.len - t);
-    const E* v = static_cast<const E*>(sp.v) + kvh * sp.head_stride + static_cast<std::size_t>(row + sp.phase) * D;
+    const E* v = v_row<D, E>(sp, kvh, row);
     for (; l < end; ++l, v += D)
 #pragma GCC unroll 16
       for (int d0 = 0; d0 < D; d0 += 8) _mm256_store_ps(tile.v + l * D + d0, load8(v + d0));
@@ -371,7 +377,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       const bool one_span = sp.pos0 + sp.len >= t + hi, whole = one_span && lo == 0 && hi == kKeys;
       // The tile's K block and lane lo's V row in the cache, where one span holds its keys.
       const E* k = k_block<D, E>(sp, kvh, t);
-      const E* v = static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row0 + sp.phase) * D;
+      const E* v = v_row<D, E>(sp, kvh, row0);
       // A pair policy reads pairs of V rows, so it goes direct only where every row is present.
       if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
@@ -380,8 +386,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
         const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
         if (next_t + kKeys <= std::min(end, sp.pos0 + sp.len)) {  // the next tile is whole and in this span
           ah.scores = reinterpret_cast<const char*>(k_block<D, E>(sp, next_kvh, next_t));
-          ah.pv = reinterpret_cast<const char*>(static_cast<const E*>(sp.v) + sp.head_stride * next_kvh +
-                                                static_cast<std::size_t>(next_t - sp.pos0 + sp.phase) * D);
+          ah.pv = reinterpret_cast<const char*>(v_row<D, E>(sp, next_kvh, next_t - sp.pos0));
         }
         tile_rows<V, D, E>(a, k, v, t, lo, hi, rs.data(), r0, r1, sc, ah);
       } else if constexpr (V::kPairs) {
