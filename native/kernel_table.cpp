@@ -61,9 +61,10 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[4] = qgemm_q8p_avx512;
     t.attention = attention_avx512;
   }
-  // q8 weights take int16 activations, which AMX-INT8 does not multiply, and q6 measured slower on
-  // the tiles (qgemm_amx.cpp): both stay on avx512.
+  // q8 weights take int16 activations, which AMX-INT8 does not multiply (qgemm_q8_amx is AVX-512
+  // tuned for these CPUs), and q6 measured slower on the tiles (qgemm_amx.cpp): it stays on avx512.
   if (isa == Isa::Amx) {
+    t.qgemm[0] = qgemm_q8_amx;
     t.qgemm[1] = qgemm_q4_amx;
     t.qgemm[2] = qgemm_q5_amx;
     t.qgemm[4] = qgemm_q8p_amx;
