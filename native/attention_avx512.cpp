@@ -2,7 +2,8 @@
 // loop, the softmax's exponentials and P.V take half the instructions of AVX2's. Over an f32 cache
 // (Lanes16) the bits are AVX2's: scores and P.V never mix lanes, and the softmax does AVX2's
 // operations per lane and adds its weights in AVX2's order. Over an f16 cache (Bf16Pairs) the
-// products are BF16 pairs, which halves the instructions again at BF16's rounding.
+// products are BF16 pairs, which halves the instructions again at BF16's rounding: faster on Zen 5
+// and Zen 4, slower on the Xeons with AMX, whose level (attention_amx) keeps f32 lanes over f16 too.
 #include "attention_tiles.h"
 
 namespace seqshare {
@@ -265,5 +266,12 @@ void attention_avx512(const AttnArgs& a, int n0, int n1, int b) {
   if (ks.span[0].f16 && (ks.n == 1 || ks.span[1].f16)) return attend_dim<Bf16Pairs, std::uint16_t>(a, n0, n1, b);
   attention_tiles<Lanes16>(a, n0, n1, b);
 }
+
+// On the Xeons measured (Sapphire and Emerald Rapids) the BF16 pairs lost to f32 lanes in every
+// case of bench/kernels.py at SmolLM2's shapes, 2 cores: prefill 512 over 512 2.12 -> 1.61 ms per
+// layer, one decode row over 6000 0.146 -> 0.099 ms, 16 rows over 6000 1.46 -> 1.09 ms; the
+// conversions to pairs (two vcvtph2ps, vcvtne2ps2bf16 and vpermw per 16 keys of a pair) cost more
+// there than the dot products save. So the amx level takes Lanes16 for f16 caches too: AVX2's bits.
+void attention_amx(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Lanes16>(a, n0, n1, b); }
 
 }  // namespace seqshare

@@ -9,8 +9,9 @@ namespace seqshare {
 // Alder Lake / Zen 5; avx512 needs AVX512-VNNI/BF16 but not AVX-VNNI (Zen 4 lacks it), so its
 // kernels never use VEX VNNI and a lower level is not always runnable where a higher one is. amx is
 // avx512 plus AMX-INT8 tiles (Sapphire Rapids and later Xeons), which Linux must grant the process.
-// avx512 and amx multiply BF16 pairs in attention over an f16 cache (attention_avx512.cpp), so their
-// attention differs from avx2's by BF16 rounding; their integer GEMMs give avx2's bits.
+// avx512 multiplies BF16 pairs in attention over an f16 cache (attention_avx512.cpp), so its
+// attention differs from avx2's by BF16 rounding; amx's attention (f32 lanes) and every x86 level's
+// integer GEMMs give avx2's bits.
 // AArch64: neon is the base ISA (Cortex-A53/A72); dotprod adds sdot (A55/A76, Neoverse N1); i8mm
 // adds smmla (A78/X1 and later, Neoverse V1/N2).
 enum class Isa { Scalar = 0, Avx2 = 1, AvxVnni = 2, Avx512 = 3, Amx = 4, Neon = 5, Dotprod = 6, I8mm = 7 };

@@ -65,6 +65,7 @@ static KernelTable make_table(Isa isa) {
   // tuned for these CPUs), and q6 measured slower on the tiles (qgemm_amx.cpp): it stays on avx512.
   if (isa == Isa::Amx) {
     t.qgemm[0] = qgemm_q8_amx;
+    t.attention = attention_amx;
     t.qgemm[1] = qgemm_q4_amx;
     t.qgemm[2] = qgemm_q5_amx;
     t.qgemm[4] = qgemm_q8p_amx;

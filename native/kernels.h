@@ -212,6 +212,7 @@ void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int l
 void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q8p_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_avx512(const AttnArgs& a, int n0, int n1, int b);
+void attention_amx(const AttnArgs& a, int n0, int n1, int b);  // AVX-512
 void qgemm_q8_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // AVX-512
 void qgemm_q4_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
