@@ -73,9 +73,9 @@ struct Avx512RowPairWordDot {
 // The amx level's q8 rows (AMX-INT8 does not multiply int16 activations): the same kernels, but
 // decode's narrow tile takes 3 rows, not 4. On the Xeon measured (2 cores, bench/kernels.py
 // --formats q8 --tokens 1 --shape qwen2.5-1.5b --layers 12, alternated) the fewer interleaved row
-// streams read 22.8 -> 25.9 GB/s from memory, 2 rows 26.5 and 6 rows 22.5; from the caches (the
-// default model's decode, its head q8) 3 rows were as fast as 4 and 2 rows 4% slower. Which rows a
-// tile holds changes no output's arithmetic.
+// streams read 22.1-23.0 -> 25.4-26.1 GB/s from memory, 2 rows 26.5 and 6 rows 22.5; from the
+// caches (the default model's decode, its head q8) 3 rows were as fast as 4 and 2 rows 4% slower.
+// Which rows a tile holds changes no output's arithmetic.
 struct AmxNarrowWordDot : Avx512WordDot {
   static constexpr int kR = 3;
 };
