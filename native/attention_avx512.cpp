@@ -2,8 +2,8 @@
 // loop, the softmax's exponentials and P.V take half the instructions of AVX2's. Over an f32 cache
 // (Lanes16) the bits are AVX2's: scores and P.V never mix lanes, and the softmax does AVX2's
 // operations per lane and adds its weights in AVX2's order. Over an f16 cache (Bf16Pairs) the
-// products are BF16 pairs, which halves the instructions again at BF16's rounding: faster on Zen 5
-// and Zen 4, slower on the Xeons with AMX, whose level (attention_amx) keeps f32 lanes over f16 too.
+// products are BF16 pairs, which halves the instructions again at BF16's rounding: faster on Zen 5,
+// slower on the AMX Xeon measured, whose level (attention_amx) keeps f32 lanes over f16 too.
 #include "attention_tiles.h"
 
 namespace seqshare {
