@@ -5,28 +5,10 @@
 // products are BF16 pairs, which halves the instructions again at BF16's rounding: faster on Zen 5,
 // slower on the AMX Xeon measured, whose level (attention_amx) keeps f32 lanes over f16 too.
 #include "attention_tiles.h"
+#include "avx512.h"
 
 namespace seqshare {
 namespace {
-
-// avx2::exp's operations in its order, on 16 lanes: each lane gets avx2::exp's bits.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.0f / 5040);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
 
 inline __m512 f16x16(const std::uint16_t* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
@@ -48,7 +30,7 @@ inline float tile_weights16(float scale, int lo, int rhi, const float* sc, float
   const float m_new = std::max(m_old, _mm512_reduce_max_ps(_mm512_max_ps(x[0], x[1])));
   const __m512 mv = _mm512_set1_ps(m_new);
   for (int c = 0; c < 2; ++c) {
-    p[c] = exp16(_mm512_sub_ps(x[c], mv));
+    p[c] = avx512::exp(_mm512_sub_ps(x[c], mv));
     if (!full) p[c] = _mm512_maskz_mov_ps(mask[c], p[c]);
   }
   return m_new;
@@ -200,13 +182,13 @@ struct Bf16Pairs {
     _mm512_storeu_si512(sc, pairs);
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(pairs, 16));
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(pairs, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
-    // row_fold, but with exp16 for std::exp: a call into libm made the compiler save every live
+    // row_fold, but with avx512::exp for std::exp: a call into libm made the compiler save every live
     // vector around it, which cost more than the softmax's arithmetic. The sum stays one scalar
     // per tile (not lanes folded at the block's end), so a block resumed at any tile adds the same
     // numbers in the same order as one attended whole.
     const float c = m_new == row.m ? 1.0f
                     : row.m == -std::numeric_limits<float>::infinity() ? 0.0f  // nothing seen before
-                                    : _mm512_cvtss_f32(exp16(_mm512_set1_ps(row.m - m_new)));
+                                    : _mm512_cvtss_f32(avx512::exp(_mm512_set1_ps(row.m - m_new)));
     row.l = row.l * c + _mm512_reduce_add_ps(_mm512_add_ps(even, odd));
     row.m = m_new;
     return c;

@@ -54,6 +54,8 @@ static KernelTable make_table(Isa isa) {
   }
   if (isa == Isa::Avx512 || isa == Isa::Amx) {
     t.dot_f32 = dot_f32_avx512;
+    t.quantize_acts = quantize_acts_avx512;
+    t.silu_mul = silu_mul_avx512;
     t.qgemm[0] = qgemm_q8_avx512;
     t.qgemm[1] = qgemm_q4_avx512;
     t.qgemm[2] = qgemm_q5_avx512;

@@ -206,6 +206,8 @@ void qgemm_q5_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int 
 void qgemm_q6_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q8p_avxvnni(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 float dot_f32_avx512(const float* a, const float* b, std::size_t n);
+void silu_mul_avx512(float* gate, const float* up, std::size_t n);  // AVX2's bits
+void quantize_acts_avx512(const float* x, int cols, int group, bool for_q8, void* out);  // AVX2's bytes
 void qgemm_q8_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

@@ -293,6 +293,21 @@ def test_rmsnorm_silu_mul_add(isa: str) -> None:
     np.testing.assert_array_equal(_native.add(x, up, isa), x + up)
 
 
+@pytest.mark.parametrize("isa", ["avx512", "amx"])
+def test_wide_silu_mul_gives_the_avx2_bits(isa: str) -> None:
+    """The AVX-512 levels' silu_mul does AVX2's operations per element at 16 lanes (its exp is
+    avx2::exp's) and hands AVX2 the tail: every length, the tails of 1-15 included, and inputs from
+    the exponential's clamps (|x| > 87) to zero give AVX2's bits."""
+    need(isa)
+    rng = np.random.default_rng(5)
+    for n in (1, 7, 8, 15, 16, 17, 31, 33, 100, 4864 * 3 + 5):
+        gate = (rng.standard_normal(n) * rng.choice([0.01, 1.0, 10.0, 100.0], n)).astype(np.float32)
+        gate[: min(n, 3)] = [0.0, -90.0, 95.0][: min(n, 3)]
+        up = rng.standard_normal(n, dtype=np.float32)
+        np.testing.assert_array_equal(_native.silu_mul(gate, up, isa), _native.silu_mul(gate, up, "avx2"),
+                                      err_msg=f"n={n}")
+
+
 def test_rope_rotates_halves_like_transformers() -> None:
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(0)
