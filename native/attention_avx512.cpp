@@ -250,8 +250,8 @@ void attention_avx512(const AttnArgs& a, int n0, int n1, int b) {
 }
 
 // On the Xeon with AMX measured (family 6 model 167, 2 cores) the BF16 pairs lost to f32 lanes in
-// every case of bench/kernels.py, here at SmolLM2's shapes: prefill 512 over 512 2.12 -> 1.61 ms per
-// layer, one decode row over 6000 0.146 -> 0.099 ms, 16 rows over 6000 1.46 -> 1.09 ms; the
+// every case of bench/kernels.py, here at SmolLM2's shapes: prefill 512 over 512 2.13 -> 1.61 ms per
+// layer, one decode row over 6000 0.147 -> 0.099 ms, 16 rows over 6000 1.46 -> 1.09 ms; the
 // conversions to pairs (two vcvtph2ps, vcvtne2ps2bf16 and vpermw per 16 keys of a pair) cost more
 // there than the dot products save. So the amx level takes Lanes16 for f16 caches too: AVX2's bits.
 void attention_amx(const AttnArgs& a, int n0, int n1, int b) { attention_tiles<Lanes16>(a, n0, n1, b); }

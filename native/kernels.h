@@ -188,6 +188,34 @@ std::size_t qacts_row_bytes_avx2(int cols, int group, bool for_q8);
 // activation row keeps -sum(q) x each (qgemm_avx2.cpp): sym_offset_row(bits) is its index.
 constexpr int kSymOffsets[4] = {8, 16, 32, 128};
 constexpr int sym_offset_row(int bits) { return bits == 8 ? 3 : bits - 4; }
+// What follows the int8 values of an x86 activation row (qgemm_avx2.cpp's layout), written by
+// every x86 quantizer: per group its scale, scale x sum(q) and the offset terms, zero past the
+// groups up to ngp (ng rounded up to 8).
+class QActsTail {
+ public:
+  QActsTail(void* row, int cols, int group)
+      : ng_(cols / group),
+        ngp_((cols / group + 7) & ~7),
+        d_(reinterpret_cast<float*>(static_cast<std::int8_t*>(row) + cols)),
+        offset_(reinterpret_cast<std::int32_t*>(d_ + 2 * ngp_)) {}
+  int groups() const { return ng_; }
+  void set(int g, float dg, int total) {
+    d_[g] = dg;
+    d_[ngp_ + g] = dg * static_cast<float>(total);
+    for (int k = 0; k < 4; ++k) offset_[k * ngp_ + g] = -total * kSymOffsets[k];
+  }
+  void pad() {
+    for (int g = ng_; g < ngp_; ++g) {
+      d_[g] = d_[ngp_ + g] = 0.0f;
+      for (int k = 0; k < 4; ++k) offset_[k * ngp_ + g] = 0;
+    }
+  }
+
+ private:
+  int ng_, ngp_;
+  float* d_;
+  std::int32_t* offset_;
+};
 void quantize_acts_avx2(const float* x, int cols, int group, bool for_q8, void* out);
 void qgemm_q8_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q4_avx2(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

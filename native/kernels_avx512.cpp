@@ -45,11 +45,8 @@ void silu_mul_avx512(float* gate, const float* up, std::size_t n) {
 void quantize_acts_avx512(const float* x, int cols, int G, bool for_q8, void* out) {
   if (for_q8 || G % 16 != 0) return quantize_acts_avx2(x, cols, G, for_q8, out);
   auto* q = static_cast<std::int8_t*>(out);
-  const int ng = cols / G, ngp = (ng + 7) & ~7;
-  float* d = reinterpret_cast<float*>(q + cols);
-  float* s = d + ngp;
-  auto* offset = reinterpret_cast<std::int32_t*>(s + ngp);
-  for (int g = 0; g < ng; ++g) {
+  QActsTail tail(out, cols, G);
+  for (int g = 0; g < tail.groups(); ++g) {
     const float* xg = x + static_cast<std::size_t>(g) * G;
     __m512 amax = _mm512_setzero_ps();
     for (int i = 0; i < G; i += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + i)));
@@ -61,15 +58,9 @@ void quantize_acts_avx512(const float* x, int cols, int G, bool for_q8, void* ou
       sum = _mm512_add_epi32(sum, v);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(q + static_cast<std::size_t>(g) * G + i), _mm512_cvtsepi32_epi8(v));
     }
-    const int total = _mm512_reduce_add_epi32(sum);
-    d[g] = dg;
-    s[g] = dg * static_cast<float>(total);
-    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = -total * kSymOffsets[k];
+    tail.set(g, dg, _mm512_reduce_add_epi32(sum));
   }
-  for (int g = ng; g < ngp; ++g) {
-    d[g] = s[g] = 0.0f;
-    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = 0;
-  }
+  tail.pad();
 }
 
 }  // namespace seqshare

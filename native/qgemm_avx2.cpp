@@ -64,12 +64,9 @@ static void quantize_acts16(const float* x, int cols, int G, void* out) {
 void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out) {
   if (for_q8) return quantize_acts16(x, cols, G, out);
   auto* q = static_cast<std::int8_t*>(out);
-  const int ng = cols / G, ngp = padded_groups(cols, G);
-  float* d = reinterpret_cast<float*>(q + cols);
-  float* s = d + ngp;
-  auto* offset = reinterpret_cast<std::int32_t*>(s + ngp);
+  QActsTail tail(out, cols, G);
   const __m256 sign = _mm256_set1_ps(-0.0f);
-  for (int g = 0; g < ng; ++g) {
+  for (int g = 0; g < tail.groups(); ++g) {
     const float* xg = x + static_cast<std::size_t>(g) * G;
     __m256 amax = _mm256_setzero_ps();
     for (int i = 0; i < G; i += 8) amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xg + i)));
@@ -95,15 +92,9 @@ void quantize_acts_avx2(const float* x, int cols, int G, bool for_q8, void* out)
     __m128i t = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(1, 0, 3, 2)));
     t = _mm_add_epi32(t, _mm_shuffle_epi32(t, _MM_SHUFFLE(2, 3, 0, 1)));
-    d[g] = dg;
-    const int total = _mm_cvtsi128_si32(t);
-    s[g] = dg * static_cast<float>(total);
-    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = -total * kSymOffsets[k];
+    tail.set(g, dg, _mm_cvtsi128_si32(t));
   }
-  for (int g = ng; g < ngp; ++g) {
-    d[g] = s[g] = 0.0f;
-    for (int k = 0; k < 4; ++k) offset[k * ngp + g] = 0;
-  }
+  tail.pad();
 }
 
 namespace {
