@@ -1,14 +1,15 @@
-// Tiled attention for attention_avx2.cpp and attention_avx512.cpp: 32 keys per tile, converted
-// from f16 once per tile into L1 (K transposed to (head_dim, 32) so scores are vectors of FMAs with
-// q broadcast), then for the query rows sharing this kv head -- the heads of its group, for each
-// query -- scores six rows at a time, an online-softmax update per row, and P.V two rows at a time
-// into the rows' running outputs. K/V are read once per (kv head, query block) and no score matrix
-// exists beyond one rows x 32 tile. With up to 8 rows per kv head (decode, GQA groups of real
-// models) the tile is read straight from the cache instead. The score, softmax and P.V loops take
-// their vector width as a policy (Lanes8 here, Lanes16 in attention_avx512.cpp); staging is 8 lanes
-// wide. A policy with kPairs (Bf16Pairs there) brings its own loops and staging over tiles of BF16
-// pairs; this file keeps the rows, the tile walk and the online-softmax bookkeeping for both.
-// Included only by files compiled with at least -mavx2 -mfma -mf16c.
+// Tiled attention for attention_avx2.cpp and attention_avx512.h (attention_amx.cpp shares its rows
+// and tile addressing): 32 keys per tile, converted from f16 once per tile into L1 (K transposed to
+// (head_dim, 32) so scores are vectors of FMAs with q broadcast), then for the query rows sharing
+// this kv head -- the heads of its group, for each query -- scores six rows at a time, an
+// online-softmax update per row, and P.V two rows at a time into the rows' running outputs. K/V are
+// read once per (kv head, query block) and no score matrix exists beyond one rows x 32 tile. With
+// up to 8 rows per kv head (decode, GQA groups of real models) the tile is read straight from the
+// cache instead. The score, softmax and P.V loops take their vector width as a policy (Lanes8 here,
+// Lanes16 in attention_avx512.h); staging is 8 lanes wide. A policy with kPairs (Bf16Pairs there)
+// brings its own loops and staging over tiles of BF16 pairs; this file keeps the rows, the tile
+// walk and the online-softmax bookkeeping for both. Included only by files compiled with at least
+// -mavx2 -mfma -mf16c.
 #pragma once
 #include <immintrin.h>
 
@@ -185,7 +186,7 @@ inline float row_softmax(float scale, int lo, int rhi, float* sc, RowState& row)
 // policy's softmax: row_softmax, or a wider one with its bits.
 struct Lanes8 {
   using F = __m256;
-  static constexpr bool kPairs = false;  // f32 products (a pair policy: attention_avx512.cpp's Bf16Pairs)
+  static constexpr bool kPairs = false;  // f32 products (a pair policy: attention_avx512.h's Bf16Pairs)
   static constexpr int kLanes = 8, kScoreRows = 6, kPvRows = 2;
   static F load(const std::uint16_t* p) { return load8(p); }
   static F load(const float* p) { return load8(p); }
@@ -336,27 +337,19 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
   }
 }
 
-// All heads of queries [n0, n1) over block b, tile by tile; inside a tile, kv head by kv head, so
-// each tile's rows are read whole (all kv heads) while they are in cache.
-template <class V, int D, typename E>
-void attend(const AttnArgs& a, int n0, int n1, int b) {
+// The rows of queries [n0, n1) over block b (all heads, kv head by kv head: (kvh, query, head in
+// group)) into rs, each with its state resumed or new, and with a pair policy q as BF16 pairs in
+// `qpairs` (16 rows more, zeros: attention_amx.cpp's tiles load whole 16-row blocks). Returns the
+// last visible position of any row, plus one.
+template <class V, int D>
+int unit_rows(const AttnArgs& a, int n0, int n1, int b, const BlockKeys& bk, std::vector<RowState>& rs,
+              std::vector<std::uint32_t>& qpairs) {
   const AttnJob& job = *a.job;
   const int hpg = a.n_heads / a.n_kv_heads, per_kvh = (n1 - n0) * hpg, nrows = per_kvh * a.n_kv_heads;
-  const BlockKeys bk = block_keys(job, b);
-  thread_local std::vector<float> buf;
-  thread_local std::vector<RowState> rs;
-  thread_local std::vector<std::uint32_t> qpairs;
-  constexpr std::size_t kPairTile = V::kPairs ? kKeys * D : 0;  // a BF16 pair tile: K and V, kKeys * D / 2 words each
-  buf.resize(2 * kKeys * D + kPairTile + static_cast<std::size_t>(per_kvh) * kKeys + 16);
   rs.resize(static_cast<std::size_t>(nrows));
-  float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 63) & ~std::uintptr_t(63));
-  Tile tile{base, base + kKeys * D};
-  std::uint32_t* pairs = reinterpret_cast<std::uint32_t*>(base + 2 * kKeys * D);
-  float* sc = base + 2 * kKeys * D + kPairTile;  // scores, then weights, of one kv head's rows
-  if constexpr (V::kPairs) qpairs.resize(static_cast<std::size_t>(nrows) * D / 2);
-  const KeySpans& ks = job.keys;
-  int end = bk.lo;  // the last visible position of any row, plus one
-  for (int i = 0; i < nrows; ++i) {  // rows kv head by kv head: (kvh, query, head in group)
+  if constexpr (V::kPairs) qpairs.assign(static_cast<std::size_t>(nrows + 16) * D / 2, 0);
+  int end = bk.lo;
+  for (int i = 0; i < nrows; ++i) {
     const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
     float* st = a.st.at(state_row(job, n), h, b);
     // A new state's output is not zeroed here: its first tile's factor is 0 and tile_pv starts it
@@ -368,6 +361,36 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
     if constexpr (V::kPairs) rs[i].qp = V::template pack_q<D>(rs[i].q, qpairs.data() + static_cast<std::size_t>(i) * D / 2);
     end = std::max(end, limit);
   }
+  return end;
+}
+
+// Each row's running maximum and sum after its output, where the fold reads them.
+template <int D>
+void save_rows(const std::vector<RowState>& rs) {
+  for (const RowState& r : rs) {
+    r.o[D] = r.m;
+    r.o[D + 1] = r.l;
+  }
+}
+
+// All heads of queries [n0, n1) over block b, tile by tile; inside a tile, kv head by kv head, so
+// each tile's rows are read whole (all kv heads) while they are in cache.
+template <class V, int D, typename E>
+void attend(const AttnArgs& a, int n0, int n1, int b) {
+  const AttnJob& job = *a.job;
+  const int hpg = a.n_heads / a.n_kv_heads, per_kvh = (n1 - n0) * hpg;
+  const BlockKeys bk = block_keys(job, b);
+  thread_local std::vector<float> buf;
+  thread_local std::vector<RowState> rs;
+  thread_local std::vector<std::uint32_t> qpairs;
+  constexpr std::size_t kPairTile = V::kPairs ? kKeys * D : 0;  // a BF16 pair tile: K and V, kKeys * D / 2 words each
+  buf.resize(2 * kKeys * D + kPairTile + static_cast<std::size_t>(per_kvh) * kKeys + 16);
+  float* base = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(buf.data()) + 63) & ~std::uintptr_t(63));
+  Tile tile{base, base + kKeys * D};
+  std::uint32_t* pairs = reinterpret_cast<std::uint32_t*>(base + 2 * kKeys * D);
+  float* sc = base + 2 * kKeys * D + kPairTile;  // scores, then weights, of one kv head's rows
+  const KeySpans& ks = job.keys;
+  const int end = unit_rows<V, D>(a, n0, n1, b, bk, rs, qpairs);  // the last visible position of any row, plus one
   for (int t = bk.lo - bk.lo % kKeys; t < end; t += kKeys) {  // tiles at absolute multiples of kKeys
     const int lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
     for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
@@ -398,10 +421,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       }
     }
   }
-  for (int i = 0; i < nrows; ++i) {
-    rs[i].o[D] = rs[i].m;
-    rs[i].o[D + 1] = rs[i].l;
-  }
+  save_rows<D>(rs);
 }
 
 template <class V, typename E>
@@ -416,7 +436,7 @@ void attend_dim(const AttnArgs& a, int n0, int n1, int b) {
 
 }  // namespace
 
-// The tiled attention at vector width V (Lanes8, or attention_avx512.cpp's Lanes16): f16 or f32 caches.
+// The tiled attention at vector width V (Lanes8, or attention_avx512.h's Lanes16): f16 or f32 caches.
 template <class V>
 void attention_tiles(const AttnArgs& a, int n0, int n1, int b) {
   const KeySpans& ks = a.job->keys;

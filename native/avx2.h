@@ -1,5 +1,5 @@
 // Helpers shared by the AVX2 kernel files. Only files compiled with at least -mavx2 -mfma -mf16c
-// may include this header: those, and attention_avx512.cpp through attention_tiles.h.
+// may include this header: those, and attention_avx512.h and attention_amx.cpp through attention_tiles.h.
 #pragma once
 #include <immintrin.h>
 

@@ -236,6 +236,7 @@ PYBIND11_MODULE(_native, m) {
     d["avx512f"] = c.avx512f; d["avx512bw"] = c.avx512bw; d["avx512vl"] = c.avx512vl;
     d["avx512dq"] = c.avx512dq; d["avx512vnni"] = c.avx512vnni; d["avx512bf16"] = c.avx512bf16;
     d["amx_int8"] = c.amx_int8;
+    d["amx_bf16"] = c.amx_bf16;
     d["avxvnni"] = c.avxvnni;
     d["asimd"] = c.asimd; d["asimddp"] = c.asimddp; d["i8mm"] = c.i8mm;
     return d;

@@ -39,6 +39,7 @@ const CpuFeatures& cpu_features() {
     c.avx512bf16 = __builtin_cpu_supports("avx512bf16");
     c.avxvnni = __builtin_cpu_supports("avxvnni");
     c.amx_int8 = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-int8") && amx_permitted();
+    c.amx_bf16 = c.amx_int8 && __builtin_cpu_supports("amx-bf16");
 #endif
 #if defined(SEQSHARE_ARM)
     // The kernel's view of this CPU (under qemu-user: of the emulated CPU, QEMU_CPU).
@@ -62,7 +63,7 @@ bool cpu_runs(Isa isa) {
     // The AVX-512 variants use VNNI and BF16 instructions freely, so all of them are required.
     case Isa::Avx512:
       return avx2 && c.avx512f && c.avx512bw && c.avx512vl && c.avx512dq && c.avx512vnni && c.avx512bf16;
-    case Isa::Amx: return cpu_runs(Isa::Avx512) && c.amx_int8;
+    case Isa::Amx: return cpu_runs(Isa::Avx512) && c.amx_int8 && c.amx_bf16;
     case Isa::Neon: return c.asimd;
     case Isa::Dotprod: return c.asimd && c.asimddp;
     case Isa::I8mm: return c.asimd && c.asimddp && c.i8mm;

@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "amx.h"
 #include "qgemm_zmm.h"
 
 namespace seqshare {
@@ -26,13 +27,6 @@ constexpr int kRowBytes = 64;  // a B / C tile row: 16 weight rows x 4 bytes, or
 
 struct alignas(64) Line {  // one B tile row, or one 512-bit vector of floats
   std::uint8_t bytes[kRowBytes];
-};
-
-struct TileConfig {  // ldtilecfg's operand, palette 1
-  std::uint8_t palette = 1, start_row = 0;
-  std::uint8_t reserved[14] = {};
-  std::uint16_t colsb[16] = {};
-  std::uint8_t rows[16] = {};
 };
 
 // Groups whose products are stored before their float steps run (amx_block), so that the float
@@ -59,10 +53,7 @@ void configure_tiles() {
   for (int t = kC0; t <= kC3; ++t) c.colsb[t] = kRowBytes, c.rows[t] = kTokens;
   for (int t : {kA0, kA1}) c.colsb[t] = kStep<G>, c.rows[t] = kTokens;
   for (int t : {kB0, kB1}) c.colsb[t] = kRowBytes, c.rows[t] = kStep<G> / 4;
-  // gcc 12's _tile_loadconfig tells the compiler it reads 8 bytes of `c`: without this barrier the
-  // other stores may be dropped, and ldtilecfg faults on what the stack held.
-  __asm__ __volatile__("" : : "r"(&c) : "memory");
-  _tile_loadconfig(&c);
+  load_tile_config(c);
 }
 
 // Panels `panel` and `panel + 1` as B tile rows: row 8b + i holds columns 32b + 4i .. + 3 of all 16
