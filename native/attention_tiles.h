@@ -339,15 +339,16 @@ void tile_rows(const AttnArgs& a, const E* kt, const E* vlo, int t, int lo, int 
 
 // The rows of queries [n0, n1) over block b (all heads, kv head by kv head: (kvh, query, head in
 // group)) into rs, each with its state resumed or new, and with a pair policy q as BF16 pairs in
-// `qpairs` (16 rows more, zeros: attention_amx.cpp's tiles load whole 16-row blocks). Returns the
-// last visible position of any row, plus one.
+// `qpairs` (room for 16 rows more: attention_amx.cpp's tiles load whole 16-row blocks, and what the
+// rows past the last hold only reaches outputs nobody reads). Returns the last visible position of
+// any row, plus one.
 template <class V, int D>
 int unit_rows(const AttnArgs& a, int n0, int n1, int b, const BlockKeys& bk, std::vector<RowState>& rs,
               std::vector<std::uint32_t>& qpairs) {
   const AttnJob& job = *a.job;
   const int hpg = a.n_heads / a.n_kv_heads, per_kvh = (n1 - n0) * hpg, nrows = per_kvh * a.n_kv_heads;
   rs.resize(static_cast<std::size_t>(nrows));
-  if constexpr (V::kPairs) qpairs.assign(static_cast<std::size_t>(nrows + 16) * D / 2, 0);
+  if constexpr (V::kPairs) qpairs.resize(static_cast<std::size_t>(nrows + 16) * D / 2);
   int end = bk.lo;
   for (int i = 0; i < nrows; ++i) {
     const int kvh = i / per_kvh, n = n0 + (i % per_kvh) / hpg, h = kvh * hpg + i % hpg;
