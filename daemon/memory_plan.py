@@ -6,7 +6,8 @@ Per worker process:
   KV arena      per model: share_length + max_batch slots of (seq_length - share_length) token rows
                 (plus each slot's spare rows for any tile phase: worker/kv_arena.py, which allocates
                 exactly these slots at load), i.e. the document being prefilled plus a private tail per
-                batched sequence (the seed's three segments, batched), times kv_bytes_per_token(kv_dtype)
+                batched sequence (the seed's three segments, batched), times kv_bytes_per_token (the
+                rows, and on the amx level their BF16 pair tiles too)
   prefix cache  cache.memory_bytes (cached documents' KV)
   scratch       memory.scratch_bytes (activations, logits, sampler buffers)
   runtime       the interpreter and its libraries (RUNTIME_BYTES, measured)
@@ -37,7 +38,7 @@ from seqshare.daemon.config import ModelConfig, Settings
 from seqshare.daemon.memory_probe import CgroupLimit, cgroup_memory_limit, lock_memory, mem_available
 from seqshare.daemon.paths import seqshare_home
 from seqshare.worker.errors import ConfigError, MemoryBudgetError, SeqshareError
-from seqshare.worker.kv_arena import slot_allocated_rows, slot_rows
+from seqshare.worker.kv_arena import kv_bytes_per_token, slot_allocated_rows, slot_rows
 
 log = logging.getLogger(__name__)
 
@@ -186,10 +187,11 @@ def compute_plan(settings: Settings, bundles: Sequence[BundleFacts], budget: Bud
                               f"digest {digest[:12]}, {shared}"))
     for b in bundles:
         tokens = b.kv_arena_tokens(settings.max_batch)
-        per_token = b.spec.kv_bytes_per_token(settings.kv_dtype)
+        per_token = kv_bytes_per_token(b.spec, settings.kv_dtype)
+        pairs = " + BF16 pair tiles" if per_token > b.spec.kv_bytes_per_token(settings.kv_dtype) else ""
         items.append(PlanItem("kv_arena", f"KV arena {b.name}", tokens * per_token,
                               f"{b.share_length}+{settings.max_batch}x({b.seq_length}-{b.share_length}+spare) "
-                              f"tokens x {per_token} B ({settings.kv_dtype})"))
+                              f"tokens x {per_token} B ({settings.kv_dtype}{pairs})"))
     items.append(PlanItem("prefix_cache", "prefix cache", settings.cache.memory_bytes, "cache.memory_bytes"))
     items.append(PlanItem("scratch", "scratch", settings.memory.scratch_bytes, "memory.scratch_bytes"))
     items.append(PlanItem("runtime", "runtime", RUNTIME_BYTES, "interpreter and libraries"))

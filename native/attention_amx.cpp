@@ -164,17 +164,17 @@ inline void outputs_from_tiles(float* ob, int nd) {
   }
 }
 
-// Rows rs[0..n) (n <= 16, of one kv head, q pairs contiguous) over the block's staged tiles (tile i
-// at pairs + i * kPairWords * D: K pairs (D/2, 32), then V pairs (16, D)). First every tile's scores
+// Rows rs[0..n) (n <= 16, of one kv head, q pairs contiguous) over the block's tiles as pairs (tile i
+// at pairs[i]: K pairs (D/2, 32), then V pairs (16, D)). First every tile's scores
 // and softmax (weights w, 16 x 32 floats per tile; factors c and rows to rescale per tile), then
 // per 64 output dims the P.V of every tile added to the outputs in C tiles, in tile order.
 template <int D>
-void block_rows(const AttnArgs& a, const std::uint32_t* pairs, const TileKeys* tk, int ntiles, RowState* rs, int n,
-                float* w, float* c) {
+void block_rows(const AttnArgs& a, const std::uint32_t* const* pairs, const TileKeys* tk, int ntiles, RowState* rs,
+                int n, float* w, float* c) {
   unsigned rescale[kMaxTiles], fresh = 0;
   for (int i = 0; i < n; ++i) fresh |= (rs[i].m == -std::numeric_limits<float>::infinity()) << i;
   for (int i = 0; i < ntiles; ++i) {
-    const std::uint32_t* kp = pairs + static_cast<std::size_t>(i) * kPairWords * D;
+    const std::uint32_t* kp = pairs[i];
     float* sb = w + i * kBlockRows * kKeys;
     _tile_zero(0);  // keys 0-15
     _tile_zero(1);  // keys 16-31
@@ -209,7 +209,7 @@ void block_rows(const AttnArgs& a, const std::uint32_t* pairs, const TileKeys* t
         }
         outputs_to_tiles(ob, nd);
       }
-      const std::uint32_t* vp = pairs + static_cast<std::size_t>(i) * kPairWords * D + kKeys * D / 2 + g;
+      const std::uint32_t* vp = pairs[i] + kKeys * D / 2 + g;
       _tile_loadd(2, w + i * kBlockRows * kKeys, kKeys * 4);  // the weights: 16 key pairs per row
       _tile_loadd(3, vp, D * 4);
       _tile_dpbf16ps(0, 2, 3);
@@ -249,19 +249,23 @@ void attend_amx(const AttnArgs& a, int n0, int n1, int b) {
   float* w = base + 2 * kKeys * D + static_cast<std::size_t>(ntiles) * kPairWords * D;
   float* c = w + ntiles * kBlockRows * kKeys;
   TileKeys tk[kMaxTiles];
+  const std::uint32_t* tp[kMaxTiles];
   for (int kvh = 0; kvh < a.n_kv_heads; ++kvh) {
     for (int i = 0; i < ntiles; ++i) {
       const int t = t0 + i * kKeys, lo = std::max(0, bk.lo - t), hi = std::min(kKeys, end - t);
       int row0;
       const KVSpan& sp = key_span(job.keys, t + lo, row0);
       const bool whole = sp.pos0 + sp.len >= t + hi && lo == 0 && hi == kKeys;
+      tk[i] = TileKeys{t, lo, hi};
+      // A whole tile the cache keeps as pairs is read there (ops.cpp converted it before the units).
+      if ((tp[i] = kept_pairs<D>(sp, kvh, t, whole))) continue;
+      tp[i] = pairs + static_cast<std::size_t>(i) * kPairWords * D;
       AmxPairs::stage<D>(a, kvh, t, lo, hi, whole ? k_block<D, std::uint16_t>(sp, kvh, t) : nullptr,
                          whole ? v_row<D, std::uint16_t>(sp, kvh, row0) : nullptr, tile,
                          pairs + static_cast<std::size_t>(i) * kPairWords * D);
-      tk[i] = TileKeys{t, lo, hi};
     }
     for (int r = kvh * per_kvh; r < (kvh + 1) * per_kvh; r += kBlockRows)
-      block_rows<D>(a, pairs, tk, ntiles, rs.data() + r, std::min(kBlockRows, (kvh + 1) * per_kvh - r), w, c);
+      block_rows<D>(a, tp, tk, ntiles, rs.data() + r, std::min(kBlockRows, (kvh + 1) * per_kvh - r), w, c);
   }
   save_rows<D>(rs);
 }

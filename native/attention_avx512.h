@@ -122,26 +122,35 @@ struct Bf16Pairs {
   template <int D>
   static void stage(const AttnArgs& a, int kvh, int t, int lo, int hi, const std::uint16_t* k16,
                     const std::uint16_t* v16, Tile& tile, std::uint32_t* kp) {
+    if (k16) return stage_whole<D>(k16, v16, kp);
     std::uint32_t* vp = kp + kKeys * D / 2;
-    const bool whole = k16 != nullptr;
-    if (!whole) load_tile<D, std::uint16_t>(a, kvh, t, lo, hi, tile);
+    load_tile<D, std::uint16_t>(a, kvh, t, lo, hi, tile);
     for (int j = 0; j < D / 2; ++j)
       for (int c = 0; c < kKeys; c += 16) {
         const std::size_t e = static_cast<std::size_t>(2 * j) * kKeys + c;
-        _mm512_store_si512(kp + j * kKeys + c, whole ? key_pairs(k16, j, c)
-                                                     : bf16_pairs(_mm512_load_ps(tile.kt + e),
-                                                                  _mm512_load_ps(tile.kt + e + kKeys)));
+        _mm512_store_si512(kp + j * kKeys + c,
+                           bf16_pairs(_mm512_load_ps(tile.kt + e), _mm512_load_ps(tile.kt + e + kKeys)));
       }
     for (int j = lo / 2; j < (hi + 1) / 2; ++j) {
       const bool even = 2 * j >= lo, odd = 2 * j + 1 < hi;
       for (int d = 0; d < D; d += 16) {
         const std::size_t e = static_cast<std::size_t>(2 * j) * D + d;
         const __m512 zero = _mm512_setzero_ps();
-        _mm512_store_si512(vp + j * D + d, whole ? value_pairs<D>(v16, j, d)
-                                                 : bf16_pairs(even ? _mm512_load_ps(tile.v + e) : zero,
-                                                              odd ? _mm512_load_ps(tile.v + e + D) : zero));
+        _mm512_store_si512(vp + j * D + d, bf16_pairs(even ? _mm512_load_ps(tile.v + e) : zero,
+                                                      odd ? _mm512_load_ps(tile.v + e + D) : zero));
       }
     }
+  }
+
+  // A whole tile straight from the cache (its K block and first V row) as pairs: what `stage`
+  // gives it, and what an f16 cache keeps as its pair tiles (kv.h). kp: 64-byte aligned.
+  template <int D>
+  static void stage_whole(const std::uint16_t* k16, const std::uint16_t* v16, std::uint32_t* kp) {
+    std::uint32_t* vp = kp + kKeys * D / 2;
+    for (int j = 0; j < D / 2; ++j)
+      for (int c = 0; c < kKeys; c += 16) _mm512_store_si512(kp + j * kKeys + c, key_pairs(k16, j, c));
+    for (int j = 0; j < kKeys / 2; ++j)
+      for (int d = 0; d < D; d += 16) _mm512_store_si512(vp + j * D + d, value_pairs<D>(v16, j, d));
   }
 
   // tile_scores over head_dim pairs: per pair two key vectors and NR broadcast q pairs feed 2 NR

@@ -60,6 +60,15 @@ const E* v_row(const KVSpan& sp, int kvh, int row) {
   return static_cast<const E*>(sp.v) + sp.head_stride * kvh + static_cast<std::size_t>(row + sp.phase) * D;
 }
 
+// The BF16 pairs a span's cache keeps of the tile at absolute position t for kv head kvh (kv.h),
+// or null: where the tile is not whole in the span (`whole`), or not kept, or not current.
+template <int D>
+const std::uint32_t* kept_pairs(const KVSpan& sp, int kvh, int t, bool whole) {
+  if (!whole || !sp.pairs) return nullptr;
+  const int tile = (t - sp.pos0 + sp.phase) / kKeys;
+  return tile < *sp.paired ? sp.pairs + kvh * sp.head_stride + static_cast<std::size_t>(tile) * kKeys * D : nullptr;
+}
+
 // Keys/values at absolute positions [t + lo, t + hi) into the tile (lanes lo..hi); the other lanes
 // of K are zero (their scores are masked). E is the cache's element type (float16 bits or float).
 // K needs no transposing: the cache stores it as the tile wants it. A tile straddling the end of
@@ -402,6 +411,19 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       // The tile's K block and lane lo's V row in the cache, where one span holds its keys.
       const E* k = k_block<D, E>(sp, kvh, t);
       const E* v = v_row<D, E>(sp, kvh, row0);
+      if constexpr (V::kPairs) {  // a tile the cache keeps as pairs is read there: staging's bits
+        if (const std::uint32_t* kp = kept_pairs<D>(sp, kvh, t, whole)) {
+          Ahead ah;
+          const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
+          const std::uint32_t* next = next_t + kKeys <= end ? kept_pairs<D>(sp, next_kvh, next_t, true) : nullptr;
+          if (per_kvh <= kDirectRows && next && next_t + kKeys <= sp.pos0 + sp.len) {
+            ah.scores = reinterpret_cast<const char*>(next);
+            ah.pv = reinterpret_cast<const char*>(next + kKeys * D / 2);
+          }
+          tile_rows<V, D, std::uint32_t>(a, kp, kp + kKeys * D / 2, t, lo, hi, rs.data(), r0, r1, sc, ah);
+          continue;
+        }
+      }
       // A pair policy reads pairs of V rows, so it goes direct only where every row is present.
       if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same

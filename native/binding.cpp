@@ -172,16 +172,18 @@ static void kv_import(KVCache& kv, const py::buffer& b, int length) {
 static void bind_model(py::module_& m) {
   py::class_<KVCache, std::unique_ptr<KVCache>>(m, "KV", "KV cache rows of every layer (float16 or float32).")
       .def(py::init([](int n_layers, int n_kv_heads, int head_dim, int capacity, const std::string& dtype, int start,
-                       bool slot) {
+                       bool slot, const py::object& pairs) {
              if (dtype != "f16" && dtype != "f32") throw std::invalid_argument("KV dtype must be 'f16' or 'f32'");
              if (start < 0) throw std::invalid_argument("KV start must be >= 0");
-             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, dtype == "f16", start % kKVTile,
-                                              slot);
+             const bool f16 = dtype == "f16";
+             return std::make_unique<KVCache>(n_layers, n_kv_heads, head_dim, capacity, f16, start % kKVTile, slot,
+                                              pairs.is_none() ? kv_keeps_pairs(f16, head_dim) : pairs.cast<bool>());
            }),
            py::arg("n_layers"), py::arg("n_kv_heads"), py::arg("head_dim"), py::arg("capacity"),
-           py::arg("dtype") = "f16", py::arg("start") = 0, py::arg("slot") = false,
+           py::arg("dtype") = "f16", py::arg("start") = 0, py::arg("slot") = false, py::arg("pairs") = py::none(),
            "`start`: the absolute position of row 0 (the length of the prefix the rows follow). `slot`: a KV\n"
-           "arena slot, reset() for sequence after sequence (room for any start, small pages only).")
+           "arena slot, reset() for sequence after sequence (room for any start, small pages only). `pairs`:\n"
+           "keep the rows as BF16 pair tiles too (twice the memory; default: where the attention reads them).")
       .def_property_readonly("n_layers", &KVCache::n_layers)
       .def_property_readonly("kv_dim", &KVCache::kv_dim)
       .def_property_readonly("n_kv_heads", &KVCache::n_kv_heads)
@@ -190,7 +192,9 @@ static void bind_model(py::module_& m) {
       .def_property_readonly("capacity", &KVCache::capacity)
       .def_property_readonly("length", &KVCache::length)
       .def_property_readonly("dtype", [](const KVCache& kv) { return std::string(kv.f16() ? "f16" : "f32"); })
-      .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes allocated (capacity rows).")
+      .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes allocated (capacity rows, pair tiles included).")
+      .def_property_readonly("pairs", [](const KVCache& kv) { return kv.pairs(0) != nullptr; },
+                             "Whether it keeps BF16 pair tiles for the amx level's attention.")
       .def_property_readonly("used_bytes", &KVCache::used_bytes, "Bytes of the valid rows (the export size).")
       .def("truncate", &KVCache::truncate, py::arg("length"), "Forget rows from `length` on.")
       .def("reserve", &KVCache::reserve, py::arg("capacity"), "Grow to `capacity` rows, keeping the valid ones.")
@@ -241,6 +245,10 @@ PYBIND11_MODULE(_native, m) {
     d["asimd"] = c.asimd; d["asimddp"] = c.asimddp; d["i8mm"] = c.i8mm;
     return d;
   }, "CPU features seen at start-up.");
+  m.def("kv_keeps_pairs", [](const std::string& dtype, int head_dim) { return kv_keeps_pairs(dtype == "f16", head_dim); },
+        py::arg("dtype"), py::arg("head_dim"),
+        "Whether new caches of this dtype and head_dim keep BF16 pair tiles (twice the memory): where the kernel\n"
+        "variant in force reads them.");
   m.def("best_isa", [] { return std::string(isa_name(best_isa())); },
         "The best kernel variant this CPU can run (capped by SEQSHARE_ISA).");
   m.def("runnable_isas", [] {

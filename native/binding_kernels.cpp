@@ -31,7 +31,7 @@ py::tuple cached_attention(const Dense<float>& q, const KVCache& kv, int layer, 
   const int N = static_cast<int>(q.shape(0)), H = static_cast<int>(q.shape(1)), D = kv.head_dim();
   const int KVH = kv.n_kv_heads();
   if (KVH <= 0 || H % KVH) throw std::invalid_argument("attention: n_heads must be a multiple of kv heads");
-  const KVSpan span{kv.k(layer), kv.v(layer), kv.length(), pos0, kv.f16(), kv.phase(), kv.head_stride()};
+  const KVSpan span = kv_span(kv, layer, kv.length(), pos0);
   const KernelTable& kt = table_arg(isa);
   py::array_t<float> out({N, H, D});
   py::array_t<float> lse({N, H});
@@ -113,7 +113,7 @@ void bind_kernels(py::module_& m) {
      "Dequantized rows of an embedding matrix.");
 
   m.def("attention", [](Dense<float> q, py::array k, py::array v, Dense<std::int32_t> q_pos, int pos0,
-                        float scale, const std::string& isa) {
+                        float scale, const std::string& isa, const py::object& pairs) {
     if (q.ndim() != 3 || k.ndim() != 3 || v.ndim() != 3) throw std::invalid_argument("attention: q, k, v must be 3-D");
     for (int i = 0; i < 3; ++i)
       if (k.shape(i) != v.shape(i)) throw std::invalid_argument("attention: k and v shapes differ");
@@ -122,8 +122,9 @@ void bind_kernels(py::module_& m) {
     // The keys go into a real KV cache (its layout is what the kernels read), float16 or float32
     // like the arrays; float16 values survive the float32 round trip exactly.
     const bool f16 = k.itemsize() == 2;
-    const int L = static_cast<int>(k.shape(0));
-    KVCache cache(1, static_cast<int>(k.shape(1)), static_cast<int>(k.shape(2)), L, f16, pos0 % kKVTile);
+    const int L = static_cast<int>(k.shape(0)), D = static_cast<int>(k.shape(2));
+    KVCache cache(1, static_cast<int>(k.shape(1)), D, L, f16, pos0 % kKVTile, false,
+                  pairs.is_none() ? kv_keeps_pairs(f16, D) : pairs.cast<bool>());
     {
       auto as_f32 = [](const py::array& a) { return py::array_t<float, py::array::c_style | py::array::forcecast>(a); };
       auto k32 = as_f32(k), v32 = as_f32(v);
@@ -132,7 +133,9 @@ void bind_kernels(py::module_& m) {
     }
     return cached_attention(q, cache, 0, q_pos, pos0, scale, isa);
   }, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("q_pos"), py::arg("pos0"), py::arg("scale"),
-     py::arg("isa") = "", "Causal GQA attention over one KV span (k/v float16 or float32): (out, lse).");
+     py::arg("isa") = "", py::arg("pairs") = py::none(),
+     "Causal GQA attention over one KV span (k/v float16 or float32): (out, lse). `pairs`: the cache keeps\n"
+     "BF16 pair tiles (KV's `pairs`).");
 
   // bench/kernels.py times this one: `attention` above spends most of a long span's time building
   // its cache, which the model never does per step.

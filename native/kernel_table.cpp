@@ -15,6 +15,7 @@ static void fill_ref(KernelTable& t) {
   t.qgemm[0] = qgemm_q8_ref;
   t.qgemm[1] = t.qgemm[2] = t.qgemm[3] = t.qgemm[4] = qgemm_panel_ref;
   t.attention = attention_ref;
+  t.stage_pairs = nullptr;
   t.rmsnorm = rmsnorm_ref;
   t.silu_mul = silu_mul_ref;
   t.add = add_ref;
@@ -62,6 +63,7 @@ static KernelTable make_table(Isa isa) {
     t.qgemm[3] = qgemm_q6_avx512;
     t.qgemm[4] = qgemm_q8p_avx512;
     t.attention = attention_avx512;
+    t.stage_pairs = stage_pairs_avx512;
   }
   // q8 weights take int16 activations, which AMX-INT8 does not multiply (qgemm_q8_amx is AVX-512
   // tuned for these CPUs), and q6 measured slower on the tiles (qgemm_amx.cpp): it stays on avx512.

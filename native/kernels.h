@@ -114,6 +114,9 @@ struct AttnArgs {
 // that block (see AttnJob). Tiles start at absolute positions that are multiples of kAttnTile; keys
 // outside the job's range or the spans are masked.
 using AttnFn = void (*)(const AttnArgs& a, int n0, int n1, int b);
+// One whole 32-row tile of an f16 cache as BF16 pairs (kv.h's pair tile, 32 head_dim words): its
+// K block (head_dim, 32) and its first V row. head_dim 32, 64 or 128.
+using StagePairsFn = void (*)(const std::uint16_t* k, const std::uint16_t* v, int head_dim, std::uint32_t* out);
 
 // The keys of block `b` a job covers: positions [lo, hi) (none when lo >= hi), clipped to what its
 // spans hold, and whether the block's states are resumed rather than started empty.
@@ -155,6 +158,7 @@ struct KernelTable {
   QuantizeActsFn quantize_acts;
   QGemmFn qgemm[5];  // [0] = q8, [1] = q4, [2] = q5, [3] = q6, [4] = q8p (WFmt order)
   AttnFn attention;
+  StagePairsFn stage_pairs;  // null where `attention` reads no pair tiles
   RmsNormFn rmsnorm;
   SiluMulFn silu_mul;
   AddFn add;
@@ -242,7 +246,9 @@ void qgemm_q5_avx512(const WeightView& w, const void* xq, int N, float* Y, int l
 void qgemm_q6_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q8p_avx512(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void attention_avx512(const AttnArgs& a, int n0, int n1, int b);
+void stage_pairs_avx512(const std::uint16_t* k, const std::uint16_t* v, int head_dim, std::uint32_t* out);
 void attention_amx(const AttnArgs& a, int n0, int n1, int b);  // AVX-512
+
 void qgemm_q8_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // AVX-512
 void qgemm_q4_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

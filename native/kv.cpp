@@ -15,27 +15,36 @@
 
 namespace seqshare {
 
-KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool slot)
+KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase, bool slot,
+                 bool pairs)
     : n_layers_(n_layers),
       n_kv_heads_(n_kv_heads),
       head_dim_(head_dim),
       capacity_(capacity),
       phase_(phase),
       slots_((capacity + (slot ? kKVTile - 1 : phase) + kKVTile - 1) / kKVTile * kKVTile),
-      f16_(f16) {
+      f16_(f16),
+      paired_(n_layers > 0 ? n_layers : 0, 0) {
   if (n_layers <= 0 || n_kv_heads <= 0 || head_dim <= 0 || capacity < 0)
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
-  base_ = static_cast<std::uint8_t*>(alloc_pages(nbytes(), !slot));
+  if (pairs && !f16) throw std::invalid_argument("KV: BF16 pair tiles are kept for an f16 cache only");
+  if (pairs && head_dim % 32) throw std::invalid_argument("KV: BF16 pair tiles need head_dim a multiple of 32");
+  base_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
+  if (pairs) pairs_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
 }
 
-KVCache::~KVCache() { std::free(base_); }
+KVCache::~KVCache() {
+  std::free(base_);
+  std::free(pairs_);
+}
 
 void KVCache::truncate(int length) {
   if (length < 0 || length > length_)
     throw std::invalid_argument("KV: cannot truncate to " + std::to_string(length) + " rows (has " +
                                 std::to_string(length_) + ")");
   length_ = length;
+  all_rows_changed(length);
 }
 
 void KVCache::advance(int n) {
@@ -45,9 +54,11 @@ void KVCache::advance(int n) {
 
 void KVCache::reserve(int capacity) {
   if (capacity <= capacity_) return;
-  KVCache bigger(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_);
+  KVCache bigger(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_, false, pairs_ != nullptr);
   bigger.append(*this);
   std::swap(base_, bigger.base_);
+  std::swap(pairs_, bigger.pairs_);
+  std::swap(paired_, bigger.paired_);
   std::swap(capacity_, bigger.capacity_);
   std::swap(slots_, bigger.slots_);
 }
@@ -58,21 +69,27 @@ void KVCache::reset(int phase) {
                                 " rows in " + std::to_string(slots_) + " slots)");
   phase_ = phase;
   length_ = 0;
+  all_rows_changed(0);
 }
 
 std::unique_ptr<KVCache> KVCache::copy(int capacity) const {
   if (capacity < length_) throw std::invalid_argument("KV: copy capacity below the valid length");
-  auto c = std::make_unique<KVCache>(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_);
+  auto c = std::make_unique<KVCache>(n_layers_, n_kv_heads_, head_dim_, capacity, f16_, phase_, false,
+                                     pairs_ != nullptr);
   c->append(*this);
   return c;
 }
 
 // V rows are contiguous per head; K rows are strided inside tiles, and whole tiles can be copied
-// when both caches put the rows at the same lane (the common case: a copy of a cache).
+// when both caches put the rows at the same lane (the common case: a copy of a cache). A first
+// tile the rows enter mid-way goes row by row: its lanes before them hold the destination's rows.
 void KVCache::copy_rows(const KVCache& src, int s0, KVCache& dst, int d0, int n) {
   if (n <= 0) return;
+  dst.all_rows_changed(d0);
   const std::size_t eb = src.elem_bytes(), D = static_cast<std::size_t>(src.head_dim_);
-  const bool same_lanes = (s0 + src.phase_) % kKVTile == (d0 + dst.phase_) % kKVTile;
+  const int lane = (d0 + dst.phase_) % kKVTile;
+  const bool same_lanes = (s0 + src.phase_) % kKVTile == lane;
+  const int by_row = same_lanes ? (lane ? std::min(n, kKVTile - lane) : 0) : n;  // rows copied one by one
   for (int l = 0; l < src.n_layers_; ++l) {
     const auto* sk = static_cast<const std::uint8_t*>(src.k(l));
     const auto* sv = static_cast<const std::uint8_t*>(src.v(l));
@@ -80,17 +97,16 @@ void KVCache::copy_rows(const KVCache& src, int s0, KVCache& dst, int d0, int n)
     auto* dv = static_cast<std::uint8_t*>(dst.v(l));
     for (int h = 0; h < src.n_kv_heads_; ++h) {
       std::memcpy(dv + dst.elem_offset(1, d0, h, 0), sv + src.elem_offset(1, s0, h, 0), n * D * eb);
-      if (same_lanes) {  // the tiles holding rows [s0, s0 + n), lanes outside the rows included
-        const int first = (s0 + src.phase_) / kKVTile, last = (s0 + n - 1 + src.phase_) / kKVTile;
-        const std::size_t tile = D * kKVTile * eb;
-        const std::size_t sfirst = h * src.head_stride() * eb + first * tile;
-        const std::size_t dfirst = h * dst.head_stride() * eb + ((d0 + dst.phase_) / kKVTile) * tile;
-        std::memcpy(dk + dfirst, sk + sfirst, (last - first + 1) * tile);
-        continue;
-      }
-      for (int r = 0; r < n; ++r)
+      for (int r = 0; r < by_row; ++r)
         for (int d = 0; d < src.head_dim_; ++d)
           std::memcpy(dk + dst.elem_offset(0, d0 + r, h, d), sk + src.elem_offset(0, s0 + r, h, d), eb);
+      if (by_row < n) {  // the tiles holding the other rows, lanes past the last row included
+        const int first = (s0 + by_row + src.phase_) / kKVTile, last = (s0 + n - 1 + src.phase_) / kKVTile;
+        const std::size_t tile = D * kKVTile * eb;
+        const std::size_t sfirst = h * src.head_stride() * eb + first * tile;
+        const std::size_t dfirst = h * dst.head_stride() * eb + ((d0 + by_row + dst.phase_) / kKVTile) * tile;
+        std::memcpy(dk + dfirst, sk + sfirst, (last - first + 1) * tile);
+      }
     }
   }
 }
@@ -182,6 +198,7 @@ void KVCache::import_from(const void* src, std::size_t bytes, int length) {
     throw std::invalid_argument("KV: import expects " + std::to_string(want) + " bytes, got " + std::to_string(bytes));
   move_rows(static_cast<const std::uint8_t*>(src), length);
   length_ = length;
+  all_rows_changed(0);
 }
 
 void KVCache::rows_f32(int layer, int which, float* dst) const {

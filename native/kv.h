@@ -6,10 +6,19 @@
 // keys is one contiguous 4 KiB block and needs no transposing. Row j of the cache sits in slot
 // j + phase, with phase = (absolute position of row 0) % 32, so that tiles are the canonical
 // attention tiles at absolute positions that are multiples of 32 (ops.h).
+//
+// An f16 cache may also keep its tiles as BF16 pairs, the operands the amx level's attention
+// multiplies (attention_amx.cpp): without them every decode step converted every tile of a long
+// document again. Per layer, kv head and 32-row tile: K pairs (D/2, 32) then V pairs (16, D),
+// 32 D words, the same bytes as the tile's f16 rows, so such a cache takes twice the memory. Only
+// tiles all of whose rows are valid are kept, and every write of rows forgets the tiles it
+// touches (rows_changed()).
 #pragma once
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
 namespace seqshare {
 
@@ -21,7 +30,9 @@ class KVCache {
   // any phase, and small pages only: a question's few rows touch every plane once, and with 2 MiB
   // pages each touch would cost 2 MiB. Other caches (a document's rows, read whole by every decode
   // step) ask for transparent huge pages.
-  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0, bool slot = false);
+  // `pairs`: keep the BF16 pair tiles too (f16 only).
+  KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool f16, int phase = 0, bool slot = false,
+          bool pairs = false);
   ~KVCache();
   KVCache(const KVCache&) = delete;
   KVCache& operator=(const KVCache&) = delete;
@@ -37,13 +48,28 @@ class KVCache {
   std::size_t elem_bytes() const { return f16_ ? 2 : 4; }
   // Elements between consecutive kv heads of one plane (K or V).
   std::size_t head_stride() const { return static_cast<std::size_t>(slots_) * head_dim_; }
-  std::size_t nbytes() const { return 2 * static_cast<std::size_t>(n_layers_) * plane_bytes(); }
+  // Bytes allocated: the rows' and, where kept, the pair tiles'.
+  std::size_t nbytes() const { return rows_bytes() * (pairs_ ? 2 : 1); }
   std::size_t used_bytes() const { return 2 * static_cast<std::size_t>(n_layers_) * length_ * kv_dim() * elem_bytes(); }
 
   void* k(int layer) { return base_ + (2 * static_cast<std::size_t>(layer)) * plane_bytes(); }
   void* v(int layer) { return base_ + (2 * static_cast<std::size_t>(layer) + 1) * plane_bytes(); }
   const void* k(int layer) const { return base_ + (2 * static_cast<std::size_t>(layer)) * plane_bytes(); }
   const void* v(int layer) const { return base_ + (2 * static_cast<std::size_t>(layer) + 1) * plane_bytes(); }
+
+  // The pair tiles of one layer (null where not kept): kv head h's tile i at
+  // pairs(layer) + (h * slots / 32 + i) * 32 * head_dim words. Those before paired(layer) hold the
+  // current rows; the ones from there on are filled by stage_pairs() (ops.h) before attention
+  // reads them. Logically part of the rows, hence writable through a const cache.
+  std::uint32_t* pairs(int layer) const {
+    return pairs_ ? reinterpret_cast<std::uint32_t*>(pairs_ + static_cast<std::size_t>(layer) * 2 * plane_bytes())
+                  : nullptr;
+  }
+  int& paired(int layer) const { return paired_[layer]; }
+  // Rows from `row` on of one layer were (re)written: their tiles' pairs are no longer current.
+  void rows_changed(int layer, int row) const {
+    paired_[layer] = std::min(paired_[layer], (row + phase_) / kKVTile);
+  }
 
   // Forget rows from `length` on (length <= current length).
   void truncate(int length);
@@ -79,6 +105,10 @@ class KVCache {
 
  private:
   std::size_t plane_bytes() const { return head_stride() * n_kv_heads_ * elem_bytes(); }
+  std::size_t rows_bytes() const { return 2 * static_cast<std::size_t>(n_layers_) * plane_bytes(); }
+  void all_rows_changed(int row) const {
+    for (int l = 0; l < n_layers_; ++l) rows_changed(l, row);
+  }
   // Rows [0, length) between the export layout in `bytes` and the storage: into the storage when
   // `bytes` is const (import_from), out of it otherwise (export_to).
   template <class Bytes>
@@ -92,6 +122,8 @@ class KVCache {
   int n_layers_, n_kv_heads_, head_dim_, capacity_, phase_, slots_, length_ = 0;
   bool f16_;
   std::uint8_t* base_ = nullptr;  // (n_layers, 2 [K, V], n_kv_heads, slots, head_dim) elements
+  std::uint8_t* pairs_ = nullptr;  // (n_layers, n_kv_heads, slots / 32, 32 head_dim) words, or null
+  mutable std::vector<int> paired_;  // per layer: its pair tiles [0, paired) are current
 };
 
 }  // namespace seqshare

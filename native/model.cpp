@@ -179,14 +179,8 @@ void Model::attend(int layer, const Plan& p, ThreadPool& pool) {
   AttnStates st{nullptr, H, D, max_pos / kAttnBlock + 1};
   states_.resize(st.floats(p.N) + 8);
   st.data = reinterpret_cast<float*>((reinterpret_cast<std::uintptr_t>(states_.data()) + 31) & ~std::uintptr_t(31));
-  auto own_span = [&](int s) {
-    const KVCache* kv = p.seqs[s].kv;
-    return KVSpan{kv->k(layer), kv->v(layer), p.past[s] + p.seqs[s].n_tokens, p.pre[s], kv->f16(), kv->phase(),
-                  kv->head_stride()};
-  };
-  auto prefix_span = [&](const KVCache* pre) {
-    return KVSpan{pre->k(layer), pre->v(layer), pre->length(), 0, pre->f16(), pre->phase(), pre->head_stride()};
-  };
+  auto own_span = [&](int s) { return kv_span(*p.seqs[s].kv, layer, p.past[s] + p.seqs[s].n_tokens, p.pre[s]); };
+  auto prefix_span = [&](const KVCache* pre) { return kv_span(*pre, layer, pre->length(), 0); };
   auto split_of = [](int prefix_len) { return prefix_len - prefix_len % kAttnTile; };
 
   std::vector<AttnJob>& jobs = jobs_;

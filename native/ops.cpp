@@ -297,12 +297,45 @@ void add_rows(float* y, const float* b, int N, int dim, ThreadPool& pool) {
 // Blocks a query at position `pos` folds: those holding positions 0..pos (none for pos < 0).
 static int folded_blocks(int pos) { return pos < 0 ? 0 : pos / kAttnBlock + 1; }
 
+namespace {
+
+// The head sizes the amx attention multiplies on its tiles (the others take the reference).
+bool pair_head_dim(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
+
+// The whole tiles of a span's cache not yet kept as pairs, converted (kv.h), where the attention
+// reads pairs: before the work units, so that every unit finds them and none converts a tile
+// another unit converts too. A decode step finds at most one new tile; the first step over a
+// document, restored or prefilled, converts all of them once.
+void stage_pairs(const KernelTable& kt, const KVSpan& sp, int n_kv_heads, int head_dim, ThreadPool& pool) {
+  if (!kt.stage_pairs || !sp.pairs || !sp.f16 || !pair_head_dim(head_dim)) return;
+  const int first = std::max(*sp.paired, sp.phase ? 1 : 0), end = (sp.len + sp.phase) / kAttnTile;
+  const int n = end - first;
+  if (n <= 0) return;
+  const std::size_t tile = static_cast<std::size_t>(head_dim) * kAttnTile;
+  pool.parallel_for(n_kv_heads * n, 1, [&](int i0, int i1) {
+    for (int i = i0; i < i1; ++i) {
+      const std::size_t at = (i / n) * sp.head_stride + (first + i % n) * tile;
+      kt.stage_pairs(static_cast<const std::uint16_t*>(sp.k) + at, static_cast<const std::uint16_t*>(sp.v) + at,
+                     head_dim, sp.pairs + at);
+    }
+  });
+  *sp.paired = end;
+}
+
+}  // namespace
+
+bool kv_keeps_pairs(bool f16, int head_dim) {
+  return f16 && kernels().stage_pairs && pair_head_dim(head_dim);
+}
+
 // Work units are (job, block of kQueryBlock queries, key block), claimed dynamically so
 // that the costly ones (late queries, long prefixes) do not pile up on one thread. Each unit owns
 // the states it writes: a (state row, head, block) belongs to one query of one job.
 void attention_states_with(const KernelTable& kt, const AttnJob* jobs, int n_jobs, int n_kv_heads, float scale,
                            const AttnStates& st, ThreadPool& pool) {
   if (n_kv_heads <= 0 || st.n_heads % n_kv_heads) throw std::invalid_argument("attention: n_heads % n_kv_heads != 0");
+  for (int j = 0; j < n_jobs; ++j)
+    for (int s = 0; s < jobs[j].keys.n; ++s) stage_pairs(kt, jobs[j].keys.span[s], n_kv_heads, st.head_dim, pool);
   struct Unit {
     int job, n0, n1, b;
   };
@@ -406,6 +439,7 @@ void kv_store(KVCache& kv, int layer, int row0, const float* k, const float* v, 
   if (row0 < 0 || row0 + N > kv.capacity()) throw std::invalid_argument("kv_store: rows past the capacity");
   const KernelTable& kt = kernels();
   const int H = kv.n_kv_heads(), D = kv.head_dim();
+  kv.rows_changed(layer, row0);
   std::uint16_t half[512];
   if (D > 512) throw std::invalid_argument("kv_store: head_dim too large");
   for (int n = 0; n < N; ++n)

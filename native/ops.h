@@ -152,7 +152,18 @@ struct KVSpan {
   bool f16 = true;
   int phase = 0;
   std::size_t head_stride = 0;  // elements between kv heads (slots * head_dim)
+  // The cache's BF16 pair tiles of this layer (kv.h), or null: kv head h's slot tile i at
+  // pairs + h * head_stride + i * 32 * head_dim words, current for the whole tiles below *paired.
+  std::uint32_t* pairs = nullptr;
+  int* paired = nullptr;
 };
+
+// Layer `layer` of a cache as a span of `len` rows (its own length, or more where this step's rows
+// are stored but not yet counted) from absolute position `pos0`.
+inline KVSpan kv_span(const KVCache& kv, int layer, int len, int pos0) {
+  return KVSpan{kv.k(layer), kv.v(layer), len,        pos0, kv.f16(), kv.phase(), kv.head_stride(),
+                kv.pairs(layer), &kv.paired(layer)};
+}
 
 // The keys one query set may attend to, by absolute position: span[0], then (n == 2) span[1],
 // which starts where span[0] ends -- a shared prefix, then a sequence's own rows.
@@ -217,7 +228,12 @@ void attention_merge(float* out_a, float* lse_a, const float* out_b, const float
                      int N, int n_heads, int head_dim);
 
 // Store the K and V rows (N, n_kv_heads * head_dim) float32 of one layer into a cache at row
-// `row0`, as its dtype: V into its rows, K into its transposed tiles.
+// `row0`, as its dtype: V into its rows, K into its transposed tiles. Their tiles' pairs (if the
+// cache keeps them) are no longer current.
 void kv_store(KVCache& kv, int layer, int row0, const float* k, const float* v, int N);
+
+// Whether new f16 caches of this head_dim keep BF16 pair tiles: where the dispatched attention
+// reads them (the amx level).
+bool kv_keeps_pairs(bool f16, int head_dim);
 
 }  // namespace seqshare

@@ -15,8 +15,16 @@ slots gets a KV of its own, as before the arena.
 from __future__ import annotations
 
 from seqshare import _native
+from seqshare.bundle.spec import ModelSpec
 
 TILE = 32  # K rows per transposed tile (native/kv.h kKVTile)
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype: str) -> int:
+    """What one token position takes in this process's caches: K and V of every layer, and where
+    the attention in force reads BF16 pair tiles (the amx level, native/kv.h), those too: twice."""
+    copies = 2 if _native.kv_keeps_pairs(dtype, spec.head_dim) else 1
+    return spec.kv_bytes_per_token(dtype) * copies
 
 
 def slot_rows(seq_length: int, share_length: int) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from service_helpers import MIB, SEQSHARE, NotifySocket, run_cli, tiny_bundles, write_config
 
+from seqshare import _native
 from seqshare.bundle import crypto
 from seqshare.bundle.loader import load_bundle
 from seqshare.daemon.config import load_settings
@@ -32,7 +33,9 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def kv_bytes_per_token_f16(header: dict) -> int:
     spec = header["spec"]  # K and V, every layer, every KV head, 2 bytes each
-    return 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 2
+    rows = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 2
+    # the same again where the caches keep BF16 pair tiles (the amx level)
+    return rows * (2 if _native.kv_keeps_pairs("f16", spec["head_dim"]) else 1)
 
 
 def test_plan_counts_shared_weights_once_and_sizes_the_kv_arena(bundles: dict[str, Path], tmp_path: Path) -> None:

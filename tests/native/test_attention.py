@@ -144,6 +144,87 @@ def test_attention_row_is_the_same_bits_at_any_place_in_a_chunk(h: int, kvh: int
         np.testing.assert_array_equal(lse_a[0], lse_t[i], err_msg=f"{isa} query {i}")
 
 
+# The levels whose attention reads an f16 cache's BF16 pair tiles (KV `pairs`, native/kv.h).
+PAIR_ISAS = ("avx512", "amx")
+
+
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize(
+    ("n", "length", "h", "kvh", "d", "pos0"),
+    [(1, 700, 14, 2, 64, 0), (3, 300, 9, 3, 64, 45), (40, 90, 12, 2, 128, 7), (1, 300, 16, 2, 128, 64),
+     (5, 300, 4, 4, 32, 31)],
+)
+def test_attention_over_pair_tiles_gives_the_bits_of_converting_per_call(n: int, length: int, h: int, kvh: int,
+                                                                         d: int, pos0: int, isa: str) -> None:
+    """A cache that keeps its whole tiles as BF16 pairs gives the bits of one converted per call
+    (decode and prefill, a span starting mid-tile and one ending mid-tile)."""
+    need(isa)
+    q, k, v = attn_case(n, length, h, kvh, d, n + length + d + pos0, True)
+    q_pos = (pos0 + length - n + np.arange(n)).astype(np.int32)
+    want_o, want_l = _native.attention(q, k, v, q_pos, pos0, d**-0.5, isa, pairs=False)
+    got_o, got_l = _native.attention(q, k, v, q_pos, pos0, d**-0.5, isa, pairs=True)
+    np.testing.assert_array_equal(got_o, want_o)
+    np.testing.assert_array_equal(got_l, want_l)
+
+
+@pytest.mark.parametrize("isa", PAIR_ISAS)
+@pytest.mark.parametrize("pos0", [0, 45])
+def test_pair_tiles_follow_every_write_of_rows(pos0: int, isa: str) -> None:
+    """Rows written again after their tiles were kept as pairs (new rows after a truncate, a reset,
+    an import, an append) are read as written, not as the pairs of the rows before: attention over
+    the cache gives the bits of a fresh cache holding the same rows."""
+    need(isa)
+    d, h, kvh, cap = 64, 6, 2, 200
+    rng = np.random.default_rng(pos0)
+
+    def rows(n: int) -> tuple[np.ndarray, np.ndarray]:
+        return tuple(rng.standard_normal((n, kvh, d), dtype=np.float32).astype(np.float16) for _ in range(2))
+
+    def store(kv: _native.KV, k: np.ndarray, v: np.ndarray) -> None:
+        _native.kv_store(kv, 0, k.astype(np.float32).reshape(len(k), -1), v.astype(np.float32).reshape(len(v), -1))
+
+    def check(kv: _native.KV, k: np.ndarray, v: np.ndarray, what: str) -> None:
+        n = len(k)
+        q = rng.standard_normal((3, h, d), dtype=np.float32)
+        q_pos = np.array([pos0 + n // 2, pos0 + n - 2, pos0 + n - 1], np.int32)
+        want = _native.attention(q, k, v, q_pos, pos0, d**-0.5, isa, pairs=False)
+        got = _native.attention_kv(q, kv, 0, q_pos, pos0, d**-0.5, isa)  # converts the new whole tiles
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w, err_msg=what)
+
+    kv = _native.KV(1, kvh, d, cap, "f16", start=pos0, pairs=True)
+    assert kv.pairs and kv.nbytes == 2 * _native.KV(1, kvh, d, cap, "f16", start=pos0, pairs=False).nbytes
+    k, v = rows(150)
+    store(kv, k, v)
+    check(kv, k, v, "first rows")
+    kv.truncate(70)  # a regenerated answer: rows 70.. again, other values
+    k2, v2 = rows(80)
+    store(kv, k2, v2)
+    k, v = np.concatenate([k[:70], k2]), np.concatenate([v[:70], v2])
+    check(kv, k, v, "rows after a truncate")
+    kv.reset(pos0)  # an arena slot's next sequence
+    k, v = rows(120)
+    store(kv, k, v)
+    check(kv, k, v, "rows after a reset")
+    other = _native.KV(1, kvh, d, cap, "f16", start=pos0, pairs=False)
+    k, v = rows(160)
+    store(other, k, v)
+    kv.import_bytes(other.export_bytes(), 160)  # a document restored from the spill directory
+    check(kv, k, v, "imported rows")
+    kv.truncate(40)
+    tail = _native.KV(1, kvh, d, cap, "f16", start=pos0 + 40, pairs=False)
+    k3, v3 = rows(100)
+    store(tail, k3, v3)
+    kv.append(tail)
+    k, v = np.concatenate([k[:40], k3]), np.concatenate([v[:40], v3])
+    check(kv, k, v, "appended rows")
+    grown = kv.copy(cap)
+    grown.reserve(cap + 64)
+    check(grown, k, v, "a grown copy")
+    with pytest.raises(ValueError, match="f16 cache only"):
+        _native.KV(1, kvh, d, cap, "f32", pairs=True)
+
+
 @pytest.mark.parametrize(
     ("n", "length", "h", "kvh", "d"),
     [(1, 700, 14, 2, 64), (2, 300, 16, 2, 128), (40, 90, 12, 2, 128), (33, 70, 9, 3, 64), (5, 300, 4, 4, 32)],

@@ -356,3 +356,21 @@ def test_kv_store_rows_read_back_exactly_whatever_the_phase(dtype: str, start: i
         for layer in range(2):
             for got, want in zip(restored.layer_f32(layer), kv.layer_f32(layer), strict=True):
                 np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize(("start", "kept", "dtype"), [(0, 40, "f16"), (45, 20, "f16"), (3, 64, "f32"), (7, 10, "f32")])
+def test_kv_append_keeps_the_rows_before_it_in_a_shared_tile(start: int, kept: int, dtype: str) -> None:
+    """Rows appended mid-tile (a cache cut back, then another cache's rows after it) leave the rows
+    before them in that K tile as they were: a whole-tile copy once overwrote them."""
+    rng = np.random.default_rng(kept)
+    k, v = (rng.standard_normal((100, 128), dtype=np.float32) for _ in range(2))
+    kv = _native.KV(1, 2, 64, 200, dtype, start=start)
+    _native.kv_store(kv, 0, k[:70] * 3, v[:70] * 3)
+    kv.truncate(kept)
+    tail = _native.KV(1, 2, 64, 200, dtype, start=start + kept)
+    _native.kv_store(tail, 0, k[kept:], v[kept:])
+    kv.append(tail)
+    cast = np.float16 if dtype == "f16" else np.float32
+    want = [np.concatenate([x[:kept] * 3, x[kept:]]).astype(cast).astype(np.float32) for x in (k, v)]
+    for got, w in zip(kv.layer_f32(0), want, strict=True):
+        np.testing.assert_array_equal(got, w)
