@@ -84,6 +84,10 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="0 = all cores")
     max_batch: int = Field(32, ge=1, le=1024, description="sequences decoded together")
     kv_dtype: Literal["f16", "f32"] = "f16"
+    # Where the attention multiplies BF16 pairs (the avx512 and amx levels), f16 caches also keep
+    # their tiles as pairs: decode after a long document up to 1.5x faster at kernel level, for
+    # twice the KV memory (native/kv.h). False: half the KV memory, tiles converted at every step.
+    kv_pair_tiles: bool = True
     key_file: Path | None = None
     models: list[ModelConfig] = Field(default_factory=list)
     queue: QueueConfig = Field(default_factory=QueueConfig)

@@ -39,7 +39,7 @@ def load_engines(settings: Settings, progress: Callable[[], None] | None = None,
                    if (v := getattr(m, k)) is not None}
         limits = dataclasses.replace(bundle.limits, **lowered)
         model = Model.from_checkpoint(bundle, threads=settings.threads, kv_dtype=settings.kv_dtype,
-                                      max_batch=settings.max_batch)
+                                      max_batch=settings.max_batch, kv_pair_tiles=settings.kv_pair_tiles)
         digest = bundle.weight_digest
         if digest not in caches:
             key = crypto.require_key(settings.key_file, str(m.path)) if bundle.encrypted else None

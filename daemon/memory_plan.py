@@ -187,7 +187,7 @@ def compute_plan(settings: Settings, bundles: Sequence[BundleFacts], budget: Bud
                               f"digest {digest[:12]}, {shared}"))
     for b in bundles:
         tokens = b.kv_arena_tokens(settings.max_batch)
-        per_token = kv_bytes_per_token(b.spec, settings.kv_dtype)
+        per_token = kv_bytes_per_token(b.spec, settings.kv_dtype, settings.kv_pair_tiles)
         pairs = " + BF16 pair tiles" if per_token > b.spec.kv_bytes_per_token(settings.kv_dtype) else ""
         items.append(PlanItem("kv_arena", f"KV arena {b.name}", tokens * per_token,
                               f"{b.share_length}+{settings.max_batch}x({b.seq_length}-{b.share_length}+spare) "

@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 STATE_FILE = "reload.json"
 ENV_RUNTIME_DIR = "RUNTIME_DIRECTORY"  # set by systemd from the unit's RuntimeDirectory=
-RESTART_ONLY = ("redis_url", "name", "threads", "max_batch", "kv_dtype", "queue", "cache", "memory")
+RESTART_ONLY = ("redis_url", "name", "threads", "max_batch", "kv_dtype", "kv_pair_tiles", "queue", "cache", "memory")
 
 
 @dataclass(frozen=True)

@@ -194,7 +194,7 @@ static void bind_model(py::module_& m) {
       .def_property_readonly("dtype", [](const KVCache& kv) { return std::string(kv.f16() ? "f16" : "f32"); })
       .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes allocated (capacity rows, pair tiles included).")
       .def_property_readonly("pairs", [](const KVCache& kv) { return kv.pairs(0) != nullptr; },
-                             "Whether it keeps BF16 pair tiles for the amx level's attention.")
+                             "Whether it keeps BF16 pair tiles for the avx512 and amx attention.")
       .def_property_readonly("used_bytes", &KVCache::used_bytes, "Bytes of the valid rows (the export size).")
       .def("truncate", &KVCache::truncate, py::arg("length"), "Forget rows from `length` on.")
       .def("reserve", &KVCache::reserve, py::arg("capacity"), "Grow to `capacity` rows, keeping the valid ones.")

@@ -31,7 +31,12 @@ KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool 
   if (pairs && !f16) throw std::invalid_argument("KV: BF16 pair tiles are kept for an f16 cache only");
   if (pairs && head_dim % 32) throw std::invalid_argument("KV: BF16 pair tiles need head_dim a multiple of 32");
   base_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
-  if (pairs) pairs_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
+  try {
+    if (pairs) pairs_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
+  } catch (...) {
+    std::free(base_);  // a constructor that throws runs no destructor
+    throw;
+  }
 }
 
 KVCache::~KVCache() {

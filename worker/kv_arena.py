@@ -20,10 +20,11 @@ from seqshare.bundle.spec import ModelSpec
 TILE = 32  # K rows per transposed tile (native/kv.h kKVTile)
 
 
-def kv_bytes_per_token(spec: ModelSpec, dtype: str) -> int:
+def kv_bytes_per_token(spec: ModelSpec, dtype: str, pair_tiles: bool = True) -> int:
     """What one token position takes in this process's caches: K and V of every layer, and where
-    the attention in force reads BF16 pair tiles (the amx level, native/kv.h), those too: twice."""
-    copies = 2 if _native.kv_keeps_pairs(dtype, spec.head_dim) else 1
+    they keep BF16 pair tiles (`pair_tiles`, and the attention in force reads them: the avx512 and
+    amx levels, native/kv.h), those too: twice."""
+    copies = 2 if pair_tiles and _native.kv_keeps_pairs(dtype, spec.head_dim) else 1
     return spec.kv_bytes_per_token(dtype) * copies
 
 
@@ -38,12 +39,13 @@ def slot_allocated_rows(rows: int) -> int:
 
 
 class KVArena:
-    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, slots: int, rows: int):
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, dtype: str, slots: int, rows: int,
+                 pairs: bool | None = None):
         self.dims = (n_layers, n_kv_heads, head_dim)
-        self.dtype, self.rows = dtype, rows
+        self.dtype, self.rows, self.pairs = dtype, rows, pairs  # pairs: KV's (None: where read)
         # Each slot: (n_layers, 2 [K, V], n_kv_heads, rows + 31, head_dim) elements of `dtype`; the 31
         # spare rows let a reset put row 0 at any phase of its K tile.
-        self._free = [_native.KV(*self.dims, rows, dtype, 0, slot=True) for _ in range(slots)]
+        self._free = [_native.KV(*self.dims, rows, dtype, 0, slot=True, pairs=pairs) for _ in range(slots)]
         self._mine = {id(kv) for kv in self._free}
         self.nbytes = sum(kv.nbytes for kv in self._free)
 
@@ -57,7 +59,7 @@ class KVArena:
             kv = self._free.pop()
             kv.reset(start)
             return kv
-        return _native.KV(*self.dims, capacity, self.dtype, start)
+        return _native.KV(*self.dims, capacity, self.dtype, start, pairs=self.pairs)
 
     def give(self, kv: _native.KV) -> None:
         """Return a KV from `take` (one of its own goes back to the free slots)."""

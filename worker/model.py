@@ -93,6 +93,7 @@ class Model:
         kv_dtype: str = "f16",
         max_batch: int = 32,
         chunk: int = 256,
+        kv_pair_tiles: bool = True,
     ) -> None:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {KV_DTYPES}, got {kv_dtype!r}")
@@ -100,6 +101,7 @@ class Model:
             _native.set_threads(threads)
         self.spec: ModelSpec = source.spec
         self.kv_dtype = kv_dtype
+        self.kv_pairs: bool | None = None if kv_pair_tiles else False  # None: where the attention reads them
         self.chunk = chunk
         self.max_batch = max_batch
         self.tokenizer = _tokenizer_of(source)
@@ -119,20 +121,23 @@ class Model:
         self._native = _native.Model(self.spec.to_dict(), native_weights(source.tensors), max(chunk, max_batch))
         share = limits.share_length if limits is not None else 0
         self.arena = KVArena(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, kv_dtype, max_batch,
-                             slot_rows(self.seq_length, share))
+                             slot_rows(self.seq_length, share), self.kv_pairs)
 
     @classmethod
     def from_checkpoint(
-        cls, source: Any, threads: int = 0, kv_dtype: str = "f16", max_batch: int = 32, chunk: int = 256
+        cls, source: Any, threads: int = 0, kv_dtype: str = "f16", max_batch: int = 32, chunk: int = 256,
+        kv_pair_tiles: bool = True,
     ) -> Model:
         """A model over a Checkpoint or a LoadedBundle (anything with spec, tensors, tokenizer)."""
-        return cls(source, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch, chunk=chunk)
+        return cls(source, threads=threads, kv_dtype=kv_dtype, max_batch=max_batch, chunk=chunk,
+                   kv_pair_tiles=kv_pair_tiles)
 
     # ---- KV caches ------------------------------------------------------------------------------
     def new_kv(self, capacity: int, start: int = 0) -> _native.KV:
         """An empty KV with room for `capacity` token positions. `start` is the absolute position of
         its first row: the length of the prefix KV its rows will follow (0 for a whole prompt)."""
-        return KV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, capacity, self.kv_dtype, start)
+        return KV(self.spec.num_layers, self.spec.num_kv_heads, self.spec.head_dim, capacity, self.kv_dtype, start,
+                  pairs=self.kv_pairs)
 
     @staticmethod
     def _check_room(kv: _native.KV, n: int) -> None:

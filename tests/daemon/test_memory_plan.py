@@ -73,6 +73,23 @@ def test_plan_counts_shared_weights_once_and_sizes_the_kv_arena(bundles: dict[st
     assert "does not fit" in tight.verdict() and "MemAvailable" in tight.verdict()
 
 
+def test_plan_and_arena_without_pair_tiles_count_one_copy_of_the_kv(bundles: dict[str, Path], tmp_path: Path) -> None:
+    """kv_pair_tiles = false: the plan's arena and what a model allocates hold the f16 rows only,
+    whatever the CPU (where it keeps pair tiles, that is half the default's)."""
+    cfg = write_config(tmp_path, [("a", bundles["a"])])
+    settings = load_settings(cfg, kv_pair_tiles=False)
+    plan = plan_for(settings, Budget(64 * GIB, None, None))
+    spec = read_header(bundles["a"])["spec"]
+    rows_only = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 2
+    arena = {i.label: i.bytes for i in plan.items if i.kind == "kv_arena"}
+    assert arena == {"KV arena a": (200 + 4 * 256) * rows_only}
+    model = Model(load_bundle(bundles["a"], share=False), threads=1, max_batch=settings.max_batch, kv_pair_tiles=False)
+    assert model.arena.nbytes == arena["KV arena a"] - 200 * rows_only
+    assert not model.new_kv(64).pairs
+    default = Model(load_bundle(bundles["a"], share=False), threads=1, max_batch=settings.max_batch)
+    assert default.new_kv(64).pairs == _native.kv_keeps_pairs("f16", spec["head_dim"])
+
+
 def test_memory_setup_fits_prints_the_table_and_writes_the_plan(bundles: dict[str, Path], tmp_path: Path) -> None:
     cfg = write_config(tmp_path, [("a", bundles["a"]), ("a_short", bundles["a_short"]), ("b", bundles["b"])])
     out = run_cli("memory-setup", "--config", str(cfg))
