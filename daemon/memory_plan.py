@@ -7,7 +7,7 @@ Per worker process:
                 (plus each slot's spare rows for any tile phase: worker/kv_arena.py, which allocates
                 exactly these slots at load), i.e. the document being prefilled plus a private tail per
                 batched sequence (the seed's three segments, batched), times kv_bytes_per_token (the
-                rows, and on the amx level their BF16 pair tiles too)
+                rows, and on the avx512 and amx levels their BF16 pair tiles too)
   prefix cache  cache.memory_bytes (cached documents' KV)
   scratch       memory.scratch_bytes (activations, logits, sampler buffers)
   runtime       the interpreter and its libraries (RUNTIME_BYTES, measured)

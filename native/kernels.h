@@ -114,7 +114,7 @@ struct AttnArgs {
 // that block (see AttnJob). Tiles start at absolute positions that are multiples of kAttnTile; keys
 // outside the job's range or the spans are masked.
 using AttnFn = void (*)(const AttnArgs& a, int n0, int n1, int b);
-// One whole 32-row tile of an f16 cache as BF16 pairs (kv.h's pair tile, 32 head_dim words): its
+// One whole 32-row tile of an f16 cache as BF16 pairs (kv.h's pair tile, 32 x head_dim words): its
 // K block (head_dim, 32) and its first V row. head_dim 32, 64 or 128.
 using StagePairsFn = void (*)(const std::uint16_t* k, const std::uint16_t* v, int head_dim, std::uint32_t* out);
 
@@ -248,7 +248,6 @@ void qgemm_q8p_avx512(const WeightView& w, const void* xq, int N, float* Y, int 
 void attention_avx512(const AttnArgs& a, int n0, int n1, int b);
 void stage_pairs_avx512(const std::uint16_t* k, const std::uint16_t* v, int head_dim, std::uint32_t* out);
 void attention_amx(const AttnArgs& a, int n0, int n1, int b);  // AVX-512
-
 void qgemm_q8_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);  // AVX-512
 void qgemm_q4_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);
 void qgemm_q5_amx(const WeightView& w, const void* xq, int N, float* Y, int ldy, int r0, int r1);

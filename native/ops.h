@@ -161,8 +161,10 @@ struct KVSpan {
 // Layer `layer` of a cache as a span of `len` rows (its own length, or more where this step's rows
 // are stored but not yet counted) from absolute position `pos0`.
 inline KVSpan kv_span(const KVCache& kv, int layer, int len, int pos0) {
-  return KVSpan{kv.k(layer), kv.v(layer), len,        pos0, kv.f16(), kv.phase(), kv.head_stride(),
-                kv.pairs(layer), &kv.paired(layer)};
+  KVSpan s{kv.k(layer), kv.v(layer), len, pos0, kv.f16(), kv.phase(), kv.head_stride()};
+  s.pairs = kv.pairs(layer);
+  s.paired = &kv.paired(layer);
+  return s;
 }
 
 // The keys one query set may attend to, by absolute position: span[0], then (n == 2) span[1],
@@ -233,7 +235,7 @@ void attention_merge(float* out_a, float* lse_a, const float* out_b, const float
 void kv_store(KVCache& kv, int layer, int row0, const float* k, const float* v, int N);
 
 // Whether new f16 caches of this head_dim keep BF16 pair tiles: where the dispatched attention
-// reads them (the amx level).
+// reads them (the avx512 and amx levels).
 bool kv_keeps_pairs(bool f16, int head_dim);
 
 }  // namespace seqshare

@@ -34,7 +34,7 @@ def bundles(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def kv_bytes_per_token_f16(header: dict) -> int:
     spec = header["spec"]  # K and V, every layer, every KV head, 2 bytes each
     rows = 2 * spec["num_layers"] * spec["num_kv_heads"] * spec["head_dim"] * 2
-    # the same again where the caches keep BF16 pair tiles (the amx level)
+    # the same again where the caches keep BF16 pair tiles (the avx512 and amx levels)
     return rows * (2 if _native.kv_keeps_pairs("f16", spec["head_dim"]) else 1)
 
 
