@@ -1,6 +1,7 @@
 // The amx level's attention over an f16 cache: the tiles of a work unit's key block (32 keys at
-// canonical positions, as attention_tiles.h walks them) staged as BF16 pairs (Bf16Pairs::stage, the
-// avx512 level's), their scores and P.V multiplied on the AMX-BF16 tiles, 16 query rows at a time.
+// canonical positions, as attention_tiles.h walks them) as BF16 pairs (the ones the cache keeps,
+// kv.h, or staged by Bf16Pairs::stage, the avx512 level's, where a tile is partial), their scores
+// and P.V multiplied on the AMX-BF16 tiles, 16 query rows at a time.
 // The softmax runs on 16 rows at once in f32 (the weights rounded to BF16 and summed as rounded),
 // and each 64 output dims of 16 rows stay in four C tiles over the whole block: a tile's P.V is
 // added there, and only rows whose maximum moved are rescaled, through memory.
@@ -228,8 +229,8 @@ void block_rows(const AttnArgs& a, const std::uint32_t* const* pairs, const Tile
   }
 }
 
-// All heads of queries [n0, n1) over block b: kv head by kv head, the block's tiles staged as pairs,
-// then its rows 16 at a time (block_rows).
+// All heads of queries [n0, n1) over block b: kv head by kv head, the block's tiles as pairs (kept
+// by the cache, or staged here), then its rows 16 at a time (block_rows).
 template <int D>
 void attend_amx(const AttnArgs& a, int n0, int n1, int b) {
   const AttnJob& job = *a.job;

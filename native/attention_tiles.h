@@ -411,12 +411,13 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       // The tile's K block and lane lo's V row in the cache, where one span holds its keys.
       const E* k = k_block<D, E>(sp, kvh, t);
       const E* v = v_row<D, E>(sp, kvh, row0);
+      // The tile read after this one, and whether it is whole and in this span: decode asks for it ahead.
+      const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
+      const bool ask_ahead = per_kvh <= kDirectRows && next_t + kKeys <= std::min(end, sp.pos0 + sp.len);
+      Ahead ah;
       if constexpr (V::kPairs) {  // a tile the cache keeps as pairs is read there: staging's bits
         if (const std::uint32_t* kp = kept_pairs<D>(sp, kvh, t, whole)) {
-          Ahead ah;
-          const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
-          const std::uint32_t* next = next_t + kKeys <= end ? kept_pairs<D>(sp, next_kvh, next_t, true) : nullptr;
-          if (per_kvh <= kDirectRows && next && next_t + kKeys <= sp.pos0 + sp.len) {
+          if (const std::uint32_t* next = ask_ahead ? kept_pairs<D>(sp, next_kvh, next_t, true) : nullptr) {
             ah.scores = reinterpret_cast<const char*>(next);
             ah.pv = reinterpret_cast<const char*>(next + kKeys * D / 2);
           }
@@ -428,9 +429,7 @@ void attend(const AttnArgs& a, int n0, int n1, int b) {
       if (per_kvh <= kDirectRows && (V::kPairs ? whole : one_span)) {
         // Few rows per key (decode): converting in registers beats staging the tile. Same
         // arithmetic either way, so a row's result does not depend on which path ran.
-        Ahead ah;
-        const int next_t = kvh + 1 < a.n_kv_heads ? t : t + kKeys, next_kvh = kvh + 1 < a.n_kv_heads ? kvh + 1 : 0;
-        if (next_t + kKeys <= std::min(end, sp.pos0 + sp.len)) {  // the next tile is whole and in this span
+        if (ask_ahead) {
           ah.scores = reinterpret_cast<const char*>(k_block<D, E>(sp, next_kvh, next_t));
           ah.pv = reinterpret_cast<const char*>(v_row<D, E>(sp, next_kvh, next_t - sp.pos0));
         }
