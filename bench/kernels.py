@@ -71,7 +71,7 @@ def bench_linear(fmt: str, isa: str, n: int, min_time: float, shape: str, layers
 
 
 def bench_attention(isa: str, n: int, length: int, min_time: float, shape: str, layers: int,
-                    same_pos: bool = False) -> None:
+                    same_pos: bool = False, pairs: bool | None = None) -> None:
     """n queries over `layers` layers of a cache of `length` f16 rows, filled once (the model's
     layout) and each read once per pass: with enough layers from memory, as decode reads them.
     Causal (a prefill chunk ending at the cache's last row), or with `same_pos` every query at the
@@ -79,7 +79,7 @@ def bench_attention(isa: str, n: int, length: int, min_time: float, shape: str, 
     _, _, HEADS, KV_HEADS, HEAD_DIM = SHAPES[shape]
     rng = np.random.default_rng(0)
     q = rng.standard_normal((n, HEADS, HEAD_DIM), dtype=np.float32)
-    kv = _native.KV(layers, KV_HEADS, HEAD_DIM, length, "f16")
+    kv = _native.KV(layers, KV_HEADS, HEAD_DIM, length, "f16", pairs=pairs)
     for layer in range(layers):
         kv.truncate(0)  # kv_store appends to one layer at a time
         rows = rng.standard_normal((2, length, KV_HEADS * HEAD_DIM), dtype=np.float32)
@@ -107,6 +107,8 @@ def main() -> None:
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--no-attention", action="store_true")
     ap.add_argument("--shape", default="smollm2-135m", choices=sorted(SHAPES))
+    ap.add_argument("--no-kv-pairs", action="store_true",
+                    help="a cache without BF16 pair tiles (kv_pair_tiles = false): tiles converted per call")
     ap.add_argument("--layers", type=int, default=1,
                     help="distinct layers per pass (10 at qwen2.5-0.5b: 4x a 32 MiB L3)")
     args = ap.parse_args()
@@ -119,9 +121,10 @@ def main() -> None:
             except UnsupportedQuantError as e:  # e.g. a 256-column super-block format at 4864 columns
                 print(f"linear {fmt:5s} {args.isa:7s} N={n:4d}  {args.shape}: skipped ({e})")
     if not args.no_attention:
-        bench_attention(args.isa, 512, 512, args.min_time, args.shape, args.layers)
-        bench_attention(args.isa, 1, 6000, args.min_time, args.shape, args.layers)
-        bench_attention(args.isa, 16, 6000, args.min_time, args.shape, args.layers, same_pos=True)
+        pairs = False if args.no_kv_pairs else None
+        bench_attention(args.isa, 512, 512, args.min_time, args.shape, args.layers, pairs=pairs)
+        bench_attention(args.isa, 1, 6000, args.min_time, args.shape, args.layers, pairs=pairs)
+        bench_attention(args.isa, 16, 6000, args.min_time, args.shape, args.layers, same_pos=True, pairs=pairs)
 
 
 if __name__ == "__main__":

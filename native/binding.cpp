@@ -195,6 +195,15 @@ static void bind_model(py::module_& m) {
       .def_property_readonly("nbytes", &KVCache::nbytes, "Bytes allocated (capacity rows, pair tiles included).")
       .def_property_readonly("pairs", [](const KVCache& kv) { return kv.pairs(0) != nullptr; },
                              "Whether it keeps BF16 pair tiles for the avx512 and amx attention.")
+      .def_property_readonly("pair_rows",
+                             [](const KVCache& kv) {
+                               py::list rows;
+                               for (int l = 0; kv.pairs(0) && l < kv.n_layers(); ++l)
+                                 rows.append(std::max(0, kv.paired(l) * kKVTile - kv.phase()));
+                               return rows;
+                             },
+                             "Per layer, the rows whose pair tiles are current (the attention converts the "
+                             "rest's whole tiles at its next call); empty without pairs.")
       .def_property_readonly("used_bytes", &KVCache::used_bytes, "Bytes of the valid rows (the export size).")
       .def("truncate", &KVCache::truncate, py::arg("length"), "Forget rows from `length` on.")
       .def("reserve", &KVCache::reserve, py::arg("capacity"), "Grow to `capacity` rows, keeping the valid ones.")

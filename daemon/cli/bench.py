@@ -73,10 +73,10 @@ def measure(eng: Engine, ids: list[int], lengths: list[int], after: list[int], s
 class SeqshareEngine:
     """The engine as the worker runs it, one sequence at a time."""
 
-    def __init__(self, source: Any, threads: int, room: int):
+    def __init__(self, source: Any, threads: int, room: int, kv_pair_tiles: bool = True):
         from seqshare.worker.model import Model
 
-        self.model = Model(source, threads=threads, max_batch=1)
+        self.model = Model(source, threads=threads, max_batch=1, kv_pair_tiles=kv_pair_tiles)
         self.room = room  # KV rows past the prompt
         self.kv: Any = None
 

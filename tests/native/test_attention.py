@@ -218,9 +218,17 @@ def test_pair_tiles_follow_every_write_of_rows(pos0: int, isa: str) -> None:
     kv.append(tail)
     k, v = np.concatenate([k[:40], k3]), np.concatenate([v[:40], v3])
     check(kv, k, v, "appended rows")
+    ph = pos0 % 32  # row 0's lane in its tile
+    whole = (ph + len(k)) // 32 * 32 - ph  # rows up to the last whole tile, converted by check()
+    assert kv.pair_rows == [whole]
     grown = kv.copy(cap)
     grown.reserve(cap + 64)
+    assert grown.pair_rows == [0]  # a copy converts its tiles at its first attention
     check(grown, k, v, "a grown copy")
+    assert grown.pair_rows == [whole]
+    grown.truncate(whole - 5)  # forgets the tile row whole - 5 is in, keeps those before it
+    assert grown.pair_rows == [max(0, (ph + whole - 5) // 32 * 32 - ph)]
+    check(grown, k[: whole - 5], v[: whole - 5], "a truncated copy")
     with pytest.raises(ValueError, match="f16 cache only"):
         _native.KV(1, kvh, d, cap, "f32", pairs=True)
 
