@@ -29,7 +29,9 @@ KVCache::KVCache(int n_layers, int n_kv_heads, int head_dim, int capacity, bool 
     throw std::invalid_argument("KV: n_layers, n_kv_heads and head_dim must be positive and capacity >= 0");
   if (phase < 0 || phase >= kKVTile) throw std::invalid_argument("KV: phase must be in 0..31");
   if (pairs && !f16) throw std::invalid_argument("KV: BF16 pair tiles are kept for an f16 cache only");
-  if (pairs && head_dim % 32) throw std::invalid_argument("KV: BF16 pair tiles need head_dim a multiple of 32");
+  if (pairs && !pair_head_dim(head_dim))
+    throw std::invalid_argument("KV: BF16 pair tiles are kept for head_dim 32, 64 or 128 only, not " +
+                                std::to_string(head_dim));
   base_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));
   try {
     if (pairs) pairs_ = static_cast<std::uint8_t*>(alloc_pages(rows_bytes(), !slot));

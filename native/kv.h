@@ -23,6 +23,9 @@
 namespace seqshare {
 
 constexpr int kKVTile = 32;  // rows per K tile; equals kAttnTile
+// The head sizes the avx512 and amx attention multiplies as pair tiles (the others take the
+// reference), and so the only ones a cache keeps pairs for.
+inline bool pair_head_dim(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
 
 class KVCache {
  public:

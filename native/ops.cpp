@@ -299,9 +299,6 @@ static int folded_blocks(int pos) { return pos < 0 ? 0 : pos / kAttnBlock + 1; }
 
 namespace {
 
-// The head sizes the amx attention multiplies on its tiles (the others take the reference).
-bool pair_head_dim(int head_dim) { return head_dim == 32 || head_dim == 64 || head_dim == 128; }
-
 // The whole tiles of a span's cache not yet kept as pairs, converted (kv.h), where the attention
 // reads pairs: before the work units, so that every unit finds them and none converts a tile
 // another unit converts too. A decode step finds at most one new tile; the first step over a

@@ -231,6 +231,8 @@ def test_pair_tiles_follow_every_write_of_rows(pos0: int, isa: str) -> None:
     check(grown, k[: whole - 5], v[: whole - 5], "a truncated copy")
     with pytest.raises(ValueError, match="f16 cache only"):
         _native.KV(1, kvh, d, cap, "f32", pairs=True)
+    with pytest.raises(ValueError, match="head_dim 32, 64 or 128 only, not 96"):  # never filled: refused
+        _native.KV(1, kvh, 96, cap, "f16", pairs=True)
 
 
 @pytest.mark.parametrize(
