@@ -344,6 +344,9 @@ def test_kv_store_rows_read_back_exactly_whatever_the_phase(dtype: str, start: i
     twin = kv.copy(45)
     assert twin.phase == kv.phase and twin.length == 37
     np.testing.assert_array_equal(twin.layer_f32(1)[0], got_k)
+    for layer in range(2):  # every (layer, kv head) block, whichever pool thread copied it
+        for got, want in zip(twin.layer_f32(layer), kv.layer_f32(layer), strict=True):
+            np.testing.assert_array_equal(got, want)
     # The export layout is per layer K then V, each kv head's rows in turn, whatever the storage;
     # an import into a cache of another phase puts every row back.
     exported = np.frombuffer(kv.export_bytes(), dtype=cast).reshape(2, 2, 3, 37, 64).astype(np.float32)
